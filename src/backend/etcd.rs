@@ -1,0 +1,191 @@
+//! The etcd backend: `PUT <prefix><topic> <payload>` (Dragonflow's etcd
+//! pub/sub layout, prefix `/pubsub/`), and a subscriber that watches the
+//! prefix and resumes from the last seen revision after a dropped stream,
+//! so a burst of puts to one topic key arrives in full, not only its last
+//! value.
+
+use async_trait::async_trait;
+use etcd_client::{Client, EventType, WatchOptions};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::Registry;
+use crate::codec::{Codec, Envelope};
+use crate::config::EtcdBackendConfig;
+use crate::pubsub::{PublishError, Publisher, SubscribeError, Subscriber};
+use crate::retry::Reconnect;
+use crate::source::etcd::{connect, prefix_end};
+use crate::update::DbUpdate;
+
+/// `PUT` publisher.
+pub struct EtcdPublisher {
+    client: Client,
+    prefix: String,
+    codec: Codec,
+}
+
+impl EtcdPublisher {
+    /// Connects now and checks the cluster answers, so a wrong endpoint
+    /// fails at start-up.
+    pub async fn connect(config: &EtcdBackendConfig) -> Result<Self, PublishError> {
+        let setup = |message: String| PublishError::Setup {
+            backend: "etcd",
+            message: format!("{message} (check backend.endpoints {:?})", config.endpoints),
+        };
+        let probe = async {
+            let mut client = connect(&config.endpoints, config.connect_timeout).await?;
+            client.status().await?;
+            Ok::<_, etcd_client::Error>(client)
+        };
+        let client = tokio::time::timeout(config.connect_timeout, probe)
+            .await
+            .map_err(|_| setup("connect timed out".into()))?
+            .map_err(|e| setup(format!("cannot connect: {e}")))?;
+        tracing::info!(endpoints = ?config.endpoints, prefix = %config.prefix, codec = %config.codec, "etcd publisher connected.");
+        Ok(EtcdPublisher {
+            client,
+            prefix: config.prefix.clone(),
+            codec: config.codec,
+        })
+    }
+}
+
+#[async_trait]
+impl Publisher for EtcdPublisher {
+    async fn send_event(&self, update: &DbUpdate, topic: Option<&str>) -> Result<(), PublishError> {
+        let topic = topic.unwrap_or(&update.topic);
+        let payload = self.codec.encode(update, &Envelope::default());
+        let key = format!("{}{}", self.prefix, topic);
+        self.client
+            .clone()
+            .put(key, payload, None)
+            .await
+            .map(drop)
+            .map_err(|e| PublishError::Send {
+                backend: "etcd",
+                message: e.to_string(),
+            })
+    }
+
+    async fn close(&self) -> Result<(), PublishError> {
+        Ok(())
+    }
+}
+
+/// Watch subscriber of the topic keys.
+pub struct EtcdSubscriber {
+    config: EtcdBackendConfig,
+    registry: Registry,
+    stop: CancellationToken,
+}
+
+impl EtcdSubscriber {
+    /// A subscriber of the configured cluster (connects when run).
+    pub fn new(config: &EtcdBackendConfig) -> Self {
+        EtcdSubscriber {
+            config: config.clone(),
+            registry: Registry::default(),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    /// One watch stream from `from` (0: now). Returns the next revision to
+    /// watch from and why it ended (`None` when stopped).
+    async fn session(
+        &self,
+        from: i64,
+        sink: &mpsc::Sender<DbUpdate>,
+        reconnect: &mut Reconnect,
+    ) -> (i64, Option<String>) {
+        let mut next = from;
+        let result: Result<(), etcd_client::Error> = async {
+            let mut client = connect(&self.config.endpoints, self.config.connect_timeout).await?;
+            let prefix = self.config.prefix.as_bytes();
+            let mut opts = WatchOptions::new().with_range(prefix_end(prefix)).with_progress_notify();
+            if from > 0 {
+                opts = opts.with_start_revision(from);
+            }
+            let mut stream = client.watch(prefix.to_vec(), Some(opts)).await?;
+            let registration = self.registry.watch();
+            loop {
+                let message = tokio::select! {
+                    biased;
+                    _ = self.stop.cancelled() => return Ok(()),
+                    m = stream.message() => m?,
+                };
+                let Some(resp) = message else {
+                    return Err(etcd_client::Error::WatchError("watch stream closed".into()));
+                };
+                if resp.created() {
+                    reconnect.up();
+                    if next == 0 {
+                        next = resp.header().map(|h| h.revision() + 1).unwrap_or(0);
+                    }
+                }
+                if resp.canceled() {
+                    if resp.compact_revision() > 0 {
+                        // Messages before the compaction are gone: say so.
+                        next = 0;
+                        if sink.send(DbUpdate::sync("etcd pub/sub history was compacted")).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    return Err(etcd_client::Error::WatchError(format!("watch cancelled: {}", resp.cancel_reason())));
+                }
+                for event in resp.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    next = kv.mod_revision() + 1;
+                    if event.event_type() != EventType::Put {
+                        continue;
+                    }
+                    let topic = String::from_utf8_lossy(&kv.key()[prefix.len()..]);
+                    if !registration.borrow().wants(&topic) {
+                        continue;
+                    }
+                    match self.config.codec.decode(kv.value()) {
+                        Ok((update, _)) => {
+                            if sink.send(update).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                        Err(e) => tracing::warn!(%topic, error = %e, "Dropped an undecodable message."),
+                    }
+                }
+            }
+        }
+        .await;
+        (next, result.err().map(|e| e.to_string()))
+    }
+}
+
+#[async_trait]
+impl Subscriber for EtcdSubscriber {
+    fn register_topic(&self, topic: &str) {
+        self.registry.topic(topic, true);
+    }
+    fn unregister_topic(&self, topic: &str) {
+        self.registry.topic(topic, false);
+    }
+    fn register_listen_address(&self, _uri: &str) {}
+    fn unregister_listen_address(&self, _uri: &str) {}
+    fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    async fn pump(&self, sink: mpsc::Sender<DbUpdate>) -> Result<(), SubscribeError> {
+        let mut reconnect = Reconnect::new("etcd subscriber");
+        let mut next = 0;
+        loop {
+            let (n, error) = self.session(next, &sink, &mut reconnect).await;
+            next = n;
+            match error {
+                None => return Ok(()),
+                Some(e) => {
+                    if sink.is_closed() || !reconnect.down(&e, &self.stop).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}

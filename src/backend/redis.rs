@@ -1,0 +1,230 @@
+//! The Redis backend: `PUBLISH <topic> <payload>`, and a subscriber on the
+//! topics' channels that resubscribes after a reconnect and then delivers a
+//! `sync` (messages published while it was away are gone for good).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use redis::aio::MultiplexedConnection;
+use tokio::sync::{mpsc, Mutex};
+use tokio_util::sync::CancellationToken;
+
+use super::{Registration, Registry};
+use crate::codec::{Codec, Envelope};
+use crate::config::RedisBackendConfig;
+use crate::pubsub::{PublishError, Publisher, SubscribeError, Subscriber};
+use crate::retry::Reconnect;
+use crate::update::DbUpdate;
+
+/// The URL without its password, for messages and logs.
+pub fn redacted(url: &str) -> String {
+    match redis::parse_redis_url(url) {
+        Some(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Opens a multiplexed connection within `timeout`.
+pub async fn connect(client: &redis::Client, timeout: Duration) -> Result<MultiplexedConnection, String> {
+    match tokio::time::timeout(timeout, client.get_multiplexed_async_connection()).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {}", humantime::format_duration(timeout))),
+    }
+}
+
+/// `PUBLISH` publisher. A failed command drops the connection; the next
+/// send reconnects (the bridge retries with backoff).
+pub struct RedisPublisher {
+    client: redis::Client,
+    codec: Codec,
+    timeout: Duration,
+    connection: Mutex<Option<MultiplexedConnection>>,
+}
+
+impl RedisPublisher {
+    /// Connects now, so a wrong URL or a down server fails at start-up.
+    pub async fn connect(config: &RedisBackendConfig) -> Result<Self, PublishError> {
+        let setup = |message: String| PublishError::Setup {
+            backend: "redis",
+            message: format!("{} (check backend.url {})", message, redacted(&config.url)),
+        };
+        let client = redis::Client::open(config.url.as_str()).map_err(|e| setup(e.to_string()))?;
+        let conn = connect(&client, config.connect_timeout).await.map_err(|e| setup(format!("cannot connect: {e}")))?;
+        tracing::info!(url = %redacted(&config.url), codec = %config.codec, "Redis publisher connected.");
+        Ok(RedisPublisher {
+            client,
+            codec: config.codec,
+            timeout: config.connect_timeout,
+            connection: Mutex::new(Some(conn)),
+        })
+    }
+}
+
+#[async_trait]
+impl Publisher for RedisPublisher {
+    async fn send_event(&self, update: &DbUpdate, topic: Option<&str>) -> Result<(), PublishError> {
+        let topic = topic.unwrap_or(&update.topic);
+        let payload = self.codec.encode(update, &Envelope::default());
+        let send_error = |message: String| PublishError::Send { backend: "redis", message };
+        let mut guard = self.connection.lock().await;
+        let conn = match guard.as_mut() {
+            Some(c) => c,
+            None => guard.insert(connect(&self.client, self.timeout).await.map_err(send_error)?),
+        };
+        let sent: Result<i64, _> = tokio::time::timeout(
+            self.timeout,
+            redis::cmd("PUBLISH").arg(topic).arg(payload).query_async(conn),
+        )
+        .await
+        .unwrap_or_else(|_| Err(redis::RedisError::from((redis::ErrorKind::Io, "PUBLISH timed out"))));
+        sent.map(drop).map_err(|e| {
+            *guard = None;
+            send_error(e.to_string())
+        })
+    }
+
+    async fn close(&self) -> Result<(), PublishError> {
+        self.connection.lock().await.take();
+        Ok(())
+    }
+}
+
+/// Channel subscriber.
+pub struct RedisSubscriber {
+    client: Result<redis::Client, String>,
+    url: String,
+    codec: Codec,
+    timeout: Duration,
+    registry: Registry,
+    stop: CancellationToken,
+}
+
+impl RedisSubscriber {
+    /// A subscriber of the configured server (connects when run).
+    pub fn new(config: &RedisBackendConfig) -> Self {
+        RedisSubscriber {
+            client: redis::Client::open(config.url.as_str()).map_err(|e| e.to_string()),
+            url: redacted(&config.url),
+            codec: config.codec,
+            timeout: config.connect_timeout,
+            registry: Registry::default(),
+            stop: CancellationToken::new(),
+        }
+    }
+}
+
+/// What ended one connection of the subscriber.
+enum Ended {
+    Stopped,
+    Lost(String),
+}
+
+impl RedisSubscriber {
+    async fn session(
+        &self,
+        client: &redis::Client,
+        sink: &mpsc::Sender<DbUpdate>,
+        reconnect: &mut Reconnect,
+        first: bool,
+    ) -> Ended {
+        let pubsub = match tokio::time::timeout(self.timeout, client.get_async_pubsub()).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => return Ended::Lost(e.to_string()),
+            Err(_) => return Ended::Lost("connect timed out".into()),
+        };
+        let (mut sink_cmds, mut messages) = pubsub.split();
+        let mut registration = self.registry.watch();
+        let mut applied = Registration::default();
+        let mut wanted = registration.borrow_and_update().clone();
+        macro_rules! apply {
+            () => {
+                for t in wanted.topics.difference(&applied.topics) {
+                    let r = if t.is_empty() { sink_cmds.psubscribe("*").await } else { sink_cmds.subscribe(t).await };
+                    if let Err(e) = r {
+                        return Ended::Lost(e.to_string());
+                    }
+                }
+                for t in applied.topics.difference(&wanted.topics) {
+                    let r = if t.is_empty() { sink_cmds.punsubscribe("*").await } else { sink_cmds.unsubscribe(t).await };
+                    if let Err(e) = r {
+                        return Ended::Lost(e.to_string());
+                    }
+                }
+                applied = wanted.clone();
+            };
+        }
+        apply!();
+        reconnect.up();
+        tracing::info!(url = %self.url, topics = ?wanted.topics, "Redis subscriber subscribed.");
+        if !first && sink.send(DbUpdate::sync("redis subscriber reconnected")).await.is_err() {
+            return Ended::Stopped;
+        }
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return Ended::Stopped,
+                changed = registration.changed() => {
+                    if changed.is_ok() {
+                        wanted = registration.borrow_and_update().clone();
+                        apply!();
+                    }
+                }
+                msg = messages.next() => {
+                    let Some(msg) = msg else { return Ended::Lost("connection closed".into()) };
+                    let channel = msg.get_channel_name();
+                    if !wanted.wants(channel) {
+                        continue;
+                    }
+                    match self.codec.decode(msg.get_payload_bytes()) {
+                        Ok((update, _)) => {
+                            if sink.send(update).await.is_err() {
+                                return Ended::Stopped;
+                            }
+                        }
+                        Err(e) => tracing::warn!(%channel, error = %e, "Dropped an undecodable message."),
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Subscriber for RedisSubscriber {
+    fn register_topic(&self, topic: &str) {
+        self.registry.topic(topic, true);
+    }
+    fn unregister_topic(&self, topic: &str) {
+        self.registry.topic(topic, false);
+    }
+    fn register_listen_address(&self, _uri: &str) {}
+    fn unregister_listen_address(&self, _uri: &str) {}
+    fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    async fn pump(&self, sink: mpsc::Sender<DbUpdate>) -> Result<(), SubscribeError> {
+        let client = self.client.as_ref().map_err(|e| SubscribeError {
+            backend: "redis",
+            message: format!("bad URL {}: {e}", self.url),
+        })?;
+        let mut reconnect = Reconnect::new(format!("redis subscriber {}", self.url));
+        let mut first = true;
+        loop {
+            match self.session(client, &sink, &mut reconnect, first).await {
+                Ended::Stopped => return Ok(()),
+                Ended::Lost(e) => {
+                    first = false;
+                    if !reconnect.down(&e, &self.stop).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! Typed configuration (TOML): which source to tail, which backend to
+//! publish through, and the pipeline's limits. Unknown fields are errors;
+//! every field has a documented default.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::codec::Codec;
+use crate::keymap::KeyLayout;
+
+/// Dragonflow's publisher port.
+pub const DEFAULT_ZMQ_BIND: &str = "tcp://127.0.0.1:8866";
+/// etcd's client port on loopback.
+pub const DEFAULT_ETCD_ENDPOINT: &str = "http://127.0.0.1:2379";
+/// Redis on loopback, database 0.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The database whose changes are tailed.
+    pub source: SourceConfig,
+    /// Where updates are published.
+    pub backend: BackendConfig,
+    /// Pipeline limits shared by every source and backend.
+    #[serde(default)]
+    pub bridge: BridgeConfig,
+}
+
+/// A change source, chosen by `type`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum SourceConfig {
+    /// etcd watch (list-then-watch on a prefix).
+    Etcd(EtcdSourceConfig),
+    /// Redis keyspace notifications.
+    Redis(RedisSourceConfig),
+}
+
+/// A publish backend, chosen by `type`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum BackendConfig {
+    /// ZeroMQ PUB on a tcp (or ipc) endpoint: Dragonflow's channel.
+    Zmq(ZmqBackendConfig),
+    /// Redis `PUBLISH <topic> <payload>`.
+    Redis(RedisBackendConfig),
+    /// etcd `PUT /pubsub/<topic> <payload>`.
+    Etcd(EtcdBackendConfig),
+}
+
+/// The etcd source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSourceConfig {
+    /// Client URLs of the etcd cluster.
+    #[serde(default = "default_etcd_endpoints")]
+    pub endpoints: Vec<String>,
+    /// Only keys under this prefix are watched.
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    /// How keys split into table and key (and optionally topic).
+    #[serde(default = "default_etcd_layout")]
+    pub layout: String,
+    /// The JSON field of a value that names its topic, when the layout has
+    /// no `{topic}`; empty string disables the lookup.
+    #[serde(default = "default_topic_field")]
+    pub topic_field: String,
+    /// Emit a `create` for every existing row at start (when no checkpoint
+    /// is being resumed).
+    #[serde(default)]
+    pub snapshot: bool,
+    /// File holding the last published revision; resumed at start.
+    #[serde(default)]
+    pub checkpoint_file: Option<PathBuf>,
+    /// How long a connect attempt may take before it counts as failed.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+/// The Redis source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSourceConfig {
+    /// `redis://[user:password@]host:port/db`.
+    #[serde(default = "default_redis_url")]
+    pub url: String,
+    /// How keys split into table, topic and key.
+    #[serde(default = "default_redis_layout")]
+    pub layout: String,
+    /// As for etcd: the JSON field naming the topic when the key has none.
+    #[serde(default = "default_topic_field")]
+    pub topic_field: String,
+    /// Emit a `create` for every existing row at start.
+    #[serde(default)]
+    pub snapshot: bool,
+    /// How many keys one SCAN step asks for while reconciling.
+    #[serde(default = "default_scan_count")]
+    pub scan_count: usize,
+    /// How long a connect attempt may take.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+/// The ZeroMQ backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZmqBackendConfig {
+    /// Endpoint the PUB socket binds (`tcp://HOST:PORT` or `ipc://PATH`).
+    #[serde(default = "default_zmq_bind")]
+    pub bind: String,
+    /// Payload codec; `msgpack` is what Dragonflow subscribers decode.
+    #[serde(default)]
+    pub codec: Codec,
+    /// Messages queued per subscriber before ZeroMQ drops for that
+    /// subscriber: this, not the subscriber, bounds the bridge's memory.
+    #[serde(default = "default_send_hwm")]
+    pub send_hwm: i32,
+    /// How long unsent messages are kept when the socket closes.
+    #[serde(default = "default_linger", with = "humantime_serde")]
+    pub linger: Duration,
+}
+
+/// The Redis PUBLISH backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisBackendConfig {
+    /// `redis://[user:password@]host:port/db`.
+    #[serde(default = "default_redis_url")]
+    pub url: String,
+    /// Payload codec.
+    #[serde(default)]
+    pub codec: Codec,
+    /// How long a connect attempt may take.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+/// The etcd `/pubsub/<topic>` backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdBackendConfig {
+    /// Client URLs of the etcd cluster.
+    #[serde(default = "default_etcd_endpoints")]
+    pub endpoints: Vec<String>,
+    /// Key prefix of the topics; Dragonflow's driver uses `/pubsub/`.
+    #[serde(default = "default_pubsub_prefix")]
+    pub prefix: String,
+    /// Payload codec.
+    #[serde(default)]
+    pub codec: Codec,
+    /// How long a connect attempt may take.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+/// Limits of the source → publisher pipeline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeConfig {
+    /// Changes buffered between source and publisher; when full the source
+    /// stops reading (the database keeps the data) instead of growing memory.
+    #[serde(default = "default_queue_capacity")]
+    pub queue_capacity: usize,
+    /// Larger values are skipped and counted, not published.
+    #[serde(default = "default_max_value_bytes")]
+    pub max_value_bytes: usize,
+    /// How long shutdown may take to publish what is in flight.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        BridgeConfig {
+            queue_capacity: default_queue_capacity(),
+            max_value_bytes: default_max_value_bytes(),
+            shutdown_timeout: default_shutdown_timeout(),
+        }
+    }
+}
+
+fn default_etcd_endpoints() -> Vec<String> {
+    vec![DEFAULT_ETCD_ENDPOINT.to_owned()]
+}
+fn default_etcd_prefix() -> String {
+    "/".to_owned()
+}
+fn default_etcd_layout() -> String {
+    "/{table}/{key}".to_owned()
+}
+fn default_redis_layout() -> String {
+    "{{table}.{topic}}{key}".to_owned()
+}
+fn default_topic_field() -> String {
+    "topic".to_owned()
+}
+fn default_redis_url() -> String {
+    DEFAULT_REDIS_URL.to_owned()
+}
+fn default_scan_count() -> usize {
+    1000
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_zmq_bind() -> String {
+    DEFAULT_ZMQ_BIND.to_owned()
+}
+fn default_send_hwm() -> i32 {
+    10_000
+}
+fn default_linger() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_pubsub_prefix() -> String {
+    "/pubsub/".to_owned()
+}
+fn default_queue_capacity() -> usize {
+    1024
+}
+fn default_max_value_bytes() -> usize {
+    1024 * 1024
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// A config that cannot be used; the message names the file and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, or a field is unknown or of the wrong type.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (it names the field, line and column).
+        message: String,
+    },
+    /// A field parsed but its value cannot work.
+    #[error("config file {path}: field `{field}`: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Dotted path of the field, e.g. `source.layout`.
+        field: &'static str,
+        /// What is wrong and what would be right.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses, applies environment overrides and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Config::parse(&text, path)?;
+        config.apply_env(|name| std::env::var(name).ok());
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e: toml::de::Error| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })
+    }
+
+    /// Overrides endpoints from `FEEDBRIDGE_ETCD_ENDPOINTS` (comma
+    /// separated), `FEEDBRIDGE_REDIS_URL` and `FEEDBRIDGE_ZMQ_BIND`, so one
+    /// config file serves several hosts or containers.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+        let etcd = var("FEEDBRIDGE_ETCD_ENDPOINTS")
+            .map(|v| v.split(',').map(|s| s.trim().to_owned()).collect::<Vec<_>>());
+        let redis = var("FEEDBRIDGE_REDIS_URL");
+        match &mut self.source {
+            SourceConfig::Etcd(c) => c.endpoints = etcd.clone().unwrap_or(c.endpoints.clone()),
+            SourceConfig::Redis(c) => c.url = redis.clone().unwrap_or(c.url.clone()),
+        }
+        match &mut self.backend {
+            BackendConfig::Zmq(c) => c.bind = var("FEEDBRIDGE_ZMQ_BIND").unwrap_or(c.bind.clone()),
+            BackendConfig::Redis(c) => c.url = redis.unwrap_or(c.url.clone()),
+            BackendConfig::Etcd(c) => c.endpoints = etcd.unwrap_or(c.endpoints.clone()),
+        }
+    }
+
+    /// Checks what the types cannot: layouts parse, endpoints look right,
+    /// limits are positive.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            reason,
+        };
+        match &self.source {
+            SourceConfig::Etcd(c) => {
+                KeyLayout::parse(&c.layout).map_err(|e| invalid("source.layout", e.to_string()))?;
+                check_etcd_endpoints(&c.endpoints)
+                    .map_err(|r| invalid("source.endpoints", r))?;
+            }
+            SourceConfig::Redis(c) => {
+                KeyLayout::parse(&c.layout).map_err(|e| invalid("source.layout", e.to_string()))?;
+                check_redis_url(&c.url).map_err(|r| invalid("source.url", r))?;
+                if c.scan_count == 0 {
+                    return Err(invalid("source.scan_count", "must be at least 1".into()));
+                }
+            }
+        }
+        match &self.backend {
+            BackendConfig::Zmq(c) => {
+                if !(c.bind.starts_with("tcp://") || c.bind.starts_with("ipc://")) {
+                    return Err(invalid(
+                        "backend.bind",
+                        format!("{:?} is not a tcp://HOST:PORT or ipc://PATH endpoint", c.bind),
+                    ));
+                }
+                if c.send_hwm <= 0 {
+                    return Err(invalid(
+                        "backend.send_hwm",
+                        "must be positive: 0 would let a stalled subscriber grow memory without bound".into(),
+                    ));
+                }
+            }
+            BackendConfig::Redis(c) => {
+                check_redis_url(&c.url).map_err(|r| invalid("backend.url", r))?;
+            }
+            BackendConfig::Etcd(c) => {
+                check_etcd_endpoints(&c.endpoints)
+                    .map_err(|r| invalid("backend.endpoints", r))?;
+                if !c.prefix.starts_with('/') || !c.prefix.ends_with('/') {
+                    return Err(invalid(
+                        "backend.prefix",
+                        format!("{:?} must start and end with '/'", c.prefix),
+                    ));
+                }
+            }
+        }
+        if self.bridge.queue_capacity == 0 {
+            return Err(invalid("bridge.queue_capacity", "must be at least 1".into()));
+        }
+        if self.bridge.max_value_bytes == 0 {
+            return Err(invalid("bridge.max_value_bytes", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+fn check_etcd_endpoints(endpoints: &[String]) -> Result<(), String> {
+    if endpoints.is_empty() {
+        return Err("needs at least one endpoint, e.g. \"http://127.0.0.1:2379\"".into());
+    }
+    for e in endpoints {
+        if e.trim().is_empty() || e.contains(char::is_whitespace) {
+            return Err(format!("{e:?} is not an endpoint"));
+        }
+    }
+    Ok(())
+}
+
+fn check_redis_url(url: &str) -> Result<(), String> {
+    redis::parse_redis_url(url)
+        .map(|_| ())
+        .ok_or_else(|| format!("{url:?} is not a redis://HOST:PORT/DB URL"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let p = Path::new("test.toml");
+        let c = Config::parse(text, p)?;
+        c.validate(p)?;
+        Ok(c)
+    }
+
+    #[test]
+    fn every_example_config_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let c = Config::parse(&text, &path).unwrap();
+                c.validate(&path).unwrap();
+                n += 1;
+            }
+        }
+        assert!(n >= 1, "no example configs found in {}", dir.display());
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse("[source]\ntype = \"etcd\"\n[backend]\ntype = \"zmq\"\n").unwrap();
+        let SourceConfig::Etcd(s) = c.source else { panic!() };
+        assert_eq!(s.endpoints, vec![DEFAULT_ETCD_ENDPOINT]);
+        assert_eq!((s.prefix.as_str(), s.layout.as_str()), ("/", "/{table}/{key}"));
+        let BackendConfig::Zmq(b) = c.backend else { panic!() };
+        assert_eq!((b.bind.as_str(), b.codec), (DEFAULT_ZMQ_BIND, Codec::Msgpack));
+        assert_eq!(b.linger, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = parse("[source]\ntype = \"etcd\"\nendpionts = []\n[backend]\ntype = \"zmq\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("test.toml") && e.contains("endpionts"), "{e}");
+        let e = parse("[source]\ntype = \"kafka\"\n[backend]\ntype = \"zmq\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kafka"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        let cases = [
+            ("[source]\ntype=\"etcd\"\nlayout=\"/{table}\"\n[backend]\ntype=\"zmq\"\n", "source.layout"),
+            ("[source]\ntype=\"etcd\"\n[backend]\ntype=\"zmq\"\nbind=\"127.0.0.1:1\"\n", "backend.bind"),
+            ("[source]\ntype=\"etcd\"\n[backend]\ntype=\"zmq\"\nsend_hwm=0\n", "backend.send_hwm"),
+            ("[source]\ntype=\"redis\"\nurl=\"http://x\"\n[backend]\ntype=\"zmq\"\n", "source.url"),
+            ("[source]\ntype=\"etcd\"\nendpoints=[]\n[backend]\ntype=\"zmq\"\n", "source.endpoints"),
+        ];
+        for (text, field) in cases {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(field), "{e} should name {field}");
+        }
+        let e = parse("[source]\ntype=\"etcd\"\nconnect_timeout=\"5 parsecs\"\n[backend]\ntype=\"zmq\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("connect_timeout"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_endpoints() {
+        let mut c = parse("[source]\ntype = \"etcd\"\n[backend]\ntype = \"zmq\"\n").unwrap();
+        c.apply_env(|n| match n {
+            "FEEDBRIDGE_ETCD_ENDPOINTS" => Some("http://a:1, http://b:2".into()),
+            "FEEDBRIDGE_ZMQ_BIND" => Some("tcp://0.0.0.0:9".into()),
+            _ => None,
+        });
+        let SourceConfig::Etcd(s) = &c.source else { panic!() };
+        assert_eq!(s.endpoints, vec!["http://a:1", "http://b:2"]);
+        let BackendConfig::Zmq(b) = &c.backend else { panic!() };
+        assert_eq!(b.bind, "tcp://0.0.0.0:9");
+    }
+}

@@ -1,0 +1,39 @@
+//! feedbridge: a change-feed bridge for NoSQL databases.
+//!
+//! It tails an etcd or Redis server, turns every row change into a
+//! Dragonflow-compatible [`DbUpdate`], and republishes it through ZeroMQ,
+//! Redis PUBLISH or etcd `/pubsub` keys. It also provides the subscriber
+//! side, with Dragonflow's pub/sub vocabulary.
+//!
+//! # Layout
+//!
+//! - [`update`]: `DbUpdate`, `Action`, ordering, `SEND_ALL_TOPIC`.
+//! - [`codec`]: msgpack / json payloads (Dragonflow's wire).
+//! - [`keymap`]: key layouts, database key ↔ table / topic / key.
+//! - [`mapper`]: the pure transform, raw change → `DbUpdate` or a counted skip.
+//! - [`config`]: typed TOML config, defaults and validation.
+//! - [`pubsub`]: the `Publisher` / `Subscriber` traits and the `PubSub` manager.
+//! - [`source`]: change sources (etcd watch, Redis keyspace notifications).
+//! - [`backend`]: publish backends (ZeroMQ, Redis, etcd), publisher and subscriber.
+//! - [`bridge`]: the source → mapper → publisher pipeline, checkpoints, shutdown.
+//! - [`checkpoint`]: the atomically written last-published revision.
+//! - [`retry`]: reconnection with capped, jittered exponential backoff.
+//! - [`stats`]: counters of what the bridge did.
+
+#![deny(unreachable_pub, rustdoc::broken_intra_doc_links)]
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod bridge;
+pub mod checkpoint;
+pub mod codec;
+pub mod config;
+pub mod keymap;
+pub mod mapper;
+pub mod pubsub;
+pub mod retry;
+pub mod source;
+pub mod stats;
+pub mod update;
+
+pub use update::{Action, DbUpdate, SEND_ALL_TOPIC};

@@ -1,0 +1,242 @@
+//! The `feedbridge` command: parses the CLI, loads the config and calls the
+//! library. Exit codes: 0 success, 1 runtime failure, 2 bad config or usage.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use feedbridge::codec::Codec;
+use feedbridge::config::{
+    BackendConfig, Config, EtcdBackendConfig, RedisBackendConfig, SourceConfig, ZmqBackendConfig,
+    DEFAULT_ETCD_ENDPOINT, DEFAULT_REDIS_URL, DEFAULT_ZMQ_BIND,
+};
+use feedbridge::pubsub::PubSub;
+use feedbridge::stats::Stats;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "feedbridge", version, about = "Change-feed bridge: etcd / Redis changes to ZeroMQ, Redis or etcd pub/sub")]
+struct Cli {
+    /// Log level (overridden by RUST_LOG): error, warn, info, debug, trace.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the bridge until SIGINT or SIGTERM.
+    Run {
+        /// The config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file: exit 0 when usable, 2 with the reason otherwise.
+    Check {
+        /// The config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Subscribe and print one JSON object per update on stdout.
+    Tail {
+        /// Which backend to subscribe through.
+        #[arg(long, value_enum, default_value = "zmq")]
+        backend: TailBackend,
+        /// ZeroMQ publisher endpoint (repeatable).
+        #[arg(long)]
+        connect: Vec<String>,
+        /// Redis URL (redis backend).
+        #[arg(long, default_value = DEFAULT_REDIS_URL)]
+        redis_url: String,
+        /// etcd endpoint (etcd backend, repeatable).
+        #[arg(long)]
+        etcd_endpoint: Vec<String>,
+        /// etcd key prefix of the topics (etcd backend).
+        #[arg(long, default_value = "/pubsub/")]
+        etcd_prefix: String,
+        /// Topic to receive (repeatable); every topic when none is given.
+        #[arg(long)]
+        topic: Vec<String>,
+        /// Payload codec.
+        #[arg(long, value_enum, default_value = "msgpack")]
+        codec: TailCodec,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TailBackend {
+    Zmq,
+    Redis,
+    Etcd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TailCodec {
+    Msgpack,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level);
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!("{}: OK ({})", config.display(), describe(&c));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            runtime().block_on(run(config))
+        }
+        Command::Tail { backend, connect, redis_url, etcd_endpoint, etcd_prefix, topic, codec } => {
+            let codec = match codec {
+                TailCodec::Msgpack => Codec::Msgpack,
+                TailCodec::Json => Codec::Json,
+            };
+            let config = match backend {
+                TailBackend::Zmq => BackendConfig::Zmq(ZmqBackendConfig {
+                    bind: String::new(),
+                    codec,
+                    send_hwm: 1,
+                    linger: Default::default(),
+                }),
+                TailBackend::Redis => BackendConfig::Redis(RedisBackendConfig {
+                    url: redis_url,
+                    codec,
+                    connect_timeout: std::time::Duration::from_secs(5),
+                }),
+                TailBackend::Etcd => BackendConfig::Etcd(EtcdBackendConfig {
+                    endpoints: if etcd_endpoint.is_empty() { vec![DEFAULT_ETCD_ENDPOINT.into()] } else { etcd_endpoint },
+                    prefix: etcd_prefix,
+                    codec,
+                    connect_timeout: std::time::Duration::from_secs(5),
+                }),
+            };
+            let connect = if connect.is_empty() { vec![DEFAULT_ZMQ_BIND.to_owned()] } else { connect };
+            runtime().block_on(tail(config, connect, topic))
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+}
+
+fn describe(c: &Config) -> String {
+    let source = match &c.source {
+        SourceConfig::Etcd(s) => format!("etcd {:?} prefix {:?}", s.endpoints, s.prefix),
+        SourceConfig::Redis(s) => format!("redis {}", feedbridge::backend::redis::redacted(&s.url)),
+    };
+    let backend = match &c.backend {
+        BackendConfig::Zmq(b) => format!("zmq {} ({})", b.bind, b.codec),
+        BackendConfig::Redis(b) => format!("redis {} ({})", feedbridge::backend::redis::redacted(&b.url), b.codec),
+        BackendConfig::Etcd(b) => format!("etcd {:?} {} ({})", b.endpoints, b.prefix, b.codec),
+    };
+    format!("{source} -> {backend}")
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("Shutdown requested; publishing what is in flight.");
+        token.cancel();
+    });
+}
+
+async fn run(config: Config) -> ExitCode {
+    tracing::info!("feedbridge {} starting: {}", env!("CARGO_PKG_VERSION"), describe(&config));
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    let stats = Arc::new(Stats::default());
+    match feedbridge::bridge::run(config, shutdown, stats.clone()).await {
+        Ok(()) => {
+            tracing::info!(
+                read = stats.changes_read.load(std::sync::atomic::Ordering::Relaxed),
+                published = stats.updates_published.load(std::sync::atomic::Ordering::Relaxed),
+                "Stopped cleanly."
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    table: &'a str,
+    key: &'a str,
+    action: &'a str,
+    value: Option<&'a str>,
+    topic: &'a str,
+}
+
+async fn tail(config: BackendConfig, connect: Vec<String>, topics: Vec<String>) -> ExitCode {
+    let is_zmq = matches!(config, BackendConfig::Zmq(_));
+    let subscriber = PubSub::new(config).get_subscriber();
+    subscriber.unregister_topic(feedbridge::SEND_ALL_TOPIC);
+    if topics.is_empty() {
+        subscriber.register_topic("");
+    }
+    for t in &topics {
+        subscriber.register_topic(t);
+    }
+    if is_zmq {
+        for c in &connect {
+            subscriber.register_listen_address(c);
+        }
+    }
+    let stop = CancellationToken::new();
+    cancel_on_signal(stop.clone());
+    let (mut updates, task) = subscriber.clone().updates(1024);
+    let mut out = std::io::stdout().lock();
+    loop {
+        let update = tokio::select! {
+            _ = stop.cancelled() => break,
+            u = updates.recv() => u,
+        };
+        let Some(u) = update else { break };
+        let line = Line { table: &u.table, key: &u.key, action: u.action.as_str(), value: u.value.as_deref(), topic: &u.topic };
+        let text = serde_json::to_string(&line).expect("strings serialize");
+        if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
+            break; // stdout closed (e.g. piped into head)
+        }
+    }
+    subscriber.stop();
+    match task.await {
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+        _ => ExitCode::SUCCESS,
+    }
+}

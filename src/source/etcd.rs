@@ -1,0 +1,376 @@
+//! The etcd source: list-then-watch on a prefix, like a Kubernetes
+//! reflector.
+//!
+//! It lists the prefix at a revision (building an index of key → mod
+//! revision), then watches from the next revision with `prev_kv` and
+//! progress notifications. A dropped stream resumes from the last revision
+//! handed to the pipeline. When the resume revision was compacted away, it
+//! re-lists at the current revision, diffs against the index and emits the
+//! missed create / set / delete before watching on: never a silent restart.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{emit, SourceError, SourceEvent, Stopped};
+use crate::config::EtcdSourceConfig;
+use crate::mapper::{Change, ChangeKind};
+use crate::retry::Reconnect;
+
+/// Keys per page when listing, so no response approaches gRPC's 4 MiB limit.
+const LIST_PAGE: i64 = 500;
+
+/// Connects an etcd client with keep-alive and require-leader, so a
+/// partitioned member is noticed instead of silently serving nothing.
+pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<Client, etcd_client::Error> {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(timeout)
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true)
+        .with_require_leader(true);
+    Client::connect(endpoints, Some(options)).await
+}
+
+/// The first key after every key that starts with `prefix` (etcd's range end).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // the empty prefix: every key
+}
+
+/// One key as listed.
+struct Listed {
+    key: Vec<u8>,
+    value: Vec<u8>,
+    mod_revision: i64,
+    version: i64,
+}
+
+/// Lists every key under `prefix` at `revision` (0: the current one), page
+/// by page; returns the keys and the revision they were read at.
+async fn list(client: &mut Client, prefix: &[u8], revision: i64) -> Result<(Vec<Listed>, i64), etcd_client::Error> {
+    let end = prefix_end(prefix);
+    let mut start = prefix.to_vec();
+    let mut at = revision;
+    let mut out = Vec::new();
+    loop {
+        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
+        if at > 0 {
+            opts = opts.with_revision(at);
+        }
+        let mut resp = client.get(start.clone(), Some(opts)).await?;
+        if at == 0 {
+            at = resp.header().map(|h| h.revision()).unwrap_or(0);
+        }
+        let more = resp.more();
+        let kvs = resp.take_kvs();
+        let Some(last) = kvs.last() else { break };
+        start = last.key().to_vec();
+        start.push(0);
+        out.extend(kvs.into_iter().map(|kv| {
+            let (mod_revision, version) = (kv.mod_revision(), kv.version());
+            let (key, value) = kv.into_key_value();
+            Listed { key, value, mod_revision, version }
+        }));
+        if !more {
+            break;
+        }
+    }
+    Ok((out, at))
+}
+
+fn is_compacted(e: &etcd_client::Error) -> bool {
+    e.to_string().contains("compacted")
+}
+
+/// The etcd source.
+pub struct EtcdSource {
+    config: EtcdSourceConfig,
+    /// Revision to resume from (the last checkpoint), if any.
+    resume_from: Option<i64>,
+    /// key → mod revision of every key the subscribers know of.
+    index: HashMap<Vec<u8>, i64>,
+    /// Whether `index` is exactly what subscribers know (false after a
+    /// resume whose revision was already compacted).
+    index_complete: bool,
+}
+
+impl EtcdSource {
+    /// A source that starts fresh, or resumes after `checkpoint`.
+    pub fn new(config: EtcdSourceConfig, checkpoint: Option<i64>) -> Self {
+        EtcdSource {
+            config,
+            resume_from: checkpoint,
+            index: HashMap::new(),
+            index_complete: true,
+        }
+    }
+
+    /// Runs until `shutdown`; fails only when etcd cannot be reached at
+    /// start-up (later outages are retried with backoff).
+    pub async fn run(mut self, tx: mpsc::Sender<SourceEvent>, shutdown: CancellationToken) -> Result<(), SourceError> {
+        let endpoints = self.config.endpoints.clone();
+        let fail = |message: String| SourceError {
+            source_name: "etcd",
+            message: format!("{message} (endpoints {endpoints:?}; is etcd running? check source.endpoints)"),
+        };
+        let mut client = tokio::time::timeout(self.config.connect_timeout, connect(&self.config.endpoints, self.config.connect_timeout))
+            .await
+            .map_err(|_| fail("connect timed out".into()))?
+            .map_err(|e| fail(format!("cannot connect: {e}")))?;
+        let prefix = self.config.prefix.clone().into_bytes();
+        let first = tokio::time::timeout(self.config.connect_timeout, self.start(&mut client, &prefix, &tx, &shutdown)).await;
+        let mut next = match first {
+            Err(_) => return Err(fail("initial list timed out".into())),
+            Ok(Err(StartError::Etcd(e))) => return Err(fail(format!("initial list failed: {e}"))),
+            Ok(Err(StartError::Stopped)) => return Ok(()),
+            Ok(Ok(next)) => next,
+        };
+        let mut reconnect = Reconnect::new("etcd source");
+        loop {
+            let end = self.watch(&mut client, &prefix, next, &tx, &shutdown, &mut reconnect).await;
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let error = match end {
+                Ok(WatchEnd::Stopped) => return Ok(()),
+                Ok(WatchEnd::Compacted(at)) => {
+                    tracing::warn!(resume_revision = next, compact_revision = at, "Resume revision was compacted; re-listing and emitting the difference.");
+                    match self.resync(&mut client, &prefix, &tx, &shutdown).await {
+                        Ok(n) => {
+                            next = n;
+                            continue;
+                        }
+                        Err(StartError::Stopped) => return Ok(()),
+                        Err(StartError::Etcd(e)) => e,
+                    }
+                }
+                Err((n, e)) => {
+                    next = n;
+                    e
+                }
+            };
+            if !reconnect.down(&error, &shutdown).await {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Lists the prefix (at the checkpoint when resuming), emits the
+    /// snapshot if asked, and returns the revision to watch from.
+    async fn start(
+        &mut self,
+        client: &mut Client,
+        prefix: &[u8],
+        tx: &mpsc::Sender<SourceEvent>,
+        shutdown: &CancellationToken,
+    ) -> Result<i64, StartError> {
+        if let Some(checkpoint) = self.resume_from {
+            match list(client, prefix, checkpoint).await {
+                Ok((kvs, _)) => {
+                    self.index = kvs.into_iter().map(|kv| (kv.key, kv.mod_revision)).collect();
+                    tracing::info!(checkpoint, keys = self.index.len(), "Resuming from checkpoint.");
+                    return Ok(checkpoint + 1);
+                }
+                Err(e) if is_compacted(&e) => {
+                    tracing::warn!(checkpoint, "Checkpoint revision was compacted; re-listing and asking subscribers to re-sync.");
+                    self.index_complete = false;
+                    return self.resync(client, prefix, tx, shutdown).await;
+                }
+                Err(e) => return Err(StartError::Etcd(e)),
+            }
+        }
+        let (kvs, at) = list(client, prefix, 0).await?;
+        tracing::info!(revision = at, keys = kvs.len(), snapshot = self.config.snapshot, "Listed the prefix; watching from the next revision.");
+        for kv in kvs {
+            self.index.insert(kv.key.clone(), kv.mod_revision);
+            if self.config.snapshot {
+                let change = Change { key: kv.key, value: Some(kv.value), kind: ChangeKind::Create, revision: Some(kv.mod_revision) };
+                emit(tx, shutdown, SourceEvent::Change(change)).await?;
+            }
+        }
+        emit(tx, shutdown, SourceEvent::Checkpoint(at)).await?;
+        Ok(at + 1)
+    }
+
+    /// Re-lists at the current revision and emits what differs from the
+    /// index: creates, sets, and deletes of keys that are gone.
+    async fn resync(
+        &mut self,
+        client: &mut Client,
+        prefix: &[u8],
+        tx: &mpsc::Sender<SourceEvent>,
+        shutdown: &CancellationToken,
+    ) -> Result<i64, StartError> {
+        let (kvs, at) = list(client, prefix, 0).await?;
+        if !self.index_complete {
+            emit(tx, shutdown, SourceEvent::Sync(format!("etcd history before revision {at} was compacted"))).await?;
+        }
+        let mut seen = HashSet::with_capacity(kvs.len());
+        let (mut created, mut set, mut deleted) = (0u64, 0u64, 0u64);
+        for kv in kvs {
+            seen.insert(kv.key.clone());
+            let kind = match self.index.get(&kv.key) {
+                Some(&r) if r == kv.mod_revision => continue,
+                Some(_) => ChangeKind::Set,
+                None if kv.version == 1 || self.index_complete => ChangeKind::Create,
+                None => ChangeKind::Set,
+            };
+            match kind {
+                ChangeKind::Create => created += 1,
+                _ => set += 1,
+            }
+            self.index.insert(kv.key.clone(), kv.mod_revision);
+            let change = Change { key: kv.key, value: Some(kv.value), kind, revision: Some(kv.mod_revision) };
+            emit(tx, shutdown, SourceEvent::Change(change)).await?;
+        }
+        let gone: Vec<Vec<u8>> = self.index.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+        for key in gone {
+            self.index.remove(&key);
+            deleted += 1;
+            let change = Change { key, value: None, kind: ChangeKind::Delete, revision: Some(at) };
+            emit(tx, shutdown, SourceEvent::Change(change)).await?;
+        }
+        self.index_complete = true;
+        tracing::info!(revision = at, created, set, deleted, "Re-list complete; watching on.");
+        emit(tx, shutdown, SourceEvent::Checkpoint(at)).await?;
+        Ok(at + 1)
+    }
+
+    /// Watches from `from` until the stream ends. Returns the revision to
+    /// resume from with the error that ended it.
+    async fn watch(
+        &mut self,
+        client: &mut Client,
+        prefix: &[u8],
+        from: i64,
+        tx: &mpsc::Sender<SourceEvent>,
+        shutdown: &CancellationToken,
+        reconnect: &mut Reconnect,
+    ) -> Result<WatchEnd, (i64, etcd_client::Error)> {
+        let mut next = from;
+        let opts = WatchOptions::new()
+            .with_range(prefix_end(prefix))
+            .with_start_revision(from)
+            .with_prev_key()
+            .with_progress_notify();
+        let mut stream = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(WatchEnd::Stopped),
+            s = client.watch(prefix.to_vec(), Some(opts)) => s.map_err(|e| (next, e))?,
+        };
+        loop {
+            let message = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(WatchEnd::Stopped),
+                m = stream.message() => m.map_err(|e| (next, e))?,
+            };
+            let Some(resp) = message else {
+                return Err((next, etcd_client::Error::WatchError("watch stream closed by the server".into())));
+            };
+            if resp.created() {
+                reconnect.up();
+                tracing::debug!(from, "Watch created.");
+            }
+            if resp.canceled() {
+                if resp.compact_revision() > 0 {
+                    return Ok(WatchEnd::Compacted(resp.compact_revision()));
+                }
+                let reason = format!("etcd cancelled the watch: {}", resp.cancel_reason());
+                return Err((next, etcd_client::Error::WatchError(reason)));
+            }
+            let events = resp.events();
+            if events.is_empty() {
+                // A progress notification: everything up to the header's
+                // revision has been sent, so it can be checkpointed.
+                if !resp.created() {
+                    if let Some(rev) = resp.header().map(|h| h.revision()) {
+                        if rev >= next {
+                            next = rev + 1;
+                            if emit(tx, shutdown, SourceEvent::Checkpoint(rev)).await.is_err() {
+                                return Ok(WatchEnd::Stopped);
+                            }
+                        }
+                    }
+                }
+                continue;
+            }
+            let mut last = next - 1;
+            for event in events {
+                let Some(kv) = event.kv() else { continue };
+                let revision = kv.mod_revision();
+                let change = match event.event_type() {
+                    EventType::Put => {
+                        self.index.insert(kv.key().to_vec(), revision);
+                        Change {
+                            key: kv.key().to_vec(),
+                            value: Some(kv.value().to_vec()),
+                            kind: if kv.version() == 1 { ChangeKind::Create } else { ChangeKind::Set },
+                            revision: Some(revision),
+                        }
+                    }
+                    EventType::Delete => {
+                        self.index.remove(kv.key());
+                        Change {
+                            key: kv.key().to_vec(),
+                            value: event.prev_kv().map(|p| p.value().to_vec()),
+                            kind: ChangeKind::Delete,
+                            revision: Some(revision),
+                        }
+                    }
+                };
+                last = last.max(revision);
+                if emit(tx, shutdown, SourceEvent::Change(change)).await.is_err() {
+                    return Ok(WatchEnd::Stopped);
+                }
+            }
+            next = last + 1;
+            if emit(tx, shutdown, SourceEvent::Checkpoint(last)).await.is_err() {
+                return Ok(WatchEnd::Stopped);
+            }
+        }
+    }
+}
+
+enum WatchEnd {
+    Stopped,
+    Compacted(i64),
+}
+
+enum StartError {
+    Stopped,
+    Etcd(etcd_client::Error),
+}
+
+impl From<Stopped> for StartError {
+    fn from(_: Stopped) -> Self {
+        StartError::Stopped
+    }
+}
+
+impl From<etcd_client::Error> for StartError {
+    fn from(e: etcd_client::Error) -> Self {
+        StartError::Etcd(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end(b"/"), b"0");
+        assert_eq!(prefix_end(b"/a"), b"/b");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b""), b"\0");
+    }
+}
