@@ -18,21 +18,18 @@ pub const DEFAULT_ETCD_ENDPOINT: &str = "http://127.0.0.1:2379";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// The database whose changes are tailed.
     pub source: SourceConfig,
     /// Where updates are published.
     pub backend: BackendConfig,
     /// Pipeline limits shared by every source and backend.
-    #[serde(default)]
     pub bridge: BridgeConfig,
 }
 
 /// A change source, chosen by `type`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "kebab-case")]
+#[derive(Debug, Clone)]
 pub enum SourceConfig {
     /// etcd watch (list-then-watch on a prefix).
     Etcd(EtcdSourceConfig),
@@ -41,8 +38,7 @@ pub enum SourceConfig {
 }
 
 /// A publish backend, chosen by `type`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "kebab-case")]
+#[derive(Debug, Clone)]
 pub enum BackendConfig {
     /// ZeroMQ PUB on a tcp (or ipc) endpoint: Dragonflow's channel.
     Zmq(ZmqBackendConfig),
@@ -274,11 +270,44 @@ impl Config {
     }
 
     /// Parses TOML text; `path` is only used in messages.
+    ///
+    /// The `source` and `backend` tables are dispatched on their `type` by
+    /// hand rather than by serde's internally tagged enums, which buffer the
+    /// table and so lose the name of a field whose value is wrong.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e: toml::de::Error| ConfigError::Parse {
+        let error = |message: String| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
-        })
+            message,
+        };
+        let mut top: toml::Table = toml::from_str(text).map_err(|e: toml::de::Error| error(e.to_string().trim_end().to_owned()))?;
+        let mut section = |name: &str, required: bool| -> Result<Option<toml::Table>, ConfigError> {
+            match top.remove(name) {
+                Some(toml::Value::Table(t)) => Ok(Some(t)),
+                Some(_) => Err(error(format!("`{name}` must be a table ([{name}])"))),
+                None if required => Err(error(format!("missing table [{name}]"))),
+                None => Ok(None),
+            }
+        };
+        let source = section("source", true)?.expect("required");
+        let backend = section("backend", true)?.expect("required");
+        let bridge = section("bridge", false)?;
+        if let Some(key) = top.keys().next() {
+            return Err(error(format!("unknown table or field `{key}`, expected `source`, `backend` or `bridge`")));
+        }
+        let source = match tagged(source, "source", &["etcd", "redis"]).map_err(error)? {
+            ("etcd", t) => SourceConfig::Etcd(typed(t, "source").map_err(error)?),
+            (_, t) => SourceConfig::Redis(typed(t, "source").map_err(error)?),
+        };
+        let backend = match tagged(backend, "backend", &["zmq", "redis", "etcd"]).map_err(error)? {
+            ("zmq", t) => BackendConfig::Zmq(typed(t, "backend").map_err(error)?),
+            ("redis", t) => BackendConfig::Redis(typed(t, "backend").map_err(error)?),
+            (_, t) => BackendConfig::Etcd(typed(t, "backend").map_err(error)?),
+        };
+        let bridge = match bridge {
+            Some(t) => typed(t, "bridge").map_err(error)?,
+            None => BridgeConfig::default(),
+        };
+        Ok(Config { source, backend, bridge })
     }
 
     /// Overrides endpoints from `FEEDBRIDGE_ETCD_ENDPOINTS` (comma
@@ -358,6 +387,32 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Splits the `type` field off a section and checks it is one of `kinds`.
+fn tagged(mut table: toml::Table, section: &str, kinds: &[&'static str]) -> Result<(&'static str, toml::Table), String> {
+    let kind = match table.remove("type") {
+        Some(toml::Value::String(s)) => s,
+        Some(other) => return Err(format!("field `{section}.type`: expected a string, found {}", other.type_str())),
+        None => return Err(format!("missing field `{section}.type` (one of {})", kinds.join(", "))),
+    };
+    kinds
+        .iter()
+        .find(|k| **k == kind)
+        .map(|k| (*k, table))
+        .ok_or_else(|| format!("field `{section}.type`: unknown {section} type `{kind}`, expected one of {}", kinds.join(", ")))
+}
+
+/// Deserializes a section, naming the offending field on error.
+fn typed<T: serde::de::DeserializeOwned>(table: toml::Table, section: &str) -> Result<T, String> {
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let field = e.path().to_string();
+        if field == "." {
+            format!("[{section}]: {}", e.inner())
+        } else {
+            format!("field `{section}.{field}`: {}", e.inner())
+        }
+    })
 }
 
 fn check_etcd_endpoints(endpoints: &[String]) -> Result<(), String> {
