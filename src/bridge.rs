@@ -49,7 +49,11 @@ pub enum BridgeError {
 
 /// Runs the bridge until `shutdown` fires, then publishes what is in flight
 /// (within `bridge.shutdown_timeout`), saves the final checkpoint and returns.
-pub async fn run(config: Config, shutdown: CancellationToken, stats: Arc<Stats>) -> Result<(), BridgeError> {
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+) -> Result<(), BridgeError> {
     let publisher = PubSub::new(config.backend.clone()).get_publisher().await?;
     let (layout, topic_field, checkpoint_file) = match &config.source {
         SourceConfig::Etcd(c) => (&c.layout, &c.topic_field, c.checkpoint_file.clone()),
@@ -76,7 +80,11 @@ pub async fn run(config: Config, shutdown: CancellationToken, stats: Arc<Stats>)
     // After shutdown, in-flight updates get `shutdown_timeout` to go out.
     let give_up = CancellationToken::new();
     {
-        let (shutdown, give_up, grace) = (shutdown.clone(), give_up.clone(), config.bridge.shutdown_timeout);
+        let (shutdown, give_up, grace) = (
+            shutdown.clone(),
+            give_up.clone(),
+            config.bridge.shutdown_timeout,
+        );
         tokio::spawn(async move {
             shutdown.cancelled().await;
             tokio::time::sleep(grace).await;
@@ -177,7 +185,9 @@ impl Pipeline {
                 }
                 Err(e) => {
                     Stats::incr(&self.stats.publish_errors);
-                    if matches!(e, PublishError::Closed) || !self.reconnect.down(&e, &self.give_up).await {
+                    if matches!(e, PublishError::Closed)
+                        || !self.reconnect.down(&e, &self.give_up).await
+                    {
                         return false;
                     }
                 }
@@ -188,10 +198,18 @@ impl Pipeline {
     /// Saves the published revision when due (or `now`), after flushing the
     /// publisher so the file never runs ahead of what subscribers can get.
     async fn save_checkpoint(&mut self, now: bool) -> Result<(), CheckpointError> {
-        let Some(revision) = self.published_revision else { return Ok(()) };
-        self.stats.checkpoint_revision.store(revision.max(0) as u64, Relaxed);
-        let Some(path) = &self.checkpoint_file else { return Ok(()) };
-        if self.saved_revision == Some(revision) || (!now && self.last_save.elapsed() < CHECKPOINT_INTERVAL) {
+        let Some(revision) = self.published_revision else {
+            return Ok(());
+        };
+        self.stats
+            .checkpoint_revision
+            .store(revision.max(0) as u64, Relaxed);
+        let Some(path) = &self.checkpoint_file else {
+            return Ok(());
+        };
+        if self.saved_revision == Some(revision)
+            || (!now && self.last_save.elapsed() < CHECKPOINT_INTERVAL)
+        {
             return Ok(());
         }
         if self.publisher.flush().await.is_err() {

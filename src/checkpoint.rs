@@ -31,7 +31,12 @@ pub fn load(path: &Path) -> Result<Option<i64>, CheckpointError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(CheckpointError::Io { path: path.to_owned(), source }),
+        Err(source) => {
+            return Err(CheckpointError::Io {
+                path: path.to_owned(),
+                source,
+            })
+        }
     };
     text.trim()
         .parse::<i64>()
@@ -46,7 +51,10 @@ pub fn load(path: &Path) -> Result<Option<i64>, CheckpointError> {
 
 /// Writes the checkpoint atomically.
 pub fn save(path: &Path, revision: i64) -> Result<(), CheckpointError> {
-    let io = |source| CheckpointError::Io { path: path.to_owned(), source };
+    let io = |source| CheckpointError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let tmp = path.with_extension("tmp");
     let mut file = std::fs::File::create(&tmp).map_err(io)?;
     writeln!(file, "{revision}").map_err(io)?;

@@ -128,7 +128,9 @@ impl Codec {
         match self {
             // `to_vec_named` writes a map with str keys (not a positional
             // array), which is what Dragonflow's `unpackb` expects.
-            Codec::Msgpack => rmp_serde::to_vec_named(&wire).expect("a map of strings always encodes"),
+            Codec::Msgpack => {
+                rmp_serde::to_vec_named(&wire).expect("a map of strings always encodes")
+            }
             Codec::Json => serde_json::to_vec(&wire).expect("a map of strings always encodes"),
         }
     }
@@ -202,10 +204,19 @@ mod tests {
     #[test]
     fn decodes_pythons_bytes() {
         let (u, env) = Codec::Msgpack.decode(&hex(PY_CREATE)).unwrap();
-        assert_eq!(u, DbUpdate { timestamp: u.timestamp, ..create() });
+        assert_eq!(
+            u,
+            DbUpdate {
+                timestamp: u.timestamp,
+                ..create()
+            }
+        );
         assert_eq!(env, Envelope::default());
         let (d, _) = Codec::Msgpack.decode(&hex(PY_DELETE)).unwrap();
-        assert_eq!((d.action, d.value, d.topic.as_str()), (Action::Delete, None, "D"));
+        assert_eq!(
+            (d.action, d.value, d.topic.as_str()),
+            (Action::Delete, None, "D")
+        );
     }
 
     #[test]
@@ -242,7 +253,13 @@ mod tests {
         };
         for codec in [Codec::Msgpack, Codec::Json] {
             let (back, benv) = codec.decode(&codec.encode(&u, &env)).unwrap();
-            assert_eq!(back, DbUpdate { timestamp: back.timestamp, ..u.clone() });
+            assert_eq!(
+                back,
+                DbUpdate {
+                    timestamp: back.timestamp,
+                    ..u.clone()
+                }
+            );
             assert_eq!(benv, env);
         }
         let extra = br#"{"table":"a","key":"b","action":"set","value":"v","topic":"D","shard":3}"#;
@@ -251,7 +268,14 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        for bad in [&b""[..], b"\xc1", b"\x85\xa5table", b"{}", b"[1,2]", b"\x93\x01\x02\x03"] {
+        for bad in [
+            &b""[..],
+            b"\xc1",
+            b"\x85\xa5table",
+            b"{}",
+            b"[1,2]",
+            b"\x93\x01\x02\x03",
+        ] {
             assert!(Codec::Msgpack.decode(bad).is_err());
             assert!(Codec::Json.decode(bad).is_err());
         }

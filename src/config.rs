@@ -279,20 +279,24 @@ impl Config {
             path: path.to_owned(),
             message,
         };
-        let mut top: toml::Table = toml::from_str(text).map_err(|e: toml::de::Error| error(e.to_string().trim_end().to_owned()))?;
-        let mut section = |name: &str, required: bool| -> Result<Option<toml::Table>, ConfigError> {
-            match top.remove(name) {
-                Some(toml::Value::Table(t)) => Ok(Some(t)),
-                Some(_) => Err(error(format!("`{name}` must be a table ([{name}])"))),
-                None if required => Err(error(format!("missing table [{name}]"))),
-                None => Ok(None),
-            }
-        };
+        let mut top: toml::Table = toml::from_str(text)
+            .map_err(|e: toml::de::Error| error(e.to_string().trim_end().to_owned()))?;
+        let mut section =
+            |name: &str, required: bool| -> Result<Option<toml::Table>, ConfigError> {
+                match top.remove(name) {
+                    Some(toml::Value::Table(t)) => Ok(Some(t)),
+                    Some(_) => Err(error(format!("`{name}` must be a table ([{name}])"))),
+                    None if required => Err(error(format!("missing table [{name}]"))),
+                    None => Ok(None),
+                }
+            };
         let source = section("source", true)?.expect("required");
         let backend = section("backend", true)?.expect("required");
         let bridge = section("bridge", false)?;
         if let Some(key) = top.keys().next() {
-            return Err(error(format!("unknown table or field `{key}`, expected `source`, `backend` or `bridge`")));
+            return Err(error(format!(
+                "unknown table or field `{key}`, expected `source`, `backend` or `bridge`"
+            )));
         }
         let source = match tagged(source, "source", &["etcd", "redis"]).map_err(error)? {
             ("etcd", t) => SourceConfig::Etcd(typed(t, "source").map_err(error)?),
@@ -307,15 +311,22 @@ impl Config {
             Some(t) => typed(t, "bridge").map_err(error)?,
             None => BridgeConfig::default(),
         };
-        Ok(Config { source, backend, bridge })
+        Ok(Config {
+            source,
+            backend,
+            bridge,
+        })
     }
 
     /// Overrides endpoints from `FEEDBRIDGE_ETCD_ENDPOINTS` (comma
     /// separated), `FEEDBRIDGE_REDIS_URL` and `FEEDBRIDGE_ZMQ_BIND`, so one
     /// config file serves several hosts or containers.
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
-        let etcd = var("FEEDBRIDGE_ETCD_ENDPOINTS")
-            .map(|v| v.split(',').map(|s| s.trim().to_owned()).collect::<Vec<_>>());
+        let etcd = var("FEEDBRIDGE_ETCD_ENDPOINTS").map(|v| {
+            v.split(',')
+                .map(|s| s.trim().to_owned())
+                .collect::<Vec<_>>()
+        });
         let redis = var("FEEDBRIDGE_REDIS_URL");
         match &mut self.source {
             SourceConfig::Etcd(c) => c.endpoints = etcd.clone().unwrap_or(c.endpoints.clone()),
@@ -339,8 +350,7 @@ impl Config {
         match &self.source {
             SourceConfig::Etcd(c) => {
                 KeyLayout::parse(&c.layout).map_err(|e| invalid("source.layout", e.to_string()))?;
-                check_etcd_endpoints(&c.endpoints)
-                    .map_err(|r| invalid("source.endpoints", r))?;
+                check_etcd_endpoints(&c.endpoints).map_err(|r| invalid("source.endpoints", r))?;
             }
             SourceConfig::Redis(c) => {
                 KeyLayout::parse(&c.layout).map_err(|e| invalid("source.layout", e.to_string()))?;
@@ -355,7 +365,10 @@ impl Config {
                 if !(c.bind.starts_with("tcp://") || c.bind.starts_with("ipc://")) {
                     return Err(invalid(
                         "backend.bind",
-                        format!("{:?} is not a tcp://HOST:PORT or ipc://PATH endpoint", c.bind),
+                        format!(
+                            "{:?} is not a tcp://HOST:PORT or ipc://PATH endpoint",
+                            c.bind
+                        ),
                     ));
                 }
                 if c.send_hwm <= 0 {
@@ -369,8 +382,7 @@ impl Config {
                 check_redis_url(&c.url).map_err(|r| invalid("backend.url", r))?;
             }
             BackendConfig::Etcd(c) => {
-                check_etcd_endpoints(&c.endpoints)
-                    .map_err(|r| invalid("backend.endpoints", r))?;
+                check_etcd_endpoints(&c.endpoints).map_err(|r| invalid("backend.endpoints", r))?;
                 if !c.prefix.starts_with('/') || !c.prefix.ends_with('/') {
                     return Err(invalid(
                         "backend.prefix",
@@ -380,27 +392,52 @@ impl Config {
             }
         }
         if self.bridge.queue_capacity == 0 {
-            return Err(invalid("bridge.queue_capacity", "must be at least 1".into()));
+            return Err(invalid(
+                "bridge.queue_capacity",
+                "must be at least 1".into(),
+            ));
         }
         if self.bridge.max_value_bytes == 0 {
-            return Err(invalid("bridge.max_value_bytes", "must be at least 1".into()));
+            return Err(invalid(
+                "bridge.max_value_bytes",
+                "must be at least 1".into(),
+            ));
         }
         Ok(())
     }
 }
 
 /// Splits the `type` field off a section and checks it is one of `kinds`.
-fn tagged(mut table: toml::Table, section: &str, kinds: &[&'static str]) -> Result<(&'static str, toml::Table), String> {
+fn tagged(
+    mut table: toml::Table,
+    section: &str,
+    kinds: &[&'static str],
+) -> Result<(&'static str, toml::Table), String> {
     let kind = match table.remove("type") {
         Some(toml::Value::String(s)) => s,
-        Some(other) => return Err(format!("field `{section}.type`: expected a string, found {}", other.type_str())),
-        None => return Err(format!("missing field `{section}.type` (one of {})", kinds.join(", "))),
+        Some(other) => {
+            return Err(format!(
+                "field `{section}.type`: expected a string, found {}",
+                other.type_str()
+            ))
+        }
+        None => {
+            return Err(format!(
+                "missing field `{section}.type` (one of {})",
+                kinds.join(", ")
+            ))
+        }
     };
     kinds
         .iter()
         .find(|k| **k == kind)
         .map(|k| (*k, table))
-        .ok_or_else(|| format!("field `{section}.type`: unknown {section} type `{kind}`, expected one of {}", kinds.join(", ")))
+        .ok_or_else(|| {
+            format!(
+                "field `{section}.type`: unknown {section} type `{kind}`, expected one of {}",
+                kinds.join(", ")
+            )
+        })
 }
 
 /// Deserializes a section, naming the offending field on error.
@@ -463,11 +500,21 @@ mod tests {
     #[test]
     fn minimal_config_gets_defaults() {
         let c = parse("[source]\ntype = \"etcd\"\n[backend]\ntype = \"zmq\"\n").unwrap();
-        let SourceConfig::Etcd(s) = c.source else { panic!() };
+        let SourceConfig::Etcd(s) = c.source else {
+            panic!()
+        };
         assert_eq!(s.endpoints, vec![DEFAULT_ETCD_ENDPOINT]);
-        assert_eq!((s.prefix.as_str(), s.layout.as_str()), ("/", "/{table}/{key}"));
-        let BackendConfig::Zmq(b) = c.backend else { panic!() };
-        assert_eq!((b.bind.as_str(), b.codec), (DEFAULT_ZMQ_BIND, Codec::Msgpack));
+        assert_eq!(
+            (s.prefix.as_str(), s.layout.as_str()),
+            ("/", "/{table}/{key}")
+        );
+        let BackendConfig::Zmq(b) = c.backend else {
+            panic!()
+        };
+        assert_eq!(
+            (b.bind.as_str(), b.codec),
+            (DEFAULT_ZMQ_BIND, Codec::Msgpack)
+        );
         assert_eq!(b.linger, Duration::from_secs(1));
     }
 
@@ -486,19 +533,36 @@ mod tests {
     #[test]
     fn invalid_values_name_the_field() {
         let cases = [
-            ("[source]\ntype=\"etcd\"\nlayout=\"/{table}\"\n[backend]\ntype=\"zmq\"\n", "source.layout"),
-            ("[source]\ntype=\"etcd\"\n[backend]\ntype=\"zmq\"\nbind=\"127.0.0.1:1\"\n", "backend.bind"),
-            ("[source]\ntype=\"etcd\"\n[backend]\ntype=\"zmq\"\nsend_hwm=0\n", "backend.send_hwm"),
-            ("[source]\ntype=\"redis\"\nurl=\"http://x\"\n[backend]\ntype=\"zmq\"\n", "source.url"),
-            ("[source]\ntype=\"etcd\"\nendpoints=[]\n[backend]\ntype=\"zmq\"\n", "source.endpoints"),
+            (
+                "[source]\ntype=\"etcd\"\nlayout=\"/{table}\"\n[backend]\ntype=\"zmq\"\n",
+                "source.layout",
+            ),
+            (
+                "[source]\ntype=\"etcd\"\n[backend]\ntype=\"zmq\"\nbind=\"127.0.0.1:1\"\n",
+                "backend.bind",
+            ),
+            (
+                "[source]\ntype=\"etcd\"\n[backend]\ntype=\"zmq\"\nsend_hwm=0\n",
+                "backend.send_hwm",
+            ),
+            (
+                "[source]\ntype=\"redis\"\nurl=\"http://x\"\n[backend]\ntype=\"zmq\"\n",
+                "source.url",
+            ),
+            (
+                "[source]\ntype=\"etcd\"\nendpoints=[]\n[backend]\ntype=\"zmq\"\n",
+                "source.endpoints",
+            ),
         ];
         for (text, field) in cases {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(field), "{e} should name {field}");
         }
-        let e = parse("[source]\ntype=\"etcd\"\nconnect_timeout=\"5 parsecs\"\n[backend]\ntype=\"zmq\"\n")
-            .unwrap_err()
-            .to_string();
+        let e = parse(
+            "[source]\ntype=\"etcd\"\nconnect_timeout=\"5 parsecs\"\n[backend]\ntype=\"zmq\"\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("connect_timeout"), "{e}");
     }
 
@@ -510,9 +574,13 @@ mod tests {
             "FEEDBRIDGE_ZMQ_BIND" => Some("tcp://0.0.0.0:9".into()),
             _ => None,
         });
-        let SourceConfig::Etcd(s) = &c.source else { panic!() };
+        let SourceConfig::Etcd(s) = &c.source else {
+            panic!()
+        };
         assert_eq!(s.endpoints, vec!["http://a:1", "http://b:2"]);
-        let BackendConfig::Zmq(b) = &c.backend else { panic!() };
+        let BackendConfig::Zmq(b) = &c.backend else {
+            panic!()
+        };
         assert_eq!(b.bind, "tcp://0.0.0.0:9");
     }
 }

@@ -208,13 +208,19 @@ mod tests {
     #[test]
     fn dragonflow_redis_layout() {
         let l = KeyLayout::parse("{{table}.{topic}}{key}").unwrap();
-        assert_eq!(l.parse_key("{lport.tenant1}p1"), rk("lport", Some("tenant1"), "p1"));
+        assert_eq!(
+            l.parse_key("{lport.tenant1}p1"),
+            rk("lport", Some("tenant1"), "p1")
+        );
         assert_eq!(l.parse_key("{lport.}p1"), rk("lport", None, "p1"));
         assert_eq!(l.parse_key("{lport.t}a}b"), rk("lport", Some("t"), "a}b"));
         assert_eq!(l.parse_key("lport.t}p1"), None);
         assert_eq!(l.parse_key("{lport}p1"), None);
         assert_eq!(l.prefix(), "{");
-        assert_eq!(l.format("lport", Some("tenant1"), "p1"), "{lport.tenant1}p1");
+        assert_eq!(
+            l.format("lport", Some("tenant1"), "p1"),
+            "{lport.tenant1}p1"
+        );
         assert_eq!(l.format("lport", None, "p1"), "{lport.}p1");
     }
 
@@ -227,7 +233,13 @@ mod tests {
 
     #[test]
     fn bad_patterns() {
-        for p in ["/{table}", "{key}", "/{table}{key}", "/{table}/{key}/{table}", ""] {
+        for p in [
+            "/{table}",
+            "{key}",
+            "/{table}{key}",
+            "/{table}/{key}/{table}",
+            "",
+        ] {
             assert!(KeyLayout::parse(p).is_err(), "{p} should be rejected");
         }
         let e = KeyLayout::parse("/{table}").unwrap_err().to_string();

@@ -17,7 +17,11 @@ use feedbridge::stats::Stats;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "feedbridge", version, about = "Change-feed bridge: etcd / Redis changes to ZeroMQ, Redis or etcd pub/sub")]
+#[command(
+    name = "feedbridge",
+    version,
+    about = "Change-feed bridge: etcd / Redis changes to ZeroMQ, Redis or etcd pub/sub"
+)]
 struct Cli {
     /// Log level (overridden by RUST_LOG): error, warn, info, debug, trace.
     #[arg(long, global = true, default_value = "info")]
@@ -103,7 +107,15 @@ fn main() -> ExitCode {
             };
             runtime().block_on(run(config))
         }
-        Command::Tail { backend, connect, redis_url, etcd_endpoint, etcd_prefix, topic, codec } => {
+        Command::Tail {
+            backend,
+            connect,
+            redis_url,
+            etcd_endpoint,
+            etcd_prefix,
+            topic,
+            codec,
+        } => {
             let codec = match codec {
                 TailCodec::Msgpack => Codec::Msgpack,
                 TailCodec::Json => Codec::Json,
@@ -121,13 +133,21 @@ fn main() -> ExitCode {
                     connect_timeout: std::time::Duration::from_secs(5),
                 }),
                 TailBackend::Etcd => BackendConfig::Etcd(EtcdBackendConfig {
-                    endpoints: if etcd_endpoint.is_empty() { vec![DEFAULT_ETCD_ENDPOINT.into()] } else { etcd_endpoint },
+                    endpoints: if etcd_endpoint.is_empty() {
+                        vec![DEFAULT_ETCD_ENDPOINT.into()]
+                    } else {
+                        etcd_endpoint
+                    },
                     prefix: etcd_prefix,
                     codec,
                     connect_timeout: std::time::Duration::from_secs(5),
                 }),
             };
-            let connect = if connect.is_empty() { vec![DEFAULT_ZMQ_BIND.to_owned()] } else { connect };
+            let connect = if connect.is_empty() {
+                vec![DEFAULT_ZMQ_BIND.to_owned()]
+            } else {
+                connect
+            };
             runtime().block_on(tail(config, connect, topic))
         }
     }
@@ -136,11 +156,17 @@ fn main() -> ExitCode {
 fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
 }
 
 fn describe(c: &Config) -> String {
@@ -150,7 +176,11 @@ fn describe(c: &Config) -> String {
     };
     let backend = match &c.backend {
         BackendConfig::Zmq(b) => format!("zmq {} ({})", b.bind, b.codec),
-        BackendConfig::Redis(b) => format!("redis {} ({})", feedbridge::backend::redis::redacted(&b.url), b.codec),
+        BackendConfig::Redis(b) => format!(
+            "redis {} ({})",
+            feedbridge::backend::redis::redacted(&b.url),
+            b.codec
+        ),
         BackendConfig::Etcd(b) => format!("etcd {:?} {} ({})", b.endpoints, b.prefix, b.codec),
     };
     format!("{source} -> {backend}")
@@ -159,7 +189,8 @@ fn describe(c: &Config) -> String {
 /// Cancels `token` on SIGINT or SIGTERM.
 fn cancel_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -170,15 +201,23 @@ fn cancel_on_signal(token: CancellationToken) {
 }
 
 async fn run(config: Config) -> ExitCode {
-    tracing::info!("feedbridge {} starting: {}", env!("CARGO_PKG_VERSION"), describe(&config));
+    tracing::info!(
+        "feedbridge {} starting: {}",
+        env!("CARGO_PKG_VERSION"),
+        describe(&config)
+    );
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     let stats = Arc::new(Stats::default());
     match feedbridge::bridge::run(config, shutdown, stats.clone()).await {
         Ok(()) => {
             tracing::info!(
-                read = stats.changes_read.load(std::sync::atomic::Ordering::Relaxed),
-                published = stats.updates_published.load(std::sync::atomic::Ordering::Relaxed),
+                read = stats
+                    .changes_read
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                published = stats
+                    .updates_published
+                    .load(std::sync::atomic::Ordering::Relaxed),
                 "Stopped cleanly."
             );
             ExitCode::SUCCESS
@@ -225,7 +264,13 @@ async fn tail(config: BackendConfig, connect: Vec<String>, topics: Vec<String>) 
             u = updates.recv() => u,
         };
         let Some(u) = update else { break };
-        let line = Line { table: &u.table, key: &u.key, action: u.action.as_str(), value: u.value.as_deref(), topic: &u.topic };
+        let line = Line {
+            table: &u.table,
+            key: &u.key,
+            action: u.action.as_str(),
+            value: u.value.as_deref(),
+            topic: &u.topic,
+        };
         let text = serde_json::to_string(&line).expect("strings serialize");
         if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
             break; // stdout closed (e.g. piped into head)

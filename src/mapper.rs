@@ -97,15 +97,17 @@ impl Mapper {
     /// Maps one change.
     pub fn map(&self, change: &Change) -> Result<DbUpdate, Skip> {
         let key = std::str::from_utf8(&change.key).map_err(|_| Skip::NonUtf8Key)?;
-        if self.excluded_prefixes.iter().any(|p| key.starts_with(p.as_str())) {
+        if self
+            .excluded_prefixes
+            .iter()
+            .any(|p| key.starts_with(p.as_str()))
+        {
             return Err(Skip::OwnKey);
         }
         let row = self.layout.parse_key(key).ok_or(Skip::OutsideLayout)?;
         let value = match &change.value {
             Some(v) if v.len() > self.max_value_bytes => return Err(Skip::Oversize),
-            Some(v) => Some(
-                String::from_utf8(v.clone()).map_err(|_| Skip::NonUtf8Value)?,
-            ),
+            Some(v) => Some(String::from_utf8(v.clone()).map_err(|_| Skip::NonUtf8Value)?),
             None => None,
         };
         let topic = match row.topic {
@@ -134,7 +136,8 @@ impl Mapper {
         if !value.trim_start().starts_with('{') || !value.contains(field) {
             return None;
         }
-        let parsed: serde_json::Map<String, serde_json::Value> = serde_json::from_str(value).ok()?;
+        let parsed: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(value).ok()?;
         match parsed.get(field)? {
             serde_json::Value::String(t) if !t.is_empty() => Some(t.clone()),
             _ => None,
@@ -168,18 +171,45 @@ mod tests {
     fn maps_actions_tables_and_topics() {
         let m = mapper("/{table}/{key}");
         let u = m
-            .map(&change(b"/lport/p1", Some(br#"{"topic": "t1"}"#), ChangeKind::Create))
+            .map(&change(
+                b"/lport/p1",
+                Some(br#"{"topic": "t1"}"#),
+                ChangeKind::Create,
+            ))
             .unwrap();
         assert_eq!(
-            (u.table.as_str(), u.key.as_str(), &u.action, u.topic.as_str(), u.revision),
+            (
+                u.table.as_str(),
+                u.key.as_str(),
+                &u.action,
+                u.topic.as_str(),
+                u.revision
+            ),
             ("lport", "p1", &Action::Create, "t1", Some(9))
         );
-        let u = m.map(&change(b"/lport/p1", Some(b"plain"), ChangeKind::Set)).unwrap();
+        let u = m
+            .map(&change(b"/lport/p1", Some(b"plain"), ChangeKind::Set))
+            .unwrap();
         assert_eq!((u.action, u.topic.as_str()), (Action::Set, "D"));
-        let u = m.map(&change(b"/lport/p1", None, ChangeKind::Delete)).unwrap();
-        assert_eq!((u.action, u.value, u.topic.as_str()), (Action::Delete, None, "D"));
-        for v in [&br#"{"topic": 5}"#[..], br#"{"topic": ""}"#, br#"{"topic": "#, b"[1]"] {
-            assert_eq!(m.map(&change(b"/a/b", Some(v), ChangeKind::Set)).unwrap().topic, "D");
+        let u = m
+            .map(&change(b"/lport/p1", None, ChangeKind::Delete))
+            .unwrap();
+        assert_eq!(
+            (u.action, u.value, u.topic.as_str()),
+            (Action::Delete, None, "D")
+        );
+        for v in [
+            &br#"{"topic": 5}"#[..],
+            br#"{"topic": ""}"#,
+            br#"{"topic": "#,
+            b"[1]",
+        ] {
+            assert_eq!(
+                m.map(&change(b"/a/b", Some(v), ChangeKind::Set))
+                    .unwrap()
+                    .topic,
+                "D"
+            );
         }
     }
 
@@ -187,11 +217,19 @@ mod tests {
     fn layout_topic_wins() {
         let m = mapper("{{table}.{topic}}{key}");
         let u = m
-            .map(&change(b"{lport.ten}p1", Some(br#"{"topic":"other"}"#), ChangeKind::Set))
+            .map(&change(
+                b"{lport.ten}p1",
+                Some(br#"{"topic":"other"}"#),
+                ChangeKind::Set,
+            ))
             .unwrap();
         assert_eq!(u.topic, "ten");
         let u = m
-            .map(&change(b"{lport.}p1", Some(br#"{"topic":"other"}"#), ChangeKind::Set))
+            .map(&change(
+                b"{lport.}p1",
+                Some(br#"{"topic":"other"}"#),
+                ChangeKind::Set,
+            ))
             .unwrap();
         assert_eq!(u.topic, "other");
     }
@@ -199,7 +237,8 @@ mod tests {
     #[test]
     fn skips_bad_input() {
         let m = mapper("/{table}/{key}");
-        let cases: [(&[u8], Option<&[u8]>, Skip); 5] = [
+        type Case<'a> = (&'a [u8], Option<&'a [u8]>, Skip);
+        let cases: [Case; 5] = [
             (b"/a/\xff", None, Skip::NonUtf8Key),
             (b"nolayout", None, Skip::OutsideLayout),
             (b"/pubsub/D", Some(b"x"), Skip::OwnKey),
@@ -209,6 +248,8 @@ mod tests {
         for (k, v, skip) in cases {
             assert_eq!(m.map(&change(k, v, ChangeKind::Set)), Err(skip));
         }
-        assert!(m.map(&change(b"/a/b", Some(&[b'x'; 64]), ChangeKind::Set)).is_ok());
+        assert!(m
+            .map(&change(b"/a/b", Some(&[b'x'; 64]), ChangeKind::Set))
+            .is_ok());
     }
 }

@@ -106,7 +106,13 @@ pub trait Subscriber: Send + Sync + 'static {
 
     /// Runs in a background task and returns the updates as a bounded
     /// channel: a slow reader slows the subscriber instead of growing memory.
-    fn updates(self: Arc<Self>, capacity: usize) -> (mpsc::Receiver<DbUpdate>, JoinHandle<Result<(), SubscribeError>>) {
+    fn updates(
+        self: Arc<Self>,
+        capacity: usize,
+    ) -> (
+        mpsc::Receiver<DbUpdate>,
+        JoinHandle<Result<(), SubscribeError>>,
+    ) {
         let (tx, rx) = mpsc::channel(capacity);
         (rx, tokio::spawn(async move { self.pump(tx).await }))
     }

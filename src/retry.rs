@@ -59,8 +59,16 @@ impl Reconnect {
 
     /// Records a failure, logs it once per outage, and waits the next delay.
     /// Returns `false` when `shutdown` fired during the wait.
-    pub async fn down(&mut self, error: &(dyn Display + Sync), shutdown: &CancellationToken) -> bool {
-        if self.up_since.take().is_some_and(|t| t.elapsed() >= HEALTHY_AFTER) {
+    pub async fn down(
+        &mut self,
+        error: &(dyn Display + Sync),
+        shutdown: &CancellationToken,
+    ) -> bool {
+        if self
+            .up_since
+            .take()
+            .is_some_and(|t| t.elapsed() >= HEALTHY_AFTER)
+        {
             self.delays = self.builder.build();
         }
         self.attempts += 1;

@@ -185,7 +185,7 @@ mod tests {
 
     #[test]
     fn orders_by_priority_then_timestamp_then_key() {
-        let mut v = vec![at("a", 5, 2), at("b", 1, 9), at("c", 5, 1), at("a", 5, 1)];
+        let mut v = [at("a", 5, 2), at("b", 1, 9), at("c", 5, 1), at("a", 5, 1)];
         v.sort();
         let keys: Vec<_> = v.iter().map(|u| (u.priority, u.key.as_str())).collect();
         assert_eq!(keys, vec![(1, "b"), (5, "a"), (5, "c"), (5, "a")]);
@@ -194,7 +194,10 @@ mod tests {
 
     #[test]
     fn unknown_action_is_kept() {
-        assert_eq!(Action::from("resync-all"), Action::Other("resync-all".into()));
+        assert_eq!(
+            Action::from("resync-all"),
+            Action::Other("resync-all".into())
+        );
         assert_eq!(Action::from("resync-all").as_str(), "resync-all");
         for a in ["create", "set", "delete", "sync", "log"] {
             assert_eq!(Action::from(a).as_str(), a);

@@ -33,7 +33,13 @@ fn subscriber(port: u16, topics: &[&str]) -> Arc<ZmqSubscriber> {
 }
 
 fn summary(u: &DbUpdate) -> (String, String, Action, Option<String>, String) {
-    (u.table.clone(), u.key.clone(), u.action.clone(), u.value.clone(), u.topic.clone())
+    (
+        u.table.clone(),
+        u.key.clone(),
+        u.action.clone(),
+        u.value.clone(),
+        u.topic.clone(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,8 +59,16 @@ async fn create_set_delete_reach_the_subscriber_in_order() {
     })
     .await;
 
-    kv.put("/lport/p1", r#"{"id":"p1","topic":"tenant1"}"#, None).await.unwrap();
-    kv.put("/lport/p1", r#"{"id":"p1","topic":"tenant1","up":true}"#, None).await.unwrap();
+    kv.put("/lport/p1", r#"{"id":"p1","topic":"tenant1"}"#, None)
+        .await
+        .unwrap();
+    kv.put(
+        "/lport/p1",
+        r#"{"id":"p1","topic":"tenant1","up":true}"#,
+        None,
+    )
+    .await
+    .unwrap();
     kv.put("/lswitch/s1", "plain text", None).await.unwrap();
     kv.delete("/lport/p1", None).await.unwrap();
     kv.put("/lport/a/b", "slash key", None).await.unwrap();
@@ -65,15 +79,51 @@ async fn create_set_delete_reach_the_subscriber_in_order() {
     assert_eq!(
         got,
         vec![
-            (s("lport"), s("p1"), Action::Create, Some(s(r#"{"id":"p1","topic":"tenant1"}"#)), s("tenant1")),
-            (s("lport"), s("p1"), Action::Set, Some(s(r#"{"id":"p1","topic":"tenant1","up":true}"#)), s("tenant1")),
-            (s("lswitch"), s("s1"), Action::Create, Some(s("plain text")), s("D")),
+            (
+                s("lport"),
+                s("p1"),
+                Action::Create,
+                Some(s(r#"{"id":"p1","topic":"tenant1"}"#)),
+                s("tenant1")
+            ),
+            (
+                s("lport"),
+                s("p1"),
+                Action::Set,
+                Some(s(r#"{"id":"p1","topic":"tenant1","up":true}"#)),
+                s("tenant1")
+            ),
+            (
+                s("lswitch"),
+                s("s1"),
+                Action::Create,
+                Some(s("plain text")),
+                s("D")
+            ),
             // a delete carries the previous value, so its topic is known too
-            (s("lport"), s("p1"), Action::Delete, Some(s(r#"{"id":"p1","topic":"tenant1","up":true}"#)), s("tenant1")),
-            (s("lport"), s("a/b"), Action::Create, Some(s("slash key")), s("D")),
+            (
+                s("lport"),
+                s("p1"),
+                Action::Delete,
+                Some(s(r#"{"id":"p1","topic":"tenant1","up":true}"#)),
+                s("tenant1")
+            ),
+            (
+                s("lport"),
+                s("a/b"),
+                Action::Create,
+                Some(s("slash key")),
+                s("D")
+            ),
         ]
     );
-    assert!(bridge.stats.updates_published.load(std::sync::atomic::Ordering::Relaxed) >= 5);
+    assert!(
+        bridge
+            .stats
+            .updates_published
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 5
+    );
     bridge.stop().await;
 }
 
@@ -89,7 +139,9 @@ async fn topics_filter_exactly_and_registration_applies_while_running() {
     await_flow(&mut rx, |i| {
         let mut c = probe_kv.clone();
         async move {
-            c.put(format!("/probe/{i}"), r#"{"topic":"t1"}"#, None).await.unwrap();
+            c.put(format!("/probe/{i}"), r#"{"topic":"t1"}"#, None)
+                .await
+                .unwrap();
         }
     })
     .await;
@@ -97,7 +149,13 @@ async fn topics_filter_exactly_and_registration_applies_while_running() {
     let mut c = kv.clone();
     // t10 shares t1's prefix: ZeroMQ would deliver it, the subscriber must not.
     for (key, topic) in [("a", "t2"), ("b", "t10"), ("c", "D"), ("d", "t1")] {
-        c.put(format!("/lport/{key}"), format!(r#"{{"topic":"{topic}"}}"#), None).await.unwrap();
+        c.put(
+            format!("/lport/{key}"),
+            format!(r#"{{"topic":"{topic}"}}"#),
+            None,
+        )
+        .await
+        .unwrap();
     }
     let got = collect_until(&mut rx, "the t1 update", WAIT, |g| !g.is_empty()).await;
     assert_eq!((got[0].key.as_str(), got[0].topic.as_str()), ("d", "t1"));
@@ -109,8 +167,12 @@ async fn topics_filter_exactly_and_registration_applies_while_running() {
     let mut n = 0;
     'switch: loop {
         n += 1;
-        c.put(format!("/lport/t2-{n}"), r#"{"topic":"t2"}"#, None).await.unwrap();
-        c.put(format!("/lport/t1-{n}"), r#"{"topic":"t1"}"#, None).await.unwrap();
+        c.put(format!("/lport/t2-{n}"), r#"{"topic":"t2"}"#, None)
+            .await
+            .unwrap();
+        c.put(format!("/lport/t1-{n}"), r#"{"topic":"t1"}"#, None)
+            .await
+            .unwrap();
         while let Ok(Some(u)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
             if u.topic == "t2" {
                 break 'switch;
@@ -119,10 +181,17 @@ async fn topics_filter_exactly_and_registration_applies_while_running() {
         }
         assert!(n < 50, "register_topic never took effect");
     }
-    c.put("/lport/t1-last", r#"{"topic":"t1"}"#, None).await.unwrap();
-    c.put("/lport/t2-last", r#"{"topic":"t2"}"#, None).await.unwrap();
+    c.put("/lport/t1-last", r#"{"topic":"t1"}"#, None)
+        .await
+        .unwrap();
+    c.put("/lport/t2-last", r#"{"topic":"t2"}"#, None)
+        .await
+        .unwrap();
     // after the switch, only t2 keeps arriving
-    let more = collect_until(&mut rx, "t2-last", WAIT, |g| g.iter().any(|u| u.key == "t2-last")).await;
+    let more = collect_until(&mut rx, "t2-last", WAIT, |g| {
+        g.iter().any(|u| u.key == "t2-last")
+    })
+    .await;
     assert!(more.iter().all(|u| u.topic == "t2"), "{more:?}");
     bridge.stop().await;
 }
@@ -149,18 +218,28 @@ async fn dragonflow_python_subscriber_decodes_the_wire() {
     loop {
         n += 1;
         kv.put(format!("/probe/{n}"), "x", None).await.unwrap();
-        if let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_millis(300), lines.next_line()).await {
+        if let Ok(Ok(Some(line))) =
+            tokio::time::timeout(Duration::from_millis(300), lines.next_line()).await
+        {
             assert!(line.contains("probe"), "{line}");
             break;
         }
         assert!(n < 60, "python subscriber never received anything");
     }
-    kv.put("/lport/p9", r#"{"topic":"tenant1","name":"é"}"#, None).await.unwrap();
-    kv.put("/lport/other", r#"{"topic":"tenant2"}"#, None).await.unwrap();
+    kv.put("/lport/p9", r#"{"topic":"tenant1","name":"é"}"#, None)
+        .await
+        .unwrap();
+    kv.put("/lport/other", r#"{"topic":"tenant2"}"#, None)
+        .await
+        .unwrap();
     kv.delete("/lport/p9", None).await.unwrap();
     let mut seen = Vec::new();
     while seen.len() < 2 {
-        let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap().unwrap();
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         if line.contains("probe") {
             continue;
         }
@@ -193,9 +272,15 @@ async fn snapshot_emits_existing_rows_then_watches_without_gap() {
         g.iter().filter(|u| u.key.starts_with("old")).count() >= 2
     })
     .await;
-    assert!(got.iter().filter(|u| u.key.starts_with("old")).all(|u| u.action == Action::Create));
+    assert!(got
+        .iter()
+        .filter(|u| u.key.starts_with("old"))
+        .all(|u| u.action == Action::Create));
     kv.put("/lport/new", "v3", None).await.unwrap();
-    let got = collect_until(&mut rx, "the watched create", WAIT, |g| g.iter().any(|u| u.key == "new")).await;
+    let got = collect_until(&mut rx, "the watched create", WAIT, |g| {
+        g.iter().any(|u| u.key == "new")
+    })
+    .await;
     assert_eq!(got.last().unwrap().action, Action::Create);
     bridge.stop().await;
 }
@@ -208,6 +293,14 @@ async fn unreachable_etcd_fails_fast_with_a_clear_error() {
         "[source]\ntype = \"etcd\"\nendpoints = [\"http://127.0.0.1:{dead}\"]\nconnect_timeout = \"1s\"\n[backend]\ntype = \"zmq\"\nbind = \"tcp://127.0.0.1:{port}\"\n"
     );
     let bridge = Bridge::start(&cfg);
-    let err = tokio::time::timeout(WAIT, bridge.task).await.unwrap().unwrap().unwrap_err().to_string();
-    assert!(err.contains("etcd") && err.contains(&dead.to_string()), "{err}");
+    let err = tokio::time::timeout(WAIT, bridge.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("etcd") && err.contains(&dead.to_string()),
+        "{err}"
+    );
 }

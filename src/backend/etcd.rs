@@ -101,7 +101,9 @@ impl EtcdSubscriber {
         let result: Result<(), etcd_client::Error> = async {
             let mut client = connect(&self.config.endpoints, self.config.connect_timeout).await?;
             let prefix = self.config.prefix.as_bytes();
-            let mut opts = WatchOptions::new().with_range(prefix_end(prefix)).with_progress_notify();
+            let mut opts = WatchOptions::new()
+                .with_range(prefix_end(prefix))
+                .with_progress_notify();
             if from > 0 {
                 opts = opts.with_start_revision(from);
             }
@@ -126,11 +128,18 @@ impl EtcdSubscriber {
                     if resp.compact_revision() > 0 {
                         // Messages before the compaction are gone: say so.
                         next = 0;
-                        if sink.send(DbUpdate::sync("etcd pub/sub history was compacted")).await.is_err() {
+                        if sink
+                            .send(DbUpdate::sync("etcd pub/sub history was compacted"))
+                            .await
+                            .is_err()
+                        {
                             return Ok(());
                         }
                     }
-                    return Err(etcd_client::Error::WatchError(format!("watch cancelled: {}", resp.cancel_reason())));
+                    return Err(etcd_client::Error::WatchError(format!(
+                        "watch cancelled: {}",
+                        resp.cancel_reason()
+                    )));
                 }
                 for event in resp.events() {
                     let Some(kv) = event.kv() else { continue };
@@ -148,7 +157,9 @@ impl EtcdSubscriber {
                                 return Ok(());
                             }
                         }
-                        Err(e) => tracing::warn!(%topic, error = %e, "Dropped an undecodable message."),
+                        Err(e) => {
+                            tracing::warn!(%topic, error = %e, "Dropped an undecodable message.")
+                        }
                     }
                 }
             }

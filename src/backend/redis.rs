@@ -29,11 +29,17 @@ pub fn redacted(url: &str) -> String {
 }
 
 /// Opens a multiplexed connection within `timeout`.
-pub async fn connect(client: &redis::Client, timeout: Duration) -> Result<MultiplexedConnection, String> {
+pub async fn connect(
+    client: &redis::Client,
+    timeout: Duration,
+) -> Result<MultiplexedConnection, String> {
     match tokio::time::timeout(timeout, client.get_multiplexed_async_connection()).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {}", humantime::format_duration(timeout))),
+        Err(_) => Err(format!(
+            "no answer within {}",
+            humantime::format_duration(timeout)
+        )),
     }
 }
 
@@ -54,7 +60,9 @@ impl RedisPublisher {
             message: format!("{} (check backend.url {})", message, redacted(&config.url)),
         };
         let client = redis::Client::open(config.url.as_str()).map_err(|e| setup(e.to_string()))?;
-        let conn = connect(&client, config.connect_timeout).await.map_err(|e| setup(format!("cannot connect: {e}")))?;
+        let conn = connect(&client, config.connect_timeout)
+            .await
+            .map_err(|e| setup(format!("cannot connect: {e}")))?;
         tracing::info!(url = %redacted(&config.url), codec = %config.codec, "Redis publisher connected.");
         Ok(RedisPublisher {
             client,
@@ -70,18 +78,33 @@ impl Publisher for RedisPublisher {
     async fn send_event(&self, update: &DbUpdate, topic: Option<&str>) -> Result<(), PublishError> {
         let topic = topic.unwrap_or(&update.topic);
         let payload = self.codec.encode(update, &Envelope::default());
-        let send_error = |message: String| PublishError::Send { backend: "redis", message };
+        let send_error = |message: String| PublishError::Send {
+            backend: "redis",
+            message,
+        };
         let mut guard = self.connection.lock().await;
         let conn = match guard.as_mut() {
             Some(c) => c,
-            None => guard.insert(connect(&self.client, self.timeout).await.map_err(send_error)?),
+            None => guard.insert(
+                connect(&self.client, self.timeout)
+                    .await
+                    .map_err(send_error)?,
+            ),
         };
         let sent: Result<i64, _> = tokio::time::timeout(
             self.timeout,
-            redis::cmd("PUBLISH").arg(topic).arg(payload).query_async(conn),
+            redis::cmd("PUBLISH")
+                .arg(topic)
+                .arg(payload)
+                .query_async(conn),
         )
         .await
-        .unwrap_or_else(|_| Err(redis::RedisError::from((redis::ErrorKind::Io, "PUBLISH timed out"))));
+        .unwrap_or_else(|_| {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "PUBLISH timed out",
+            )))
+        });
         sent.map(drop).map_err(|e| {
             *guard = None;
             send_error(e.to_string())
@@ -144,13 +167,21 @@ impl RedisSubscriber {
         macro_rules! apply {
             () => {
                 for t in wanted.topics.difference(&applied.topics) {
-                    let r = if t.is_empty() { sink_cmds.psubscribe("*").await } else { sink_cmds.subscribe(t).await };
+                    let r = if t.is_empty() {
+                        sink_cmds.psubscribe("*").await
+                    } else {
+                        sink_cmds.subscribe(t).await
+                    };
                     if let Err(e) = r {
                         return Ended::Lost(e.to_string());
                     }
                 }
                 for t in applied.topics.difference(&wanted.topics) {
-                    let r = if t.is_empty() { sink_cmds.punsubscribe("*").await } else { sink_cmds.unsubscribe(t).await };
+                    let r = if t.is_empty() {
+                        sink_cmds.punsubscribe("*").await
+                    } else {
+                        sink_cmds.unsubscribe(t).await
+                    };
                     if let Err(e) = r {
                         return Ended::Lost(e.to_string());
                     }
@@ -161,7 +192,12 @@ impl RedisSubscriber {
         apply!();
         reconnect.up();
         tracing::info!(url = %self.url, topics = ?wanted.topics, "Redis subscriber subscribed.");
-        if !first && sink.send(DbUpdate::sync("redis subscriber reconnected")).await.is_err() {
+        if !first
+            && sink
+                .send(DbUpdate::sync("redis subscriber reconnected"))
+                .await
+                .is_err()
+        {
             return Ended::Stopped;
         }
         loop {

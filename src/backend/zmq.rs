@@ -27,7 +27,10 @@ const POLL_INTERVAL_MS: i64 = 50;
 
 /// Commands to the publisher's socket thread.
 enum Outgoing {
-    Message { topic: String, payload: Vec<u8> },
+    Message {
+        topic: String,
+        payload: Vec<u8>,
+    },
     /// Answered once everything queued before it went to the socket.
     Flush(oneshot::Sender<()>),
 }
@@ -57,7 +60,9 @@ impl ZmqPublisher {
             .map_err(|e| setup_error(&endpoint, "cannot create a PUB socket for", e))?;
         socket
             .set_sndhwm(config.send_hwm)
-            .and_then(|()| socket.set_linger(config.linger.as_millis().try_into().unwrap_or(i32::MAX)))
+            .and_then(|()| {
+                socket.set_linger(config.linger.as_millis().try_into().unwrap_or(i32::MAX))
+            })
             .map_err(|e| setup_error(&endpoint, "cannot set options on", e))?;
         remove_stale_ipc_file(&endpoint);
         socket
@@ -159,9 +164,7 @@ impl crate::pubsub::Publisher for ZmqPublisher {
         if let Some(t) = thread {
             // The thread ends once the queue is closed; joining blocks for
             // at most the configured linger.
-            tokio::task::spawn_blocking(move || t.join())
-                .await
-                .ok();
+            tokio::task::spawn_blocking(move || t.join()).await.ok();
         }
         Ok(())
     }
@@ -208,7 +211,9 @@ fn apply(socket: &zmq::Socket, applied: &mut Registration, wanted: &Registration
     for a in added {
         match socket.connect(a) {
             Ok(()) => tracing::info!(address = %a, "Subscriber connecting to publisher."),
-            Err(e) => tracing::warn!(address = %a, error = %e, "Cannot connect to publisher; check the address."),
+            Err(e) => {
+                tracing::warn!(address = %a, error = %e, "Cannot connect to publisher; check the address.")
+            }
         }
     }
     for a in applied.addresses.difference(&wanted.addresses) {
@@ -264,7 +269,11 @@ impl Subscriber for ZmqSubscriber {
                 while let Ok(frames) = socket.recv_multipart(zmq::DONTWAIT) {
                     let [topic, payload] = frames.as_slice() else {
                         bad_frames += 1;
-                        tracing::warn!(frames = frames.len(), bad_frames, "Dropped a message that is not [topic, payload].");
+                        tracing::warn!(
+                            frames = frames.len(),
+                            bad_frames,
+                            "Dropped a message that is not [topic, payload]."
+                        );
                         continue;
                     };
                     let topic = String::from_utf8_lossy(topic);
@@ -277,7 +286,9 @@ impl Subscriber for ZmqSubscriber {
                                 return Ok(());
                             }
                         }
-                        Err(e) => tracing::warn!(%topic, error = %e, "Dropped an undecodable message."),
+                        Err(e) => {
+                            tracing::warn!(%topic, error = %e, "Dropped an undecodable message.")
+                        }
                     }
                 }
             }

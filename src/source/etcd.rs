@@ -25,7 +25,10 @@ const LIST_PAGE: i64 = 500;
 
 /// Connects an etcd client with keep-alive and require-leader, so a
 /// partitioned member is noticed instead of silently serving nothing.
-pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<Client, etcd_client::Error> {
+pub async fn connect(
+    endpoints: &[String],
+    timeout: Duration,
+) -> Result<Client, etcd_client::Error> {
     let options = ConnectOptions::new()
         .with_connect_timeout(timeout)
         .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
@@ -56,13 +59,19 @@ struct Listed {
 
 /// Lists every key under `prefix` at `revision` (0: the current one), page
 /// by page; returns the keys and the revision they were read at.
-async fn list(client: &mut Client, prefix: &[u8], revision: i64) -> Result<(Vec<Listed>, i64), etcd_client::Error> {
+async fn list(
+    client: &mut Client,
+    prefix: &[u8],
+    revision: i64,
+) -> Result<(Vec<Listed>, i64), etcd_client::Error> {
     let end = prefix_end(prefix);
     let mut start = prefix.to_vec();
     let mut at = revision;
     let mut out = Vec::new();
     loop {
-        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
+        let mut opts = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(LIST_PAGE);
         if at > 0 {
             opts = opts.with_revision(at);
         }
@@ -78,7 +87,12 @@ async fn list(client: &mut Client, prefix: &[u8], revision: i64) -> Result<(Vec<
         out.extend(kvs.into_iter().map(|kv| {
             let (mod_revision, version) = (kv.mod_revision(), kv.version());
             let (key, value) = kv.into_key_value();
-            Listed { key, value, mod_revision, version }
+            Listed {
+                key,
+                value,
+                mod_revision,
+                version,
+            }
         }));
         if !more {
             break;
@@ -116,18 +130,31 @@ impl EtcdSource {
 
     /// Runs until `shutdown`; fails only when etcd cannot be reached at
     /// start-up (later outages are retried with backoff).
-    pub async fn run(mut self, tx: mpsc::Sender<SourceEvent>, shutdown: CancellationToken) -> Result<(), SourceError> {
+    pub async fn run(
+        mut self,
+        tx: mpsc::Sender<SourceEvent>,
+        shutdown: CancellationToken,
+    ) -> Result<(), SourceError> {
         let endpoints = self.config.endpoints.clone();
         let fail = |message: String| SourceError {
             source_name: "etcd",
-            message: format!("{message} (endpoints {endpoints:?}; is etcd running? check source.endpoints)"),
+            message: format!(
+                "{message} (endpoints {endpoints:?}; is etcd running? check source.endpoints)"
+            ),
         };
-        let mut client = tokio::time::timeout(self.config.connect_timeout, connect(&self.config.endpoints, self.config.connect_timeout))
-            .await
-            .map_err(|_| fail("connect timed out".into()))?
-            .map_err(|e| fail(format!("cannot connect: {e}")))?;
+        let mut client = tokio::time::timeout(
+            self.config.connect_timeout,
+            connect(&self.config.endpoints, self.config.connect_timeout),
+        )
+        .await
+        .map_err(|_| fail("connect timed out".into()))?
+        .map_err(|e| fail(format!("cannot connect: {e}")))?;
         let prefix = self.config.prefix.clone().into_bytes();
-        let first = tokio::time::timeout(self.config.connect_timeout, self.start(&mut client, &prefix, &tx, &shutdown)).await;
+        let first = tokio::time::timeout(
+            self.config.connect_timeout,
+            self.start(&mut client, &prefix, &tx, &shutdown),
+        )
+        .await;
         let mut next = match first {
             Err(_) => return Err(fail("initial list timed out".into())),
             Ok(Err(StartError::Etcd(e))) => return Err(fail(format!("initial list failed: {e}"))),
@@ -136,14 +163,20 @@ impl EtcdSource {
         };
         let mut reconnect = Reconnect::new("etcd source");
         loop {
-            let end = self.watch(&mut client, &prefix, next, &tx, &shutdown, &mut reconnect).await;
+            let end = self
+                .watch(&mut client, &prefix, next, &tx, &shutdown, &mut reconnect)
+                .await;
             if shutdown.is_cancelled() {
                 return Ok(());
             }
             let error = match end {
                 Ok(WatchEnd::Stopped) => return Ok(()),
                 Ok(WatchEnd::Compacted(at)) => {
-                    tracing::warn!(resume_revision = next, compact_revision = at, "Resume revision was compacted; re-listing and emitting the difference.");
+                    tracing::warn!(
+                        resume_revision = next,
+                        compact_revision = at,
+                        "Resume revision was compacted; re-listing and emitting the difference."
+                    );
                     match self.resync(&mut client, &prefix, &tx, &shutdown).await {
                         Ok(n) => {
                             next = n;
@@ -176,8 +209,15 @@ impl EtcdSource {
         if let Some(checkpoint) = self.resume_from {
             match list(client, prefix, checkpoint).await {
                 Ok((kvs, _)) => {
-                    self.index = kvs.into_iter().map(|kv| (kv.key, kv.mod_revision)).collect();
-                    tracing::info!(checkpoint, keys = self.index.len(), "Resuming from checkpoint.");
+                    self.index = kvs
+                        .into_iter()
+                        .map(|kv| (kv.key, kv.mod_revision))
+                        .collect();
+                    tracing::info!(
+                        checkpoint,
+                        keys = self.index.len(),
+                        "Resuming from checkpoint."
+                    );
                     return Ok(checkpoint + 1);
                 }
                 Err(e) if is_compacted(&e) => {
@@ -189,11 +229,21 @@ impl EtcdSource {
             }
         }
         let (kvs, at) = list(client, prefix, 0).await?;
-        tracing::info!(revision = at, keys = kvs.len(), snapshot = self.config.snapshot, "Listed the prefix; watching from the next revision.");
+        tracing::info!(
+            revision = at,
+            keys = kvs.len(),
+            snapshot = self.config.snapshot,
+            "Listed the prefix; watching from the next revision."
+        );
         for kv in kvs {
             self.index.insert(kv.key.clone(), kv.mod_revision);
             if self.config.snapshot {
-                let change = Change { key: kv.key, value: Some(kv.value), kind: ChangeKind::Create, revision: Some(kv.mod_revision) };
+                let change = Change {
+                    key: kv.key,
+                    value: Some(kv.value),
+                    kind: ChangeKind::Create,
+                    revision: Some(kv.mod_revision),
+                };
                 emit(tx, shutdown, SourceEvent::Change(change)).await?;
             }
         }
@@ -212,7 +262,12 @@ impl EtcdSource {
     ) -> Result<i64, StartError> {
         let (kvs, at) = list(client, prefix, 0).await?;
         if !self.index_complete {
-            emit(tx, shutdown, SourceEvent::Sync(format!("etcd history before revision {at} was compacted"))).await?;
+            emit(
+                tx,
+                shutdown,
+                SourceEvent::Sync(format!("etcd history before revision {at} was compacted")),
+            )
+            .await?;
         }
         let mut seen = HashSet::with_capacity(kvs.len());
         let (mut created, mut set, mut deleted) = (0u64, 0u64, 0u64);
@@ -229,18 +284,39 @@ impl EtcdSource {
                 _ => set += 1,
             }
             self.index.insert(kv.key.clone(), kv.mod_revision);
-            let change = Change { key: kv.key, value: Some(kv.value), kind, revision: Some(kv.mod_revision) };
+            let change = Change {
+                key: kv.key,
+                value: Some(kv.value),
+                kind,
+                revision: Some(kv.mod_revision),
+            };
             emit(tx, shutdown, SourceEvent::Change(change)).await?;
         }
-        let gone: Vec<Vec<u8>> = self.index.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+        let gone: Vec<Vec<u8>> = self
+            .index
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
         for key in gone {
             self.index.remove(&key);
             deleted += 1;
-            let change = Change { key, value: None, kind: ChangeKind::Delete, revision: Some(at) };
+            let change = Change {
+                key,
+                value: None,
+                kind: ChangeKind::Delete,
+                revision: Some(at),
+            };
             emit(tx, shutdown, SourceEvent::Change(change)).await?;
         }
         self.index_complete = true;
-        tracing::info!(revision = at, created, set, deleted, "Re-list complete; watching on.");
+        tracing::info!(
+            revision = at,
+            created,
+            set,
+            deleted,
+            "Re-list complete; watching on."
+        );
         emit(tx, shutdown, SourceEvent::Checkpoint(at)).await?;
         Ok(at + 1)
     }
@@ -274,7 +350,10 @@ impl EtcdSource {
                 m = stream.message() => m.map_err(|e| (next, e))?,
             };
             let Some(resp) = message else {
-                return Err((next, etcd_client::Error::WatchError("watch stream closed by the server".into())));
+                return Err((
+                    next,
+                    etcd_client::Error::WatchError("watch stream closed by the server".into()),
+                ));
             };
             if resp.created() {
                 reconnect.up();
@@ -295,7 +374,10 @@ impl EtcdSource {
                     if let Some(rev) = resp.header().map(|h| h.revision()) {
                         if rev >= next {
                             next = rev + 1;
-                            if emit(tx, shutdown, SourceEvent::Checkpoint(rev)).await.is_err() {
+                            if emit(tx, shutdown, SourceEvent::Checkpoint(rev))
+                                .await
+                                .is_err()
+                            {
                                 return Ok(WatchEnd::Stopped);
                             }
                         }
@@ -313,7 +395,11 @@ impl EtcdSource {
                         Change {
                             key: kv.key().to_vec(),
                             value: Some(kv.value().to_vec()),
-                            kind: if kv.version() == 1 { ChangeKind::Create } else { ChangeKind::Set },
+                            kind: if kv.version() == 1 {
+                                ChangeKind::Create
+                            } else {
+                                ChangeKind::Set
+                            },
                             revision: Some(revision),
                         }
                     }
@@ -328,12 +414,18 @@ impl EtcdSource {
                     }
                 };
                 last = last.max(revision);
-                if emit(tx, shutdown, SourceEvent::Change(change)).await.is_err() {
+                if emit(tx, shutdown, SourceEvent::Change(change))
+                    .await
+                    .is_err()
+                {
                     return Ok(WatchEnd::Stopped);
                 }
             }
             next = last + 1;
-            if emit(tx, shutdown, SourceEvent::Checkpoint(last)).await.is_err() {
+            if emit(tx, shutdown, SourceEvent::Checkpoint(last))
+                .await
+                .is_err()
+            {
                 return Ok(WatchEnd::Stopped);
             }
         }

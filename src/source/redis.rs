@@ -19,7 +19,14 @@ impl RedisSource {
     }
 
     /// Runs until `shutdown`.
-    pub async fn run(self, _tx: mpsc::Sender<SourceEvent>, _shutdown: CancellationToken) -> Result<(), SourceError> {
-        Err(SourceError { source_name: "redis", message: "not implemented yet".into() })
+    pub async fn run(
+        self,
+        _tx: mpsc::Sender<SourceEvent>,
+        _shutdown: CancellationToken,
+    ) -> Result<(), SourceError> {
+        Err(SourceError {
+            source_name: "redis",
+            message: "not implemented yet".into(),
+        })
     }
 }

@@ -21,7 +21,11 @@ use tokio_util::sync::CancellationToken;
 
 /// A free TCP port on loopback (the OS picks it; the listener is dropped).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout`.
@@ -35,7 +39,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -48,7 +55,9 @@ fn spawn_logged(program: &str, args: &[String], log: &Path) -> Child {
         .stderr(log_file)
         .stdin(Stdio::null())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {program} (run scripts/setup.sh to install it): {e}"))
+        .unwrap_or_else(|e| {
+            panic!("cannot start {program} (run scripts/setup.sh to install it): {e}")
+        })
 }
 
 fn kill(child: &mut Option<Child>) {
@@ -86,21 +95,35 @@ impl EtcdServer {
     async fn spawn(&mut self) {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let args: Vec<String> = [
-            "--name", "default",
-            "--data-dir", self.dir.path().join("data").to_str().unwrap(),
-            "--listen-client-urls", &self.endpoint(),
-            "--advertise-client-urls", &self.endpoint(),
-            "--listen-peer-urls", &peer,
-            "--initial-advertise-peer-urls", &peer,
-            "--initial-cluster", &format!("default={peer}"),
-            "--experimental-watch-progress-notify-interval", "500ms",
-            "--log-level", "warn",
-            "--logger", "zap",
+            "--name",
+            "default",
+            "--data-dir",
+            self.dir.path().join("data").to_str().unwrap(),
+            "--listen-client-urls",
+            &self.endpoint(),
+            "--advertise-client-urls",
+            &self.endpoint(),
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("default={peer}"),
+            "--experimental-watch-progress-notify-interval",
+            "500ms",
+            "--log-level",
+            "warn",
+            "--logger",
+            "zap",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
-        self.child = Some(spawn_logged("etcd", &args, &self.dir.path().join("etcd.log")));
+        self.child = Some(spawn_logged(
+            "etcd",
+            &args,
+            &self.dir.path().join("etcd.log"),
+        ));
         let endpoint = self.endpoint();
         eventually("etcd to answer", Duration::from_secs(20), || {
             let endpoint = endpoint.clone();
@@ -124,7 +147,9 @@ impl EtcdServer {
     }
 
     pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.endpoint()], None).await.unwrap()
+        etcd_client::Client::connect([self.endpoint()], None)
+            .await
+            .unwrap()
     }
 }
 
@@ -177,14 +202,22 @@ impl RedisServer {
         }
         std::fs::write(&conf, text).unwrap();
         let args = vec![conf.to_str().unwrap().to_owned()];
-        self.child = Some(spawn_logged("redis-server", &args, &self.dir.path().join("redis.log")));
+        self.child = Some(spawn_logged(
+            "redis-server",
+            &args,
+            &self.dir.path().join("redis.log"),
+        ));
         let url = self.url();
         eventually("redis to answer", Duration::from_secs(20), || {
             let url = url.clone();
             async move {
                 let client = redis::Client::open(url).ok()?;
                 let mut c = client.get_multiplexed_async_connection().await.ok()?;
-                redis::cmd("PING").query_async::<String>(&mut c).await.ok().map(|_| ())
+                redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .ok()
+                    .map(|_| ())
             }
         })
         .await;
@@ -200,7 +233,11 @@ impl RedisServer {
     }
 
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
     }
 }
 
@@ -223,13 +260,25 @@ impl Bridge {
         config.validate(Path::new("test.toml")).unwrap();
         let stats = Arc::new(Stats::default());
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(feedbridge::bridge::run(config, shutdown.clone(), stats.clone()));
-        Bridge { stats, shutdown, task }
+        let task = tokio::spawn(feedbridge::bridge::run(
+            config,
+            shutdown.clone(),
+            stats.clone(),
+        ));
+        Bridge {
+            stats,
+            shutdown,
+            task,
+        }
     }
 
     pub async fn stop(self) {
         self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(20), self.task).await.unwrap().unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
     }
 }
 
@@ -263,10 +312,16 @@ where
     for i in 0.. {
         put(i).await;
         if let Ok(Some(u)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
-            assert_eq!(u.table, "probe", "unexpected update before the flow was up: {u:?}");
+            assert_eq!(
+                u.table, "probe",
+                "unexpected update before the flow was up: {u:?}"
+            );
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "no update reached the subscriber");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no update reached the subscriber"
+        );
     }
     while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {}
 }
