@@ -1,32 +1,592 @@
-//! The Redis source: keyspace notifications plus SCAN reconciliation.
+//! The Redis source: keyspace notifications, with SCAN reconciliation.
+//!
+//! Keyspace notifications are fire-and-forget: whatever happens while the
+//! bridge is disconnected is never told again. So on start and after every
+//! reconnect the source subscribes first, then SCANs the layout's keys and
+//! compares them with a per-key fingerprint of what it has already emitted,
+//! emitting the missed create / set / delete. Notifications only say *which*
+//! key changed: the value is read afterwards (pipelined, one round trip per
+//! batch), and the action follows from what was read and what the
+//! subscribers already know:
+//!
+//! | read now            | known before        | emitted  |
+//! |---------------------|---------------------|----------|
+//! | value               | no                  | `create` |
+//! | value, different    | yes                 | `set`    |
+//! | value, same         | yes                 | nothing (e.g. the `set` after a `new`) |
+//! | gone / other type   | yes                 | `delete` |
+//! | gone                | no                  | nothing  |
+//!
+//! This gives Redis' events their documented meaning (`new` → create;
+//! `set`, `hset`, `hdel` → set; `del`, `unlink`, `expired`, `evicted` →
+//! delete; `rename_from` / `rename_to` → delete + create) while never
+//! publishing a `set` with no value, and it converges on the database's
+//! real state whatever order reads and events interleave in.
 
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::time::Duration;
+
+use futures_util::{FutureExt, StreamExt};
+use redis::aio::MultiplexedConnection;
+use redis::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{SourceError, SourceEvent};
+use super::{emit, SourceError, SourceEvent};
+use crate::backend::redis::{connect, redacted};
 use crate::config::RedisSourceConfig;
+use crate::keymap::KeyLayout;
+use crate::mapper::{Change, ChangeKind};
+use crate::retry::Reconnect;
+
+/// The notification classes the source needs: K keyspace, g generic (del,
+/// rename, expire), $ string, h hash, x expired, e evicted, n new key.
+pub const NEEDED_FLAGS: &str = "Kg$hxen";
+
+/// Keys read per pipelined round trip.
+const BATCH: usize = 512;
+
+/// Reads a key's type and value in one call, so a pipeline of them costs
+/// one round trip and a key that changes type in between cannot confuse us.
+const READ_SCRIPT: &str = "local t = redis.call('TYPE', KEYS[1])['ok'] \
+if t == 'string' then return {t, redis.call('GET', KEYS[1])} end \
+if t == 'hash' then return {t, redis.call('HGETALL', KEYS[1])} end \
+return {t}";
+
+/// A key as read after its notification.
+#[derive(Debug, PartialEq, Eq)]
+enum Read {
+    Gone,
+    Value(Vec<u8>),
+    /// A type the bridge does not publish (list, set, zset, stream).
+    Unsupported(String),
+}
+
+/// Which flags of `NEEDED_FLAGS` the setting `current` lacks (`A` stands
+/// for `g$lshzxet`).
+pub fn missing_flags(current: &str) -> String {
+    let expanded = current.replace('A', "g$lshzxet");
+    NEEDED_FLAGS
+        .chars()
+        .filter(|c| !expanded.contains(*c))
+        .collect()
+}
+
+fn fingerprint(value: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
+}
+
+/// Escapes glob characters so a literal prefix can go in a MATCH pattern.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn parse_read(v: Value) -> Read {
+    let Value::Array(mut parts) = v else {
+        return Read::Gone;
+    };
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        _ => String::new(),
+    };
+    let kind = parts.first().map(text).unwrap_or_default();
+    match (kind.as_str(), parts.len()) {
+        ("string", 2) => match parts.pop() {
+            Some(Value::BulkString(b)) => Read::Value(b),
+            _ => Read::Gone,
+        },
+        ("hash", 2) => match parts.pop() {
+            Some(Value::Array(fields)) => {
+                let map: BTreeMap<String, String> = fields
+                    .chunks(2)
+                    .filter(|c| c.len() == 2)
+                    .map(|c| (text(&c[0]), text(&c[1])))
+                    .collect();
+                if map.is_empty() {
+                    Read::Gone
+                } else {
+                    Read::Value(serde_json::to_vec(&map).expect("strings serialize"))
+                }
+            }
+            _ => Read::Gone,
+        },
+        ("none", _) | ("", _) => Read::Gone,
+        (other, _) => Read::Unsupported(other.to_owned()),
+    }
+}
+
+async fn read_values(
+    conn: &mut MultiplexedConnection,
+    keys: &[Vec<u8>],
+) -> redis::RedisResult<Vec<Read>> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for k in keys {
+        pipe.cmd("EVAL").arg(READ_SCRIPT).arg(1).arg(k);
+    }
+    let values: Vec<Value> = pipe.query_async(conn).await?;
+    Ok(values.into_iter().map(parse_read).collect())
+}
+
+/// Adds the key a notification names, once per batch.
+fn add_key(
+    keys: &mut Vec<Vec<u8>>,
+    unique: &mut HashSet<Vec<u8>>,
+    channel_prefix: &[u8],
+    m: redis::Msg,
+) {
+    if let Ok(channel) = m.get_channel::<Vec<u8>>() {
+        if let Some(key) = channel.strip_prefix(channel_prefix) {
+            if unique.insert(key.to_vec()) {
+                keys.push(key.to_vec());
+            }
+        }
+    }
+}
+
+/// One connection's end: lost (retry) or stopped (return).
+enum Ended {
+    Stopped,
+    Lost(String),
+}
+
+impl From<redis::RedisError> for Ended {
+    fn from(e: redis::RedisError) -> Self {
+        Ended::Lost(e.to_string())
+    }
+}
+
+impl From<super::Stopped> for Ended {
+    fn from(_: super::Stopped) -> Self {
+        Ended::Stopped
+    }
+}
 
 /// The Redis source.
 pub struct RedisSource {
-    #[allow(dead_code)]
     config: RedisSourceConfig,
+    /// key → fingerprint of the value subscribers were last sent.
+    index: HashMap<Vec<u8>, u64>,
+    unsupported_logged: HashSet<String>,
 }
 
 impl RedisSource {
     /// A source for one Redis database.
     pub fn new(config: RedisSourceConfig) -> Self {
-        RedisSource { config }
+        RedisSource {
+            config,
+            index: HashMap::new(),
+            unsupported_logged: HashSet::new(),
+        }
     }
 
-    /// Runs until `shutdown`.
+    /// Runs until `shutdown`. Fails at start-up when Redis cannot be reached
+    /// or keyspace notifications cannot be enabled; later outages are
+    /// retried with backoff and reconciled.
     pub async fn run(
-        self,
-        _tx: mpsc::Sender<SourceEvent>,
-        _shutdown: CancellationToken,
+        mut self,
+        tx: mpsc::Sender<SourceEvent>,
+        shutdown: CancellationToken,
     ) -> Result<(), SourceError> {
-        Err(SourceError {
+        let url = redacted(&self.config.url);
+        let fail = |message: String| SourceError {
             source_name: "redis",
-            message: "not implemented yet".into(),
+            message: format!("{message} (url {url}; check source.url)"),
+        };
+        let client =
+            redis::Client::open(self.config.url.as_str()).map_err(|e| fail(e.to_string()))?;
+        let mut conn = connect(&client, self.config.connect_timeout)
+            .await
+            .map_err(|e| fail(format!("cannot connect: {e}; is redis running?")))?;
+        self.ensure_notifications(&client, &mut conn)
+            .await
+            .map_err(|message| SourceError {
+                source_name: "redis",
+                message,
+            })?;
+        let mut reconnect = Reconnect::new(format!("redis source {url}"));
+        let mut first = true;
+        loop {
+            match self
+                .session(&client, &tx, &shutdown, first, &mut reconnect)
+                .await
+            {
+                Ended::Stopped => return Ok(()),
+                Ended::Lost(e) => {
+                    if shutdown.is_cancelled() || tx.is_closed() {
+                        return Ok(());
+                    }
+                    first = false;
+                    if !reconnect.down(&e, &shutdown).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    fn db(client: &redis::Client) -> i64 {
+        client.get_connection_info().redis_settings().db()
+    }
+
+    /// Makes sure keyspace notifications carry what the source needs:
+    /// enables them with CONFIG SET when allowed, else verifies them by
+    /// writing a probe key, else says exactly which flags to set.
+    async fn ensure_notifications(
+        &self,
+        client: &redis::Client,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<(), String> {
+        let refuse = |why: String, missing: &str| {
+            format!(
+                "Redis keyspace notifications lack the classes feedbridge needs ({why}). \
+                 Set `notify-keyspace-events {NEEDED_FLAGS}` (K keyspace, g generic, $ string, h hash, \
+                 x expired, e evicted, n new key; missing here: {missing}) in redis.conf or your provider's \
+                 settings, or allow CONFIG SET for this user"
+            )
+        };
+        let current: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("notify-keyspace-events")
+            .query_async(conn)
+            .await;
+        match current {
+            Ok(pair) if pair.len() == 2 => {
+                let missing = missing_flags(&pair[1]);
+                if missing.is_empty() {
+                    return Ok(());
+                }
+                let wanted = format!("{}{}", pair[1], missing);
+                let set: redis::RedisResult<()> = redis::cmd("CONFIG")
+                    .arg("SET")
+                    .arg("notify-keyspace-events")
+                    .arg(&wanted)
+                    .query_async(conn)
+                    .await;
+                match set {
+                    Ok(()) => {
+                        tracing::info!(was = %pair[1], now = %wanted, "Enabled Redis keyspace notifications.");
+                        Ok(())
+                    }
+                    Err(e) => Err(refuse(format!("CONFIG SET refused: {e}"), &missing)),
+                }
+            }
+            Ok(_) | Err(_) => {
+                // CONFIG is renamed away or not allowed (managed Redis, ACL):
+                // check by observation.
+                match self.probe_notifications(client, conn).await {
+                    Ok(()) => {
+                        tracing::info!("CONFIG is not available; a probe key showed keyspace notifications are on (expired/evicted cannot be verified this way).");
+                        Ok(())
+                    }
+                    Err(missing) => Err(refuse(
+                        "CONFIG is not available and a probe key produced no notifications".into(),
+                        &missing,
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Writes and deletes a probe key and waits for its `new`, `set`,
+    /// `hset` and `del` notifications. Returns the flags not observed.
+    async fn probe_notifications(
+        &self,
+        client: &redis::Client,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<(), String> {
+        let key = format!("__feedbridge_probe__:{}", std::process::id());
+        let mut pubsub = client
+            .get_async_pubsub()
+            .await
+            .map_err(|_| NEEDED_FLAGS.to_owned())?;
+        pubsub
+            .subscribe(format!("__keyspace@{}__:{key}", Self::db(client)))
+            .await
+            .map_err(|_| NEEDED_FLAGS.to_owned())?;
+        let writes: redis::RedisResult<()> = redis::pipe()
+            .cmd("SET")
+            .arg(&key)
+            .arg("1")
+            .ignore()
+            .cmd("DEL")
+            .arg(&key)
+            .ignore()
+            .cmd("HSET")
+            .arg(&key)
+            .arg("f")
+            .arg("1")
+            .ignore()
+            .cmd("DEL")
+            .arg(&key)
+            .ignore()
+            .query_async(conn)
+            .await;
+        writes.map_err(|_| NEEDED_FLAGS.to_owned())?;
+        let mut seen = HashSet::new();
+        let mut messages = pubsub.on_message();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while seen.len() < 4 {
+            match tokio::time::timeout_at(deadline, messages.next()).await {
+                Ok(Some(m)) => {
+                    seen.insert(String::from_utf8_lossy(m.get_payload_bytes()).into_owned());
+                }
+                _ => break,
+            }
+        }
+        let missing: String = [("new", 'n'), ("set", '$'), ("hset", 'h'), ("del", 'g')]
+            .iter()
+            .filter(|(event, _)| !seen.contains(*event))
+            .map(|(_, flag)| *flag)
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else if seen.is_empty() {
+            Err(NEEDED_FLAGS.to_owned())
+        } else {
+            Err(missing)
+        }
+    }
+
+    /// One connection: subscribe, reconcile, then follow notifications.
+    async fn session(
+        &mut self,
+        client: &redis::Client,
+        tx: &mpsc::Sender<SourceEvent>,
+        shutdown: &CancellationToken,
+        first: bool,
+        reconnect: &mut Reconnect,
+    ) -> Ended {
+        let result = async {
+            let mut conn = connect(client, self.config.connect_timeout).await.map_err(Ended::Lost)?;
+            if !first {
+                // A restarted Redis forgot a CONFIG SET made at runtime.
+                self.ensure_notifications(client, &mut conn).await.map_err(Ended::Lost)?;
+            }
+            let prefix = glob_escape(KeyLayout::parse(&self.config.layout).map(|l| l.prefix().to_owned()).unwrap_or_default().as_str());
+            let channel_prefix = format!("__keyspace@{}__:", Self::db(client));
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.psubscribe(format!("{channel_prefix}{prefix}*")).await?;
+            let mut messages = pubsub.into_on_message();
+            reconnect.up();
+            // Subscribed first, so nothing that changes during the scan is missed.
+            let emit_diff = !first || self.config.snapshot;
+            self.reconcile(&mut conn, &prefix, tx, shutdown, emit_diff).await?;
+            loop {
+                let msg = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Err(Ended::Stopped),
+                    m = messages.next() => m.ok_or_else(|| Ended::Lost("notification connection closed".into()))?,
+                };
+                let mut keys = Vec::new();
+                let mut unique = HashSet::new();
+                add_key(&mut keys, &mut unique, channel_prefix.as_bytes(), msg);
+                // Batch whatever else already arrived: one round trip for all.
+                while keys.len() < BATCH {
+                    match messages.next().now_or_never() {
+                        Some(Some(m)) => add_key(&mut keys, &mut unique, channel_prefix.as_bytes(), m),
+                        _ => break,
+                    }
+                }
+                let reads = read_values(&mut conn, &keys).await?;
+                for (key, read) in keys.into_iter().zip(reads) {
+                    if let Some(change) = self.diff(key, read) {
+                        emit(tx, shutdown, SourceEvent::Change(change)).await?;
+                    }
+                }
+            }
+        }
+        .await;
+        match result {
+            Ok(()) => Ended::Stopped,
+            Err(e) => e,
+        }
+    }
+
+    /// SCANs the layout's keys and emits what differs from the index
+    /// (`emit_diff` false: only builds the index, on a first start without
+    /// snapshot).
+    async fn reconcile(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        pattern_prefix: &str,
+        tx: &mpsc::Sender<SourceEvent>,
+        shutdown: &CancellationToken,
+        emit_diff: bool,
+    ) -> Result<(), Ended> {
+        let mut cursor: u64 = 0;
+        let mut seen: HashSet<Vec<u8>> = HashSet::with_capacity(self.index.len());
+        let mut emitted = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{pattern_prefix}*"))
+                .arg("COUNT")
+                .arg(self.config.scan_count)
+                .query_async(conn)
+                .await?;
+            for chunk in keys.chunks(BATCH) {
+                let reads = read_values(conn, chunk).await?;
+                for (key, read) in chunk.iter().zip(reads) {
+                    seen.insert(key.clone());
+                    if let Some(change) = self.diff(key.clone(), read) {
+                        if emit_diff {
+                            emitted += 1;
+                            emit(tx, shutdown, SourceEvent::Change(change)).await?;
+                        }
+                    }
+                }
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        let gone: Vec<Vec<u8>> = self
+            .index
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.index.remove(&key);
+            if emit_diff {
+                emitted += 1;
+                let change = Change {
+                    key,
+                    value: None,
+                    kind: ChangeKind::Delete,
+                    revision: None,
+                };
+                emit(tx, shutdown, SourceEvent::Change(change)).await?;
+            }
+        }
+        tracing::info!(keys = self.index.len(), emitted, "Reconciled Redis keys.");
+        Ok(())
+    }
+
+    /// The change implied by reading `key` now, given what was emitted before.
+    fn diff(&mut self, key: Vec<u8>, read: Read) -> Option<Change> {
+        let value = match read {
+            Read::Value(v) => v,
+            Read::Unsupported(kind) => {
+                if self.unsupported_logged.insert(kind.clone()) {
+                    tracing::warn!(key = %String::from_utf8_lossy(&key), %kind, "Ignoring keys of this type: only string and hash values are published.");
+                }
+                return self.index.remove(&key).map(|_| Change {
+                    key,
+                    value: None,
+                    kind: ChangeKind::Delete,
+                    revision: None,
+                });
+            }
+            Read::Gone => {
+                return self.index.remove(&key).map(|_| Change {
+                    key,
+                    value: None,
+                    kind: ChangeKind::Delete,
+                    revision: None,
+                });
+            }
+        };
+        let kind = match self.index.insert(key.clone(), fingerprint(&value)) {
+            None => ChangeKind::Create,
+            Some(old) if old == fingerprint(&value) => return None,
+            Some(_) => ChangeKind::Set,
+        };
+        Some(Change {
+            key,
+            value: Some(value),
+            kind,
+            revision: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags() {
+        assert_eq!(missing_flags(""), NEEDED_FLAGS);
+        assert_eq!(missing_flags("KA"), "n");
+        assert_eq!(missing_flags("AKn"), "");
+        assert_eq!(missing_flags("Ex"), "Kg$hen");
+    }
+
+    #[test]
+    fn escapes_globs() {
+        assert_eq!(glob_escape("{a*b?[c]}\\"), "{a\\*b\\?\\[c\\]}\\\\");
+    }
+
+    #[test]
+    fn diff_follows_state() {
+        let mut s = RedisSource::new(RedisSourceConfig {
+            url: String::new(),
+            layout: "{{table}.{topic}}{key}".into(),
+            topic_field: String::new(),
+            snapshot: false,
+            scan_count: 10,
+            connect_timeout: Duration::from_secs(1),
+        });
+        let k = b"{t.}k".to_vec();
+        let kind = |c: Option<Change>| c.map(|c| c.kind);
+        assert_eq!(kind(s.diff(k.clone(), Read::Gone)), None);
+        assert_eq!(
+            kind(s.diff(k.clone(), Read::Value(b"1".to_vec()))),
+            Some(ChangeKind::Create)
+        );
+        assert_eq!(kind(s.diff(k.clone(), Read::Value(b"1".to_vec()))), None);
+        assert_eq!(
+            kind(s.diff(k.clone(), Read::Value(b"2".to_vec()))),
+            Some(ChangeKind::Set)
+        );
+        assert_eq!(
+            kind(s.diff(k.clone(), Read::Unsupported("list".into()))),
+            Some(ChangeKind::Delete)
+        );
+        assert_eq!(kind(s.diff(k.clone(), Read::Gone)), None);
+    }
+
+    #[test]
+    fn parses_reads() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        assert_eq!(
+            parse_read(Value::Array(vec![bulk("string"), bulk("v")])),
+            Read::Value(b"v".to_vec())
+        );
+        assert_eq!(
+            parse_read(Value::Array(vec![bulk("string"), Value::Nil])),
+            Read::Gone
+        );
+        assert_eq!(parse_read(Value::Array(vec![bulk("none")])), Read::Gone);
+        assert_eq!(
+            parse_read(Value::Array(vec![bulk("list")])),
+            Read::Unsupported("list".into())
+        );
+        let hash = Value::Array(vec![
+            bulk("hash"),
+            Value::Array(vec![bulk("b"), bulk("2"), bulk("a"), bulk("1")]),
+        ]);
+        assert_eq!(
+            parse_read(hash),
+            Read::Value(br#"{"a":"1","b":"2"}"#.to_vec())
+        );
     }
 }

@@ -329,3 +329,41 @@ where
 pub fn workspace_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
+
+/// What a subscriber believes the database holds, by (table, key), after
+/// applying `updates` in order (`sync` notices are ignored).
+pub fn view(updates: &[DbUpdate]) -> std::collections::BTreeMap<(String, String), String> {
+    let mut state = std::collections::BTreeMap::new();
+    for u in updates {
+        match u.action {
+            feedbridge::Action::Create | feedbridge::Action::Set => {
+                state.insert(
+                    (u.table.clone(), u.key.clone()),
+                    u.value.clone().unwrap_or_default(),
+                );
+            }
+            feedbridge::Action::Delete => {
+                state.remove(&(u.table.clone(), u.key.clone()));
+            }
+            _ => {}
+        }
+    }
+    state
+}
+
+/// Sets Redis `{probe.}N` keys until one reaches the subscriber.
+pub async fn await_redis_flow(rx: &mut mpsc::Receiver<DbUpdate>, redis: &RedisServer) {
+    let conn = redis.connection().await;
+    await_flow(rx, |i| {
+        let mut c = conn.clone();
+        async move {
+            redis::cmd("SET")
+                .arg(format!("{{probe.}}{i}"))
+                .arg("x")
+                .query_async::<()>(&mut c)
+                .await
+                .unwrap();
+        }
+    })
+    .await;
+}

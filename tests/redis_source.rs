@@ -1,0 +1,319 @@
+//! The Redis keyspace source against a real Redis: action mapping, values,
+//! reconciliation across restarts, and the refusal when notifications
+//! cannot be enabled.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use feedbridge::backend::zmq::ZmqSubscriber;
+use feedbridge::codec::Codec;
+use feedbridge::config::{BackendConfig, RedisBackendConfig};
+use feedbridge::pubsub::{PubSub, Subscriber};
+use feedbridge::{Action, DbUpdate};
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn redis_to_zmq(redis: &RedisServer, port: u16) -> String {
+    format!(
+        "[source]\ntype = \"redis\"\nurl = \"{}\"\n[backend]\ntype = \"zmq\"\nbind = \"tcp://127.0.0.1:{port}\"\n",
+        redis.url()
+    )
+}
+
+async fn zmq_updates(port: u16) -> mpsc::Receiver<DbUpdate> {
+    let sub = Arc::new(ZmqSubscriber::new(Codec::Msgpack));
+    sub.register_listen_address(&format!("tcp://127.0.0.1:{port}"));
+    sub.register_topic("");
+    sub.updates(256).0
+}
+
+async fn cmd(conn: &mut redis::aio::MultiplexedConnection, args: &[&str]) {
+    let mut c = redis::cmd(args[0]);
+    for a in &args[1..] {
+        c.arg(*a);
+    }
+    c.query_async::<redis::Value>(conn).await.unwrap();
+}
+
+fn without_probes(updates: Vec<DbUpdate>) -> Vec<(String, String, Action, Option<String>, String)> {
+    updates
+        .into_iter()
+        .filter(|u| u.table != "probe")
+        .map(|u| (u.table, u.key, u.action, u.value, u.topic))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_events_map_to_actions_with_values() {
+    let redis = RedisServer::start().await;
+    let port = free_port();
+    let bridge = Bridge::start(&redis_to_zmq(&redis, port));
+    let mut rx = zmq_updates(port).await;
+    await_redis_flow(&mut rx, &redis).await;
+    let mut c = redis.connection().await;
+    let s = |x: &str| x.to_string();
+
+    // Redis keeps no history: a value is read after its notification, so
+    // each step waits for its update before the next write.
+    type Row = (String, String, Action, Option<String>, String);
+    async fn step(
+        c: &mut redis::aio::MultiplexedConnection,
+        rx: &mut mpsc::Receiver<DbUpdate>,
+        args: &[&str],
+        expect: Row,
+    ) {
+        cmd(c, args).await;
+        let got = collect_until(rx, &format!("{args:?}"), WAIT, |g| !g.is_empty()).await;
+        assert_eq!(without_probes(got), vec![expect], "after {args:?}");
+    }
+    let row = |t: &str, k: &str, a: Action, v: Option<&str>, topic: &str| {
+        (s(t), s(k), a, v.map(s), s(topic))
+    };
+    // `new` + `set` of one SET make a single create
+    step(
+        &mut c,
+        &mut rx,
+        &["SET", "{lport.tenant1}p1", "v1"],
+        row("lport", "p1", Action::Create, Some("v1"), "tenant1"),
+    )
+    .await;
+    step(
+        &mut c,
+        &mut rx,
+        &["SET", "{lport.tenant1}p1", "v2"],
+        row("lport", "p1", Action::Set, Some("v2"), "tenant1"),
+    )
+    .await;
+    step(
+        &mut c,
+        &mut rx,
+        &["DEL", "{lport.tenant1}p1"],
+        row("lport", "p1", Action::Delete, None, "tenant1"),
+    )
+    .await;
+    let sw = |v: Option<&str>, a: Action| row("lswitch", "s1", a, v, "D");
+    step(
+        &mut c,
+        &mut rx,
+        &["HSET", "{lswitch.}s1", "name", "sw", "mtu", "1500"],
+        sw(Some(r#"{"mtu":"1500","name":"sw"}"#), Action::Create),
+    )
+    .await;
+    step(
+        &mut c,
+        &mut rx,
+        &["HSET", "{lswitch.}s1", "mtu", "9000"],
+        sw(Some(r#"{"mtu":"9000","name":"sw"}"#), Action::Set),
+    )
+    .await;
+    step(
+        &mut c,
+        &mut rx,
+        &["HDEL", "{lswitch.}s1", "name"],
+        sw(Some(r#"{"mtu":"9000"}"#), Action::Set),
+    )
+    .await;
+    // removing the last field removes the key
+    step(
+        &mut c,
+        &mut rx,
+        &["HDEL", "{lswitch.}s1", "mtu"],
+        sw(None, Action::Delete),
+    )
+    .await;
+    step(
+        &mut c,
+        &mut rx,
+        &["SET", "{lswitch.}s2", "x"],
+        row("lswitch", "s2", Action::Create, Some("x"), "D"),
+    )
+    .await;
+    step(
+        &mut c,
+        &mut rx,
+        &["UNLINK", "{lswitch.}s2"],
+        row("lswitch", "s2", Action::Delete, None, "D"),
+    )
+    .await;
+
+    // the topic comes from the value when the key has none
+    step(
+        &mut c,
+        &mut rx,
+        &["SET", "{router.}r1", r#"{"topic":"t7"}"#],
+        row(
+            "router",
+            "r1",
+            Action::Create,
+            Some(r#"{"topic":"t7"}"#),
+            "t7",
+        ),
+    )
+    .await;
+    cmd(&mut c, &["RENAME", "{router.}r1", "{router.}r2"]).await;
+    let got = without_probes(collect_until(&mut rx, "rename", WAIT, |g| g.len() >= 2).await);
+    assert!(
+        got.contains(&row("router", "r1", Action::Delete, None, "D")),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&row(
+            "router",
+            "r2",
+            Action::Create,
+            Some(r#"{"topic":"t7"}"#),
+            "t7"
+        )),
+        "{got:?}"
+    );
+
+    step(
+        &mut c,
+        &mut rx,
+        &["SET", "{lport.}ttl", "x", "PX", "300"],
+        row("lport", "ttl", Action::Create, Some("x"), "D"),
+    )
+    .await;
+    let got = collect_until(&mut rx, "expiry", WAIT, |g| !g.is_empty()).await;
+    assert_eq!(
+        without_probes(got),
+        vec![row("lport", "ttl", Action::Delete, None, "D")]
+    );
+
+    // a list is not a row: ignored, nothing published, bridge keeps going
+    cmd(&mut c, &["RPUSH", "{lport.}list", "a"]).await;
+    cmd(&mut c, &["SET", "{lport.}after", "ok"]).await;
+    let got = collect_until(&mut rx, "the update after the list", WAIT, |g| {
+        !g.is_empty()
+    })
+    .await;
+    assert_eq!(got[0].key, "after");
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_ends_with_the_real_state() {
+    let mut redis = RedisServer::start().await;
+    let port = free_port();
+    let bridge = Bridge::start(&redis_to_zmq(&redis, port));
+    let mut rx = zmq_updates(port).await;
+    await_redis_flow(&mut rx, &redis).await;
+    let mut c = redis.connection().await;
+    for i in 0..20 {
+        cmd(
+            &mut c,
+            &["SET", &format!("{{lport.}}k{i}"), &format!("v{i}")],
+        )
+        .await;
+    }
+    let mut seen = collect_until(&mut rx, "first writes", WAIT, |g| g.len() >= 20).await;
+
+    // Kill Redis (AOF keeps the data) and write while the bridge is away:
+    // those notifications are never sent, reconciliation must find them.
+    redis.restart().await;
+    let mut c = redis.connection().await;
+    for i in 0..10 {
+        cmd(
+            &mut c,
+            &["SET", &format!("{{lport.}}k{i}"), &format!("changed{i}")],
+        )
+        .await;
+    }
+    for i in 10..15 {
+        cmd(&mut c, &["DEL", &format!("{{lport.}}k{i}")]).await;
+    }
+    cmd(&mut c, &["SET", "{lport.}new", "n"]).await;
+
+    let mut expected = std::collections::BTreeMap::new();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("{lport.}*")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    for k in keys {
+        let v: String = redis::cmd("GET").arg(&k).query_async(&mut c).await.unwrap();
+        expected.insert(
+            (
+                "lport".to_string(),
+                k.trim_start_matches("{lport.}").to_string(),
+            ),
+            v,
+        );
+    }
+    let more = collect_until(&mut rx, "the subscriber's view to equal Redis", WAIT, |g| {
+        let mut all = seen.clone();
+        all.extend_from_slice(g);
+        all.retain(|u| u.table == "lport");
+        view(&all) == expected
+    })
+    .await;
+    seen.extend(more);
+    assert_eq!(
+        view(
+            &seen
+                .into_iter()
+                .filter(|u| u.table == "lport")
+                .collect::<Vec<_>>()
+        ),
+        expected
+    );
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_when_config_is_disabled_and_notifications_are_off() {
+    let redis = RedisServer::start_with(&["rename-command CONFIG \"\""]).await;
+    let bridge = Bridge::start(&redis_to_zmq(&redis, free_port()));
+    let err = tokio::time::timeout(WAIT, bridge.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("notify-keyspace-events Kg$hxen"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_without_config_when_notifications_are_already_on() {
+    let redis =
+        RedisServer::start_with(&["rename-command CONFIG \"\"\nnotify-keyspace-events KA$n"]).await;
+    let port = free_port();
+    let bridge = Bridge::start(&redis_to_zmq(&redis, port));
+    let mut rx = zmq_updates(port).await;
+    await_redis_flow(&mut rx, &redis).await;
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_to_redis_publish_and_subscribe() {
+    let redis = RedisServer::start().await;
+    let cfg = format!(
+        "[source]\ntype = \"redis\"\nurl = \"{0}\"\n[backend]\ntype = \"redis\"\nurl = \"{0}\"\n",
+        redis.url()
+    );
+    let bridge = Bridge::start(&cfg);
+    let backend = BackendConfig::Redis(RedisBackendConfig {
+        url: redis.url(),
+        codec: Codec::Msgpack,
+        connect_timeout: Duration::from_secs(5),
+    });
+    let sub = PubSub::new(backend).get_subscriber(); // on D
+    sub.register_topic("tenant1");
+    let (mut rx, _task) = sub.clone().updates(64);
+    await_redis_flow(&mut rx, &redis).await;
+    let mut c = redis.connection().await;
+    cmd(&mut c, &["SET", "{lport.tenant1}p1", "a"]).await;
+    cmd(&mut c, &["SET", "{lport.tenant2}p2", "b"]).await; // not subscribed
+    cmd(&mut c, &["SET", "{lport.}p3", "c"]).await; // D
+    let got = collect_until(&mut rx, "two updates", WAIT, |g| g.len() >= 2).await;
+    let keys: Vec<_> = got
+        .iter()
+        .map(|u| (u.key.as_str(), u.topic.as_str()))
+        .collect();
+    assert_eq!(keys, vec![("p1", "tenant1"), ("p3", "D")]);
+    bridge.stop().await;
+}
