@@ -1,0 +1,167 @@
+//! etcd as a source feeding the databases' native pub/sub backends:
+//! etcd `/pubsub/<topic>` keys and Redis PUBLISH.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use feedbridge::codec::Codec;
+use feedbridge::config::{BackendConfig, EtcdBackendConfig, RedisBackendConfig};
+use feedbridge::pubsub::{PubSub, Publisher};
+use feedbridge::{Action, DbUpdate};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn etcd_backend(etcd: &EtcdServer) -> BackendConfig {
+    BackendConfig::Etcd(EtcdBackendConfig {
+        endpoints: vec![etcd.endpoint()],
+        prefix: "/pubsub/".into(),
+        codec: Codec::Msgpack,
+        connect_timeout: Duration::from_secs(5),
+    })
+}
+
+async fn await_etcd_flow(rx: &mut tokio::sync::mpsc::Receiver<DbUpdate>, etcd: &EtcdServer) {
+    let kv = etcd.client().await;
+    await_flow(rx, |i| {
+        let mut c = kv.clone();
+        async move {
+            c.put(format!("/probe/{i}"), "x", None).await.unwrap();
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_to_etcd_pubsub_keys_without_feedback_loop() {
+    let etcd = EtcdServer::start().await;
+    let cfg = format!(
+        "[source]\ntype = \"etcd\"\nendpoints = [\"{0}\"]\n[backend]\ntype = \"etcd\"\nendpoints = [\"{0}\"]\n",
+        etcd.endpoint()
+    );
+    let bridge = Bridge::start(&cfg);
+    let sub = PubSub::new(etcd_backend(&etcd)).get_subscriber();
+    sub.register_topic("tenant1");
+    let (mut rx, _task) = sub.clone().updates(64);
+    await_etcd_flow(&mut rx, &etcd).await;
+
+    let mut kv = etcd.client().await;
+    kv.put("/lport/p1", r#"{"topic":"tenant1"}"#, None)
+        .await
+        .unwrap();
+    kv.put("/lport/p2", r#"{"topic":"tenant2"}"#, None)
+        .await
+        .unwrap(); // not subscribed
+    kv.put("/lport/p3", "x", None).await.unwrap(); // D
+    let got = collect_until(&mut rx, "two updates", WAIT, |g| g.len() >= 2).await;
+    let keys: Vec<_> = got
+        .iter()
+        .map(|u| (u.key.as_str(), u.action.clone(), u.topic.as_str()))
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            ("p1", Action::Create, "tenant1"),
+            ("p3", Action::Create, "D")
+        ]
+    );
+    // the messages really are PUTs under /pubsub/<topic>
+    let stored = kv.get("/pubsub/tenant1", None).await.unwrap();
+    let (u, _) = Codec::Msgpack.decode(stored.kvs()[0].value()).unwrap();
+    assert_eq!(u.key, "p1");
+    // and the bridge skipped its own /pubsub/ writes instead of looping
+    let own = bridge.stats.skipped(feedbridge::mapper::Skip::OwnKey);
+    assert!(own >= 3, "own writes skipped: {own}");
+    let published = bridge
+        .stats
+        .updates_published
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        published < 20,
+        "a feedback loop would publish without end: {published}"
+    );
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_subscriber_gets_every_put_of_a_burst_and_resumes_after_restart() {
+    let mut etcd = EtcdServer::start().await;
+    let publisher = PubSub::new(etcd_backend(&etcd))
+        .get_publisher()
+        .await
+        .unwrap();
+    let sub = PubSub::new(etcd_backend(&etcd)).get_subscriber();
+    let (mut rx, _task) = sub.clone().updates(256);
+    // wait until the watch is up: publish until something arrives
+    await_flow(&mut rx, |i| {
+        let p = publisher.clone();
+        async move {
+            p.send_event(
+                &DbUpdate::new("probe", i.to_string(), Action::Set, None),
+                None,
+            )
+            .await
+            .unwrap();
+        }
+    })
+    .await;
+    // 50 puts to the same key /pubsub/D: all must arrive, not only the last
+    for i in 0..50 {
+        let u = DbUpdate::new("lport", format!("k{i}"), Action::Set, Some(i.to_string()));
+        publisher.send_event(&u, None).await.unwrap();
+    }
+    let got = collect_until(&mut rx, "50 updates", WAIT, |g| g.len() >= 50).await;
+    let keys: Vec<_> = got.iter().map(|u| u.key.clone()).collect();
+    assert_eq!(keys, (0..50).map(|i| format!("k{i}")).collect::<Vec<_>>());
+
+    // restart etcd: the subscriber resumes from its last revision
+    etcd.restart().await;
+    let publisher = PubSub::new(etcd_backend(&etcd))
+        .get_publisher()
+        .await
+        .unwrap();
+    for i in 50..60 {
+        let u = DbUpdate::new("lport", format!("k{i}"), Action::Set, Some(i.to_string()));
+        publisher.send_event(&u, None).await.unwrap();
+    }
+    let got = collect_until(&mut rx, "10 updates after restart", WAIT, |g| g.len() >= 10).await;
+    let keys: Vec<_> = got.iter().map(|u| u.key.clone()).collect();
+    assert_eq!(keys, (50..60).map(|i| format!("k{i}")).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_to_redis_publish() {
+    let etcd = EtcdServer::start().await;
+    let redis = RedisServer::start().await;
+    let cfg = format!(
+        "[source]\ntype = \"etcd\"\nendpoints = [\"{}\"]\n[backend]\ntype = \"redis\"\nurl = \"{}\"\ncodec = \"json\"\n",
+        etcd.endpoint(),
+        redis.url()
+    );
+    let bridge = Bridge::start(&cfg);
+    let backend = BackendConfig::Redis(RedisBackendConfig {
+        url: redis.url(),
+        codec: Codec::Json,
+        connect_timeout: Duration::from_secs(5),
+    });
+    let sub = PubSub::new(backend).get_subscriber();
+    let (mut rx, _task) = sub.clone().updates(64);
+    await_etcd_flow(&mut rx, &etcd).await;
+    let mut kv = etcd.client().await;
+    kv.put("/lrouter/r1", "v", None).await.unwrap();
+    kv.delete("/lrouter/r1", None).await.unwrap();
+    let got = collect_until(&mut rx, "create and delete", WAIT, |g| g.len() >= 2).await;
+    let got: Vec<_> = got
+        .iter()
+        .map(|u| (u.table.as_str(), u.key.as_str(), u.action.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("lrouter", "r1", Action::Create),
+            ("lrouter", "r1", Action::Delete)
+        ]
+    );
+    bridge.stop().await;
+}

@@ -1,0 +1,161 @@
+//! The `feedbridge` binary as a user runs it: check, run, tail, signals.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_feedbridge");
+
+#[test]
+fn check_accepts_examples_and_rejects_bad_configs_with_exit_2() {
+    for example in [
+        "feedbridge",
+        "etcd-etcd",
+        "etcd-redis",
+        "redis-zmq",
+        "redis-redis",
+    ] {
+        let path = workspace_path(&format!("config/{example}.toml"));
+        let out = Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{example}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[source]\ntype = \"etcd\"\nprefx = \"/\"\n[backend]\ntype = \"zmq\"\n",
+            "prefx",
+        ),
+        (
+            "[source]\ntype = \"etcd\"\n[backend]\ntype = \"zmq\"\nlinger = \"soon\"\n",
+            "backend.linger",
+        ),
+        (
+            "[source]\ntype = \"etcd\"\n[backend]\ntype = \"nats\"\n",
+            "backend.type",
+        ),
+        ("[source]\ntype = \"etcd\"\n", "[backend]"),
+    ];
+    for (text, needle) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains(needle) && stderr.contains("bad.toml"),
+            "{needle} not in: {stderr}"
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["run", "--config", "/nonexistent.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_and_tail_binaries_end_to_end_then_sigterm_exits_0() {
+    let etcd = EtcdServer::start().await;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bridge.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[source]\ntype = \"etcd\"\nendpoints = [\"{}\"]\n[backend]\ntype = \"zmq\"\nbind = \"tcp://127.0.0.1:{port}\"\n",
+            etcd.endpoint()
+        ),
+    )
+    .unwrap();
+    let mut bridge = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut tail = Command::new(BIN)
+        .args(["tail", "--connect", &format!("tcp://127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    let stdout = tail.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if lines_tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut kv = etcd.client().await;
+    let mut n = 0;
+    loop {
+        n += 1;
+        kv.put("/probe/x", n.to_string(), None).await.unwrap();
+        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), lines.recv()).await {
+            break;
+        }
+        assert!(n < 60, "tail printed nothing");
+    }
+    kv.put("/lport/p1", r#"{"id":"p1"}"#, None).await.unwrap();
+    let line = loop {
+        let l = tokio::time::timeout(Duration::from_secs(20), lines.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if !l.contains("probe") {
+            break l;
+        }
+    };
+    assert_eq!(
+        line,
+        r#"{"table":"lport","key":"p1","action":"create","value":"{\"id\":\"p1\"}","topic":"D"}"#
+    );
+
+    for child in [&mut bridge, &mut tail] {
+        let pid = child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+    for child in [&mut bridge, &mut tail] {
+        let status = wait_with_timeout(child, Duration::from_secs(15));
+        assert_eq!(status.code(), Some(0));
+    }
+}
+
+fn wait_with_timeout(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> std::process::ExitStatus {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "process did not exit within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
