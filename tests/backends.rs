@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::*;
 use feedbridge::codec::Codec;
 use feedbridge::config::{BackendConfig, EtcdBackendConfig, RedisBackendConfig};
-use feedbridge::pubsub::{PubSub, Publisher};
+use feedbridge::pubsub::PubSub;
 use feedbridge::{Action, DbUpdate};
 
 const WAIT: Duration = Duration::from_secs(20);
