@@ -2,6 +2,7 @@
 //! published. Written atomically (temp file, fsync, rename), so a crash
 //! leaves either the old or the new revision, never a torn file.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -51,16 +52,86 @@ pub fn load(path: &Path) -> Result<Option<i64>, CheckpointError> {
 
 /// Writes the checkpoint atomically.
 pub fn save(path: &Path, revision: i64) -> Result<(), CheckpointError> {
+    write_atomic(path, format!("{revision}\n").as_bytes())
+}
+
+/// Writes a file so that a crash leaves the old or the new content.
+fn write_atomic(path: &Path, content: &[u8]) -> Result<(), CheckpointError> {
     let io = |source| CheckpointError::Io {
         path: path.to_owned(),
         source,
     };
-    let tmp = path.with_extension("tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut file = std::fs::File::create(&tmp).map_err(io)?;
-    writeln!(file, "{revision}").map_err(io)?;
+    file.write_all(content).map_err(io)?;
     file.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
     Ok(())
+}
+
+const INDEX_HEADER: &str = "feedbridge-index-v1";
+
+/// Saves an etcd key index (key → mod revision) as of `revision`: a header
+/// line, then one `hex(key) mod_revision` line per key (hex, because keys
+/// are bytes).
+pub fn save_index(
+    path: &Path,
+    revision: i64,
+    index: &HashMap<Vec<u8>, i64>,
+) -> Result<(), CheckpointError> {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(32 + index.len() * 40);
+    let _ = writeln!(out, "{INDEX_HEADER} {revision}");
+    for (key, rev) in index {
+        for b in key {
+            let _ = write!(out, "{b:02x}");
+        }
+        let _ = writeln!(out, " {rev}");
+    }
+    write_atomic(path, out.as_bytes())
+}
+
+/// Loads an index saved at exactly `revision`; `None` when there is none,
+/// or it was saved at another revision (then it describes another state).
+pub fn load_index(
+    path: &Path,
+    revision: i64,
+) -> Result<Option<HashMap<Vec<u8>, i64>>, CheckpointError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(CheckpointError::Io {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    let corrupt = || CheckpointError::Corrupt {
+        path: path.to_owned(),
+        content: text.chars().take(40).collect(),
+    };
+    let mut lines = text.lines();
+    let header = lines.next().ok_or_else(corrupt)?;
+    if header != format!("{INDEX_HEADER} {revision}") {
+        return Ok(None);
+    }
+    let mut index = HashMap::new();
+    for line in lines {
+        let (hex, rev) = line.split_once(' ').ok_or_else(corrupt)?;
+        if hex.len() % 2 != 0 {
+            return Err(corrupt());
+        }
+        let key = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
+            .collect::<Result<Vec<u8>, _>>()
+            .map_err(|_| corrupt())?;
+        index.insert(key, rev.parse().map_err(|_| corrupt())?);
+    }
+    Ok(Some(index))
 }
 
 #[cfg(test)]
@@ -77,6 +148,24 @@ mod tests {
         save(&p, 43).unwrap();
         assert_eq!(load(&p).unwrap(), Some(43));
         std::fs::write(&p, "garbage").unwrap();
+        assert!(load(&p).is_err());
+        let idx = dir.path().join("idx");
+        let mut index = HashMap::new();
+        index.insert(b"/a/\xff\n".to_vec(), 7);
+        index.insert(b"/b/c".to_vec(), 9);
+        save_index(&idx, 9, &index).unwrap();
+        assert_eq!(load_index(&idx, 9).unwrap(), Some(index));
+        assert_eq!(load_index(&idx, 8).unwrap(), None, "another revision's index is not used");
+        assert_eq!(load_index(&dir.path().join("none"), 9).unwrap(), None);
+        assert!(load(&p).is_err());
+        let idx = dir.path().join("idx");
+        let mut index = HashMap::new();
+        index.insert(b"/a/\xff\n".to_vec(), 7);
+        index.insert(b"/b/c".to_vec(), 9);
+        save_index(&idx, 9, &index).unwrap();
+        assert_eq!(load_index(&idx, 9).unwrap(), Some(index));
+        assert_eq!(load_index(&idx, 8).unwrap(), None, "another revision's index is not used");
+        assert_eq!(load_index(&dir.path().join("none"), 9).unwrap(), None);
         let e = load(&p).unwrap_err().to_string();
         assert!(e.contains("delete it"), "{e}");
     }

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{emit, SourceError, SourceEvent, Stopped};
+use crate::checkpoint;
 use crate::config::EtcdSourceConfig;
 use crate::mapper::{Change, ChangeKind};
 use crate::retry::Reconnect;
@@ -63,6 +64,7 @@ async fn list(
     client: &mut Client,
     prefix: &[u8],
     revision: i64,
+    page_timeout: Duration,
 ) -> Result<(Vec<Listed>, i64), etcd_client::Error> {
     let end = prefix_end(prefix);
     let mut start = prefix.to_vec();
@@ -75,7 +77,9 @@ async fn list(
         if at > 0 {
             opts = opts.with_revision(at);
         }
-        let mut resp = client.get(start.clone(), Some(opts)).await?;
+        let mut resp = tokio::time::timeout(page_timeout, client.get(start.clone(), Some(opts)))
+            .await
+            .map_err(|_| etcd_client::Error::WatchError(format!("list page timed out after {page_timeout:?}")))??;
         if at == 0 {
             at = resp.header().map(|h| h.revision()).unwrap_or(0);
         }
@@ -115,6 +119,8 @@ pub struct EtcdSource {
     /// Whether `index` is exactly what subscribers know (false after a
     /// resume whose revision was already compacted).
     index_complete: bool,
+    /// The revision `index` reflects.
+    indexed_revision: i64,
 }
 
 impl EtcdSource {
@@ -125,6 +131,7 @@ impl EtcdSource {
             resume_from: checkpoint,
             index: HashMap::new(),
             index_complete: true,
+            indexed_revision: 0,
         }
     }
 
@@ -150,50 +157,88 @@ impl EtcdSource {
         .map_err(|_| fail("connect timed out".into()))?
         .map_err(|e| fail(format!("cannot connect: {e}")))?;
         let prefix = self.config.prefix.clone().into_bytes();
-        let first = tokio::time::timeout(
-            self.config.connect_timeout,
-            self.start(&mut client, &prefix, &tx, &shutdown),
-        )
-        .await;
-        let mut next = match first {
-            Err(_) => return Err(fail("initial list timed out".into())),
-            Ok(Err(StartError::Etcd(e))) => return Err(fail(format!("initial list failed: {e}"))),
-            Ok(Err(StartError::Stopped)) => return Ok(()),
-            Ok(Ok(next)) => next,
-        };
-        let mut reconnect = Reconnect::new("etcd source");
-        loop {
-            let end = self
-                .watch(&mut client, &prefix, next, &tx, &shutdown, &mut reconnect)
-                .await;
-            if shutdown.is_cancelled() {
+        let mut next = match self.start(&mut client, &prefix, &tx, &shutdown).await {
+            Err(StartError::Etcd(e)) => return Err(fail(format!("initial list failed: {e}"))),
+            Err(StartError::Stopped) => {
+                self.index_complete = false; // stopped half-way: do not save it
+                self.save_index();
                 return Ok(());
             }
+            Ok(next) => next,
+        };
+        let mut reconnect = Reconnect::new("etcd source");
+        self.follow(&mut client, &prefix, &mut next, &tx, &shutdown, &mut reconnect)
+            .await;
+        self.save_index();
+        Ok(())
+    }
+
+    /// Watches, re-watches and re-lists until shutdown.
+    async fn follow(
+        &mut self,
+        client: &mut Client,
+        prefix: &[u8],
+        next: &mut i64,
+        tx: &mpsc::Sender<SourceEvent>,
+        shutdown: &CancellationToken,
+        reconnect: &mut Reconnect,
+    ) {
+        loop {
+            let end = self.watch(client, prefix, *next, tx, shutdown, reconnect).await;
+            if shutdown.is_cancelled() {
+                return;
+            }
             let error = match end {
-                Ok(WatchEnd::Stopped) => return Ok(()),
+                Ok(WatchEnd::Stopped) => return,
                 Ok(WatchEnd::Compacted(at)) => {
                     tracing::warn!(
-                        resume_revision = next,
+                        resume_revision = *next,
                         compact_revision = at,
                         "Resume revision was compacted; re-listing and emitting the difference."
                     );
-                    match self.resync(&mut client, &prefix, &tx, &shutdown).await {
+                    match self.resync(client, prefix, tx, shutdown).await {
                         Ok(n) => {
-                            next = n;
+                            *next = n;
                             continue;
                         }
-                        Err(StartError::Stopped) => return Ok(()),
+                        Err(StartError::Stopped) => {
+                            self.index_complete = false; // stopped half-way
+                            return;
+                        }
                         Err(StartError::Etcd(e)) => e,
                     }
                 }
                 Err((n, e)) => {
-                    next = n;
+                    *next = n;
                     e
                 }
             };
-            if !reconnect.down(&error, &shutdown).await {
-                return Ok(());
+            if !reconnect.down(&error, shutdown).await {
+                return;
             }
+        }
+    }
+
+    /// Where the index is saved at shutdown: beside the checkpoint.
+    fn index_file(&self) -> Option<std::path::PathBuf> {
+        self.config
+            .checkpoint_file
+            .as_ref()
+            .map(|p| p.with_extension("index"))
+    }
+
+    /// Saves the index at shutdown, so that a restart whose checkpoint was
+    /// compacted away can still tell which keys were deleted meanwhile. It
+    /// is only used when its revision equals the checkpoint's.
+    fn save_index(&self) {
+        let Some(path) = self.index_file() else { return };
+        if !self.index_complete {
+            let _ = std::fs::remove_file(&path);
+            return;
+        }
+        match checkpoint::save_index(&path, self.indexed_revision, &self.index) {
+            Ok(()) => tracing::info!(revision = self.indexed_revision, keys = self.index.len(), path = %path.display(), "Saved the key index."),
+            Err(e) => tracing::warn!(error = %e, "Cannot save the key index; a restart after compaction will ask subscribers to re-sync."),
         }
     }
 
@@ -207,7 +252,7 @@ impl EtcdSource {
         shutdown: &CancellationToken,
     ) -> Result<i64, StartError> {
         if let Some(checkpoint) = self.resume_from {
-            match list(client, prefix, checkpoint).await {
+            match list(client, prefix, checkpoint, self.config.connect_timeout).await {
                 Ok((kvs, _)) => {
                     self.index = kvs
                         .into_iter()
@@ -218,17 +263,29 @@ impl EtcdSource {
                         keys = self.index.len(),
                         "Resuming from checkpoint."
                     );
+                    self.indexed_revision = checkpoint;
                     return Ok(checkpoint + 1);
                 }
                 Err(e) if is_compacted(&e) => {
-                    tracing::warn!(checkpoint, "Checkpoint revision was compacted; re-listing and asking subscribers to re-sync.");
-                    self.index_complete = false;
+                    match self.index_file().map(|p| checkpoint::load_index(&p, checkpoint)) {
+                        Some(Ok(Some(index))) => {
+                            tracing::warn!(checkpoint, keys = index.len(), "Checkpoint revision was compacted; diffing against the index saved at shutdown.");
+                            self.index = index;
+                        }
+                        other => {
+                            if let Some(Err(e)) = other {
+                                tracing::warn!(error = %e, "Cannot read the saved index.");
+                            }
+                            tracing::warn!(checkpoint, "Checkpoint revision was compacted and no index of that revision was saved (the bridge was killed); re-listing and asking subscribers to re-sync.");
+                            self.index_complete = false;
+                        }
+                    }
                     return self.resync(client, prefix, tx, shutdown).await;
                 }
                 Err(e) => return Err(StartError::Etcd(e)),
             }
         }
-        let (kvs, at) = list(client, prefix, 0).await?;
+        let (kvs, at) = list(client, prefix, 0, self.config.connect_timeout).await?;
         tracing::info!(
             revision = at,
             keys = kvs.len(),
@@ -247,6 +304,7 @@ impl EtcdSource {
                 emit(tx, shutdown, SourceEvent::Change(change)).await?;
             }
         }
+        self.indexed_revision = at;
         emit(tx, shutdown, SourceEvent::Checkpoint(at)).await?;
         Ok(at + 1)
     }
@@ -260,7 +318,7 @@ impl EtcdSource {
         tx: &mpsc::Sender<SourceEvent>,
         shutdown: &CancellationToken,
     ) -> Result<i64, StartError> {
-        let (kvs, at) = list(client, prefix, 0).await?;
+        let (kvs, at) = list(client, prefix, 0, self.config.connect_timeout).await?;
         if !self.index_complete {
             emit(
                 tx,
@@ -317,6 +375,7 @@ impl EtcdSource {
             deleted,
             "Re-list complete; watching on."
         );
+        self.indexed_revision = at;
         emit(tx, shutdown, SourceEvent::Checkpoint(at)).await?;
         Ok(at + 1)
     }
@@ -374,10 +433,8 @@ impl EtcdSource {
                     if let Some(rev) = resp.header().map(|h| h.revision()) {
                         if rev >= next {
                             next = rev + 1;
-                            if emit(tx, shutdown, SourceEvent::Checkpoint(rev))
-                                .await
-                                .is_err()
-                            {
+                            self.indexed_revision = rev;
+                            if tx.send(SourceEvent::Checkpoint(rev)).await.is_err() {
                                 return Ok(WatchEnd::Stopped);
                             }
                         }
@@ -414,18 +471,17 @@ impl EtcdSource {
                     }
                 };
                 last = last.max(revision);
-                if emit(tx, shutdown, SourceEvent::Change(change))
-                    .await
-                    .is_err()
-                {
+                self.indexed_revision = last;
+                // Plain sends, not `emit`: at shutdown the current response
+                // is still handed over whole, so the final checkpoint is the
+                // last published revision. The pipeline drains until this
+                // source ends, and drops the receiver if it gives up.
+                if tx.send(SourceEvent::Change(change)).await.is_err() {
                     return Ok(WatchEnd::Stopped);
                 }
             }
             next = last + 1;
-            if emit(tx, shutdown, SourceEvent::Checkpoint(last))
-                .await
-                .is_err()
-            {
+            if tx.send(SourceEvent::Checkpoint(last)).await.is_err() {
                 return Ok(WatchEnd::Stopped);
             }
         }
