@@ -137,11 +137,21 @@ impl Pipeline {
     /// Publishes every event until the source ends; `false` when it had to
     /// give up at the shutdown deadline.
     async fn drain(&mut self, mut rx: mpsc::Receiver<SourceEvent>) -> bool {
+        // Saves a pending checkpoint when the stream goes quiet, so the
+        // replay after a crash stays bounded by the interval.
+        let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let event = tokio::select! {
                 biased;
                 _ = self.give_up.cancelled() => return false,
                 e = rx.recv() => e,
+                _ = tick.tick() => {
+                    if let Err(e) = self.save_checkpoint(false).await {
+                        tracing::error!(error = %e, "Cannot save the checkpoint; will retry.");
+                    }
+                    continue;
+                }
             };
             let Some(event) = event else { return true };
             let ok = match event {
@@ -207,9 +217,11 @@ impl Pipeline {
         let Some(path) = &self.checkpoint_file else {
             return Ok(());
         };
-        if self.saved_revision == Some(revision)
-            || (!now && self.last_save.elapsed() < CHECKPOINT_INTERVAL)
-        {
+        // The first checkpoint is saved at once: until a file exists, a
+        // restart would start from "now" and skip what is in flight.
+        let due =
+            now || self.saved_revision.is_none() || self.last_save.elapsed() >= CHECKPOINT_INTERVAL;
+        if self.saved_revision == Some(revision) || !due {
             return Ok(());
         }
         if self.publisher.flush().await.is_err() {

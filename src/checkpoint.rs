@@ -155,7 +155,11 @@ mod tests {
         index.insert(b"/b/c".to_vec(), 9);
         save_index(&idx, 9, &index).unwrap();
         assert_eq!(load_index(&idx, 9).unwrap(), Some(index));
-        assert_eq!(load_index(&idx, 8).unwrap(), None, "another revision's index is not used");
+        assert_eq!(
+            load_index(&idx, 8).unwrap(),
+            None,
+            "another revision's index is not used"
+        );
         assert_eq!(load_index(&dir.path().join("none"), 9).unwrap(), None);
         assert!(load(&p).is_err());
         let idx = dir.path().join("idx");
@@ -164,7 +168,11 @@ mod tests {
         index.insert(b"/b/c".to_vec(), 9);
         save_index(&idx, 9, &index).unwrap();
         assert_eq!(load_index(&idx, 9).unwrap(), Some(index));
-        assert_eq!(load_index(&idx, 8).unwrap(), None, "another revision's index is not used");
+        assert_eq!(
+            load_index(&idx, 8).unwrap(),
+            None,
+            "another revision's index is not used"
+        );
         assert_eq!(load_index(&dir.path().join("none"), 9).unwrap(), None);
         let e = load(&p).unwrap_err().to_string();
         assert!(e.contains("delete it"), "{e}");

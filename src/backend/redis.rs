@@ -2,6 +2,7 @@
 //! topics' channels that resubscribes after a reconnect and then delivers a
 //! `sync` (messages published while it was away are gone for good).
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -162,11 +163,22 @@ impl RedisSubscriber {
         };
         let (mut sink_cmds, mut messages) = pubsub.split();
         let mut registration = self.registry.watch();
-        let mut applied = Registration::default();
+        // With the empty topic (all) registered, one PSUBSCRIBE * covers
+        // everything: also subscribing to single channels would deliver
+        // their messages twice.
+        let channels = |r: &Registration| -> BTreeSet<String> {
+            if r.topics.contains("") {
+                BTreeSet::from([String::new()])
+            } else {
+                r.topics.clone()
+            }
+        };
+        let mut applied: BTreeSet<String> = BTreeSet::new();
         let mut wanted = registration.borrow_and_update().clone();
         macro_rules! apply {
             () => {
-                for t in wanted.topics.difference(&applied.topics) {
+                let target = channels(&wanted);
+                for t in target.difference(&applied) {
                     let r = if t.is_empty() {
                         sink_cmds.psubscribe("*").await
                     } else {
@@ -176,7 +188,7 @@ impl RedisSubscriber {
                         return Ended::Lost(e.to_string());
                     }
                 }
-                for t in applied.topics.difference(&wanted.topics) {
+                for t in applied.difference(&target) {
                     let r = if t.is_empty() {
                         sink_cmds.punsubscribe("*").await
                     } else {
@@ -186,7 +198,7 @@ impl RedisSubscriber {
                         return Ended::Lost(e.to_string());
                     }
                 }
-                applied = wanted.clone();
+                applied = target;
             };
         }
         apply!();

@@ -79,7 +79,11 @@ async fn list(
         }
         let mut resp = tokio::time::timeout(page_timeout, client.get(start.clone(), Some(opts)))
             .await
-            .map_err(|_| etcd_client::Error::WatchError(format!("list page timed out after {page_timeout:?}")))??;
+            .map_err(|_| {
+                etcd_client::Error::WatchError(format!(
+                    "list page timed out after {page_timeout:?}"
+                ))
+            })??;
         if at == 0 {
             at = resp.header().map(|h| h.revision()).unwrap_or(0);
         }
@@ -167,8 +171,15 @@ impl EtcdSource {
             Ok(next) => next,
         };
         let mut reconnect = Reconnect::new("etcd source");
-        self.follow(&mut client, &prefix, &mut next, &tx, &shutdown, &mut reconnect)
-            .await;
+        self.follow(
+            &mut client,
+            &prefix,
+            &mut next,
+            &tx,
+            &shutdown,
+            &mut reconnect,
+        )
+        .await;
         self.save_index();
         Ok(())
     }
@@ -184,7 +195,9 @@ impl EtcdSource {
         reconnect: &mut Reconnect,
     ) {
         loop {
-            let end = self.watch(client, prefix, *next, tx, shutdown, reconnect).await;
+            let end = self
+                .watch(client, prefix, *next, tx, shutdown, reconnect)
+                .await;
             if shutdown.is_cancelled() {
                 return;
             }
@@ -231,14 +244,20 @@ impl EtcdSource {
     /// compacted away can still tell which keys were deleted meanwhile. It
     /// is only used when its revision equals the checkpoint's.
     fn save_index(&self) {
-        let Some(path) = self.index_file() else { return };
+        let Some(path) = self.index_file() else {
+            return;
+        };
         if !self.index_complete {
             let _ = std::fs::remove_file(&path);
             return;
         }
         match checkpoint::save_index(&path, self.indexed_revision, &self.index) {
-            Ok(()) => tracing::info!(revision = self.indexed_revision, keys = self.index.len(), path = %path.display(), "Saved the key index."),
-            Err(e) => tracing::warn!(error = %e, "Cannot save the key index; a restart after compaction will ask subscribers to re-sync."),
+            Ok(()) => {
+                tracing::info!(revision = self.indexed_revision, keys = self.index.len(), path = %path.display(), "Saved the key index.")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot save the key index; a restart after compaction will ask subscribers to re-sync.")
+            }
         }
     }
 
@@ -267,7 +286,10 @@ impl EtcdSource {
                     return Ok(checkpoint + 1);
                 }
                 Err(e) if is_compacted(&e) => {
-                    match self.index_file().map(|p| checkpoint::load_index(&p, checkpoint)) {
+                    match self
+                        .index_file()
+                        .map(|p| checkpoint::load_index(&p, checkpoint))
+                    {
                         Some(Ok(Some(index))) => {
                             tracing::warn!(checkpoint, keys = index.len(), "Checkpoint revision was compacted; diffing against the index saved at shutdown.");
                             self.index = index;

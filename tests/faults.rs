@@ -1,0 +1,559 @@
+//! Fault injection against real servers. Each test writes a known stream of
+//! etcd changes while a fault happens, then checks what a subscriber saw:
+//! every written revision present (at least once), per-key order kept, and
+//! the final state equal to the database's.
+//!
+//! The subscriber listens through the Redis backend: its connection to
+//! Redis does not depend on the bridge, so a bridge restart cannot hide
+//! behind ZeroMQ's slow-joiner losses.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use feedbridge::codec::Codec;
+use feedbridge::config::{BackendConfig, RedisBackendConfig};
+use feedbridge::mapper::Skip;
+use feedbridge::pubsub::PubSub;
+use feedbridge::{Action, DbUpdate};
+
+const BIN: &str = env!("CARGO_BIN_EXE_feedbridge");
+const WAIT: Duration = Duration::from_secs(30);
+
+/// One successful etcd write.
+#[derive(Debug, Clone)]
+struct Written {
+    key: String,
+    revision: i64,
+}
+
+type Log = Arc<Mutex<Vec<Written>>>;
+
+/// Writes ops `from..to` over ten keys (every seventh a delete), retrying
+/// while etcd is unreachable, and logs each write that etcd confirmed.
+async fn write_ops(endpoint: String, from: usize, to: usize, log: Log) {
+    let mut kv = etcd_client::Client::connect([endpoint.clone()], None)
+        .await
+        .unwrap();
+    for i in from..to {
+        let key = format!("/lport/k{}", i % 10);
+        loop {
+            let result = if i % 7 == 6 {
+                kv.delete(key.clone(), None)
+                    .await
+                    .map(|r| (r.deleted() > 0).then(|| r.header().unwrap().revision()))
+            } else {
+                kv.put(key.clone(), format!("v{i}"), None)
+                    .await
+                    .map(|r| Some(r.header().unwrap().revision()))
+            };
+            match result {
+                Ok(rev) => {
+                    if let Some(revision) = rev {
+                        log.lock().unwrap().push(Written {
+                            key: key.clone(),
+                            revision,
+                        });
+                    }
+                    break;
+                }
+                Err(_) => {
+                    // etcd is restarting: retry on a fresh connection.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if let Ok(c) = etcd_client::Client::connect([endpoint.clone()], None).await {
+                        kv = c;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Everything a subscriber received, shared with a background task.
+#[derive(Clone, Default)]
+struct Received(Arc<Mutex<Vec<DbUpdate>>>);
+
+impl Received {
+    fn all(&self) -> Vec<DbUpdate> {
+        self.0.lock().unwrap().clone()
+    }
+
+    async fn wait(&self, what: &str, pred: impl Fn(&[DbUpdate]) -> bool) {
+        eventually(what, WAIT, || {
+            let ok = pred(&self.0.lock().unwrap());
+            async move { ok.then_some(()) }
+        })
+        .await;
+    }
+
+    fn revisions(&self) -> std::collections::HashSet<i64> {
+        self.all().iter().filter_map(|u| u.revision).collect()
+    }
+}
+
+fn redis_backend(redis: &RedisServer) -> BackendConfig {
+    BackendConfig::Redis(RedisBackendConfig {
+        url: redis.url(),
+        codec: Codec::Msgpack,
+        connect_timeout: Duration::from_secs(5),
+    })
+}
+
+/// A Redis-backend subscriber of every topic, already receiving.
+async fn subscribe(redis: &RedisServer, etcd: &EtcdServer) -> Received {
+    let sub = PubSub::new(redis_backend(redis)).get_subscriber();
+    sub.register_topic("");
+    let (mut rx, _task) = sub.clone().updates(1024);
+    await_flow(&mut rx, |i| {
+        let endpoint = etcd.endpoint();
+        async move {
+            let mut c = etcd_client::Client::connect([endpoint], None)
+                .await
+                .unwrap();
+            c.put(format!("/probe/{i}"), "x", None).await.unwrap();
+        }
+    })
+    .await;
+    let received = Received::default();
+    let sink = received.clone();
+    tokio::spawn(async move {
+        while let Some(u) = rx.recv().await {
+            sink.0.lock().unwrap().push(u);
+        }
+        drop(sub);
+    });
+    received
+}
+
+fn config_text(etcd: &EtcdServer, redis: &RedisServer, checkpoint: &Path) -> String {
+    format!(
+        "[source]\ntype = \"etcd\"\nendpoints = [\"{}\"]\ncheckpoint_file = \"{}\"\n[backend]\ntype = \"redis\"\nurl = \"{}\"\n",
+        etcd.endpoint(),
+        checkpoint.display(),
+        redis.url()
+    )
+}
+
+async fn etcd_state(etcd: &EtcdServer) -> BTreeMap<(String, String), String> {
+    let mut kv = etcd.client().await;
+    let resp = kv
+        .get(
+            "/lport/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    resp.kvs()
+        .iter()
+        .map(|kv| {
+            let key = kv
+                .key_str()
+                .unwrap()
+                .trim_start_matches("/lport/")
+                .to_string();
+            (
+                ("lport".to_string(), key),
+                kv.value_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn lport(updates: &[DbUpdate]) -> Vec<DbUpdate> {
+    updates
+        .iter()
+        .filter(|u| u.table == "lport")
+        .cloned()
+        .collect()
+}
+
+/// The three promises: no written revision missing, per-key order kept
+/// (first deliveries in revision order; replays may repeat), final state
+/// equal to etcd's.
+async fn verify(written: &Log, received: &Received, etcd: &EtcdServer) {
+    let written = written.lock().unwrap().clone();
+    let expected = etcd_state(etcd).await;
+    let complete = |got: &[DbUpdate]| {
+        let revs: std::collections::HashSet<i64> = got.iter().filter_map(|u| u.revision).collect();
+        let missing: Vec<i64> = written
+            .iter()
+            .map(|w| w.revision)
+            .filter(|r| !revs.contains(r))
+            .collect();
+        (missing, view(&lport(got)))
+    };
+    let start = std::time::Instant::now();
+    loop {
+        let (missing, state) = complete(&received.all());
+        if missing.is_empty() && state == expected {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "missing revisions {missing:?}; state {state:?} != etcd {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = lport(&received.all());
+    let mut first_seen: HashMap<String, Vec<i64>> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for u in &got {
+        let rev = u.revision.unwrap();
+        if seen.insert(rev) {
+            first_seen.entry(u.key.clone()).or_default().push(rev);
+        }
+    }
+    for (key, revs) in &first_seen {
+        assert!(
+            revs.windows(2).all(|w| w[0] < w[1]),
+            "order broken for {key}: {revs:?}"
+        );
+    }
+    let keys: std::collections::HashSet<_> = written
+        .iter()
+        .map(|w| w.key.trim_start_matches("/lport/"))
+        .collect();
+    assert!(keys.len() == 10, "the stream touched every key");
+}
+
+fn spawn_bridge(cfg: &Path, log: &Path) -> Child {
+    Command::new(BIN)
+        .args(["run", "--log-level", "feedbridge=debug,info", "--config"])
+        .arg(cfg)
+        .stderr(std::fs::File::create(log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "bridge did not exit within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Setup {
+    etcd: EtcdServer,
+    redis: RedisServer,
+    dir: tempfile::TempDir,
+    cfg: PathBuf,
+    checkpoint: PathBuf,
+}
+
+async fn setup() -> Setup {
+    let etcd = EtcdServer::start().await;
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("etcd.checkpoint");
+    let cfg = dir.path().join("bridge.toml");
+    std::fs::write(&cfg, config_text(&etcd, &redis, &checkpoint)).unwrap();
+    Setup {
+        etcd,
+        redis,
+        dir,
+        cfg,
+        checkpoint,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault1_kill_9_the_bridge_mid_stream_loses_no_revision() {
+    let s = setup().await;
+    let mut bridge = spawn_bridge(&s.cfg, &s.dir.path().join("bridge1.log"));
+    let received = subscribe(&s.redis, &s.etcd).await;
+    let log = Log::default();
+    let writer = tokio::spawn(write_ops(s.etcd.endpoint(), 0, 400, log.clone()));
+    received
+        .wait("some of the stream", |g| lport(g).len() >= 60)
+        .await;
+    bridge.kill().unwrap(); // SIGKILL: no shutdown, no final checkpoint
+    bridge.wait().unwrap();
+    let published_before = lport(&received.all()).len();
+    let mut bridge = spawn_bridge(&s.cfg, &s.dir.path().join("bridge2.log"));
+    writer.await.unwrap();
+    verify(&log, &received, &s.etcd).await;
+    // At-least-once: the restart replays from the last checkpoint (saved
+    // at most a second apart), so duplicates are expected, gaps are not.
+    let total = lport(&received.all()).len();
+    let distinct = lport(&received.all())
+        .iter()
+        .filter_map(|u| u.revision)
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    eprintln!("fault1: {published_before} lport updates before the kill, {total} in all, {} duplicates replayed", total - distinct);
+    bridge.kill().unwrap();
+    bridge.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault2_etcd_restart_mid_stream_resumes() {
+    let mut s = setup().await;
+    let bridge = Bridge::start(&config_text(&s.etcd, &s.redis, &s.checkpoint));
+    let received = subscribe(&s.redis, &s.etcd).await;
+    let log = Log::default();
+    let writer = tokio::spawn(write_ops(s.etcd.endpoint(), 0, 300, log.clone()));
+    received
+        .wait("some of the stream", |g| lport(g).len() >= 50)
+        .await;
+    s.etcd.restart().await; // SIGKILL, same data dir and port
+    writer.await.unwrap();
+    verify(&log, &received, &s.etcd).await;
+    assert!(
+        bridge.stats.syncs_published.load(Relaxed) == 0,
+        "a plain restart needs no re-sync"
+    );
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault3_compaction_past_the_checkpoint_still_ends_in_the_true_state() {
+    let s = setup().await;
+    let config = config_text(&s.etcd, &s.redis, &s.checkpoint);
+    let bridge = Bridge::start(&config);
+    let received = subscribe(&s.redis, &s.etcd).await;
+    let log = Log::default();
+    write_ops(s.etcd.endpoint(), 0, 100, log.clone()).await;
+    verify(&log, &received, &s.etcd).await;
+    bridge.stop().await; // graceful: checkpoint and key index saved
+
+    // While the bridge is down: change, delete, add, then compact it all away.
+    let mut kv = s.etcd.client().await;
+    kv.delete("/lport/k1", None).await.unwrap();
+    kv.delete("/lport/k2", None).await.unwrap();
+    kv.put("/lport/k3", "changed", None).await.unwrap();
+    kv.put("/lport/fresh", "new", None).await.unwrap();
+    let rev = kv
+        .put("/unrelated/x", "y", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    kv.compact(rev, None).await.unwrap();
+
+    let before = received.all().len();
+    let bridge = Bridge::start(&config);
+    let expected = etcd_state(&s.etcd).await;
+    received
+        .wait("the true state after compaction", |g| {
+            view(&lport(g)) == expected
+        })
+        .await;
+    let after: Vec<_> = received.all()[before..].to_vec();
+    let deletes: Vec<_> = after
+        .iter()
+        .filter(|u| u.action == Action::Delete)
+        .map(|u| u.key.as_str())
+        .collect();
+    assert!(
+        deletes.contains(&"k1") && deletes.contains(&"k2"),
+        "explicit deletes: {deletes:?}"
+    );
+    assert_eq!(
+        bridge.stats.syncs_published.load(Relaxed),
+        0,
+        "the saved index made a re-sync unnecessary"
+    );
+    bridge.stop().await;
+
+    // The same after a crash (no index of the checkpoint's revision): the
+    // bridge cannot know what was deleted, so it says `sync` first.
+    std::fs::remove_file(s.checkpoint.with_extension("index")).unwrap();
+    kv.delete("/lport/k3", None).await.unwrap();
+    let rev = kv
+        .put("/unrelated/x", "z", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    kv.compact(rev, None).await.unwrap();
+    let before = received.all().len();
+    let bridge = Bridge::start(&config);
+    received
+        .wait("a sync notice", |g| {
+            g[before..].iter().any(|u| u.action == Action::Sync)
+        })
+        .await;
+    assert_eq!(bridge.stats.syncs_published.load(Relaxed), 1);
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault5_backend_outage_loses_nothing_the_bridge_read() {
+    let mut s = setup().await;
+    let bridge = Bridge::start(&config_text(&s.etcd, &s.redis, &s.checkpoint));
+    let received = subscribe(&s.redis, &s.etcd).await;
+    let log = Log::default();
+    let writer = tokio::spawn(write_ops(s.etcd.endpoint(), 0, 300, log.clone()));
+    received
+        .wait("some of the stream", |g| lport(g).len() >= 50)
+        .await;
+    s.redis.restart().await;
+    writer.await.unwrap();
+    // Redis PUBLISH is fire-and-forget, so a subscriber that was
+    // reconnecting may miss messages: it is told with a `sync`.
+    received
+        .wait("the subscriber's sync after its reconnect", |g| {
+            g.iter().any(|u| u.action == Action::Sync)
+        })
+        .await;
+    // The bridge itself retried until every update it read was published.
+    let stats = bridge.stats.clone();
+    eventually("every read change published", WAIT, || {
+        let read = stats.changes_read.load(Relaxed);
+        let skipped: u64 = Skip::ALL.iter().map(|k| stats.skipped(*k)).sum();
+        let done = stats.updates_published.load(Relaxed) + skipped == read && read >= 300 - 300 / 7;
+        async move { done.then_some(()) }
+    })
+    .await;
+    assert!(
+        stats.publish_errors.load(Relaxed) > 0,
+        "the outage was seen and retried"
+    );
+    // and publishing resumed: a fresh stream arrives in full
+    let log2 = Log::default();
+    write_ops(s.etcd.endpoint(), 300, 400, log2.clone()).await;
+    let revs: Vec<i64> = log2.lock().unwrap().iter().map(|w| w.revision).collect();
+    received
+        .wait("the stream after the outage", |g| {
+            let got: std::collections::HashSet<i64> = g.iter().filter_map(|u| u.revision).collect();
+            revs.iter().all(|r| got.contains(r))
+        })
+        .await;
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault6_bad_keys_and_values_are_counted_and_good_ones_all_arrive() {
+    let s = setup().await;
+    let config =
+        config_text(&s.etcd, &s.redis, &s.checkpoint) + "[bridge]\nmax_value_bytes = 100\n";
+    let bridge = Bridge::start(&config);
+    let received = subscribe(&s.redis, &s.etcd).await;
+    let mut kv = s.etcd.client().await;
+    let mut good = Vec::new();
+    for i in 0..5 {
+        good.push(
+            kv.put(format!("/lport/good{i}"), "ok", None)
+                .await
+                .unwrap()
+                .header()
+                .unwrap()
+                .revision(),
+        );
+        kv.put("/outside", "no key part", None).await.unwrap();
+        kv.put(b"/lport/\xff\xfe".to_vec(), "bad key", None)
+            .await
+            .unwrap();
+        kv.put(format!("/lport/binary{i}"), b"\xff\x00\xfe".to_vec(), None)
+            .await
+            .unwrap();
+        kv.put(format!("/lport/big{i}"), "x".repeat(101), None)
+            .await
+            .unwrap();
+        kv.put(format!("/pubsub/t{i}"), "own key", None)
+            .await
+            .unwrap();
+    }
+    good.push(
+        kv.put("/lport/last", "ok", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision(),
+    );
+    received
+        .wait("every good update", |g| {
+            let revs: std::collections::HashSet<i64> =
+                g.iter().filter_map(|u| u.revision).collect();
+            good.iter().all(|r| revs.contains(r))
+        })
+        .await;
+    let got: Vec<_> = lport(&received.all())
+        .iter()
+        .map(|u| u.key.clone())
+        .collect();
+    assert_eq!(got, ["good0", "good1", "good2", "good3", "good4", "last"]);
+    for (kind, n) in [
+        (Skip::OutsideLayout, 5),
+        (Skip::NonUtf8Key, 5),
+        (Skip::NonUtf8Value, 5),
+        (Skip::Oversize, 5),
+    ] {
+        assert_eq!(bridge.stats.skipped(kind), n, "{kind:?}");
+    }
+    assert!(bridge.stats.skipped(Skip::OwnKey) >= 5);
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault7_sigterm_under_load_exits_0_with_the_last_published_revision() {
+    let s = setup().await;
+    let mut bridge = spawn_bridge(&s.cfg, &s.dir.path().join("bridge.log"));
+    let received = subscribe(&s.redis, &s.etcd).await;
+    let log = Log::default();
+    let writer = tokio::spawn(write_ops(s.etcd.endpoint(), 0, 400, log.clone()));
+    received
+        .wait("the stream under way", |g| lport(g).len() >= 80)
+        .await;
+    let pid = bridge.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = wait_exit(&mut bridge, Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "clean exit");
+    writer.await.unwrap();
+    let checkpoint: i64 = std::fs::read_to_string(&s.checkpoint)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // give in-flight messages on the Redis connection a moment to land
+    received
+        .wait("the checkpoint's revision", |g| {
+            g.iter().any(|u| u.revision == Some(checkpoint))
+        })
+        .await;
+    let max_received = received
+        .all()
+        .iter()
+        .filter_map(|u| u.revision)
+        .max()
+        .unwrap();
+    assert_eq!(
+        checkpoint, max_received,
+        "the checkpoint is the last published revision"
+    );
+    // and nothing at or below it is missing
+    let revs = received.revisions();
+    for w in log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|w| w.revision <= checkpoint)
+    {
+        assert!(
+            revs.contains(&w.revision),
+            "revision {} missing",
+            w.revision
+        );
+    }
+}
