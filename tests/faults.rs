@@ -557,3 +557,33 @@ async fn fault7_sigterm_under_load_exits_0_with_the_last_published_revision() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_notifications_advance_the_checkpoint_of_an_idle_prefix() {
+    let s = setup().await;
+    let config = config_text(&s.etcd, &s.redis, &s.checkpoint)
+        .replace("[source]\n", "[source]\nprefix = \"/lport/\"\n");
+    let bridge = Bridge::start(&config);
+    let mut kv = s.etcd.client().await;
+    // Writes outside the prefix raise etcd's revision without any event for
+    // the bridge; the test etcd sends progress notifications every 500 ms.
+    let mut last = 0;
+    for i in 0..20 {
+        last = kv
+            .put(format!("/other/{i}"), "x", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision();
+    }
+    let path = s.checkpoint.clone();
+    eventually("the checkpoint to reach the idle revision", WAIT, || {
+        let saved = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| t.trim().parse::<i64>().ok());
+        async move { (saved >= Some(last)).then_some(()) }
+    })
+    .await;
+    bridge.stop().await;
+}
