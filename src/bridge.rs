@@ -12,14 +12,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{self, CheckpointError};
-use crate::config::{Config, SourceConfig};
+use crate::config::{BackendConfig, Config, SourceConfig};
+use crate::discovery::{advertised_uri, Registration};
 use crate::keymap::KeyLayout;
 use crate::mapper::Mapper;
 use crate::pubsub::{PubSub, PublishError, Publisher};
 use crate::retry::Reconnect;
+use crate::service::MultiprocListener;
 use crate::source::etcd::EtcdSource;
 use crate::source::redis::RedisSource;
 use crate::source::{SourceError, SourceEvent};
@@ -30,8 +33,9 @@ use crate::update::DbUpdate;
 /// after a crash to about this much traffic.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Keys the bridge writes itself and must never republish.
-pub const OWN_PREFIXES: [&str; 2] = ["/pubsub/", "/publisher/"];
+/// Keys the bridge writes itself and must never republish: the etcd
+/// backend's topics and the `publisher` table (etcd and Redis layouts).
+pub const OWN_PREFIXES: [&str; 3] = ["/pubsub/", "/publisher/", "{publisher."];
 
 /// Why the bridge stopped other than by shutdown.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +49,30 @@ pub enum BridgeError {
     /// The checkpoint could not be read or written.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// The multiproc channel could not be opened.
+    #[error("multiproc channel: {0}")]
+    Multiproc(String),
+    /// The publisher table could not be written.
+    #[error("publisher discovery: {0}")]
+    Discovery(String),
+}
+
+type Producer = JoinHandle<Result<(), BridgeError>>;
+
+/// Runs a producer; if it fails, stops the others so the bridge exits
+/// with its error instead of running half.
+fn spawn_producer<F>(stop: &CancellationToken, work: F) -> Producer
+where
+    F: std::future::Future<Output = Result<(), BridgeError>> + Send + 'static,
+{
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        let result = work.await;
+        if result.is_err() {
+            stop.cancel();
+        }
+        result
+    })
 }
 
 /// Runs the bridge until `shutdown` fires, then publishes what is in flight
@@ -54,14 +82,24 @@ pub async fn run(
     shutdown: CancellationToken,
     stats: Arc<Stats>,
 ) -> Result<(), BridgeError> {
-    let publisher = PubSub::new(config.backend.clone()).get_publisher().await?;
+    let mut pubsub = PubSub::new(config.backend.clone());
+    if let Some(id) = config.discovery.as_ref().and_then(|d| d.id.clone()) {
+        pubsub = pubsub.with_publisher_id(id);
+    }
+    let publisher_id = pubsub.publisher_id();
+    let publisher = pubsub.get_publisher().await?;
     let (layout, topic_field, checkpoint_file) = match &config.source {
-        SourceConfig::Etcd(c) => (&c.layout, &c.topic_field, c.checkpoint_file.clone()),
-        SourceConfig::Redis(c) => (&c.layout, &c.topic_field, None),
+        Some(SourceConfig::Etcd(c)) => (
+            c.layout.as_str(),
+            c.topic_field.as_str(),
+            c.checkpoint_file.clone(),
+        ),
+        Some(SourceConfig::Redis(c)) => (c.layout.as_str(), c.topic_field.as_str(), None),
+        None => ("/{table}/{key}", "", None),
     };
     let mapper = Mapper::new(
         KeyLayout::parse(layout).expect("validated config"),
-        Some(topic_field.clone()).filter(|f| !f.is_empty()),
+        Some(topic_field.to_owned()).filter(|f| !f.is_empty()),
         config.bridge.max_value_bytes,
         OWN_PREFIXES.iter().map(|p| p.to_string()).collect(),
     );
@@ -70,23 +108,59 @@ pub async fn run(
         None => None,
     };
 
+    // Everything stops with `shutdown`, or when a producer fails.
+    let stop = shutdown.child_token();
     let (tx, rx) = mpsc::channel(config.bridge.queue_capacity);
-    let source_stop = shutdown.child_token();
-    let source = match config.source.clone() {
-        SourceConfig::Etcd(c) => tokio::spawn(EtcdSource::new(c, resume).run(tx, source_stop)),
-        SourceConfig::Redis(c) => tokio::spawn(RedisSource::new(c).run(tx, source_stop)),
+    let mut producers: Vec<Producer> = Vec::new();
+    if let Some(multiproc) = &config.multiproc {
+        let listener = MultiprocListener::bind(multiproc).map_err(BridgeError::Multiproc)?;
+        let (tx, stop, stats) = (tx.clone(), stop.clone(), stats.clone());
+        producers.push(spawn_producer(&stop.clone(), async move {
+            listener
+                .run(tx, stop, stats)
+                .await
+                .map_err(BridgeError::Multiproc)
+        }));
+    }
+    match config.source.clone() {
+        Some(SourceConfig::Etcd(c)) => {
+            let source = EtcdSource::new(c, resume).run(tx.clone(), stop.clone());
+            producers.push(spawn_producer(&stop, async move { Ok(source.await?) }));
+        }
+        Some(SourceConfig::Redis(c)) => {
+            let source = RedisSource::new(c).run(tx.clone(), stop.clone());
+            producers.push(spawn_producer(&stop, async move { Ok(source.await?) }));
+        }
+        None => {}
+    }
+    drop(tx); // the pipeline ends when every producer has ended
+    let registration = match (&config.discovery, &config.backend) {
+        (Some(d), BackendConfig::Zmq(z)) => {
+            let uri =
+                advertised_uri(&z.bind, d.local_ip.as_deref()).map_err(BridgeError::Discovery)?;
+            let registration = Registration::start(d.clone(), publisher_id, uri).await;
+            let registration = match registration {
+                Ok(r) => r,
+                Err(e) => {
+                    stop.cancel();
+                    return Err(BridgeError::Discovery(e));
+                }
+            };
+            Some(tokio::spawn(registration.run(stop.clone())))
+        }
+        _ => None,
     };
 
-    // After shutdown, in-flight updates get `shutdown_timeout` to go out.
+    // After a stop, in-flight updates get `shutdown_timeout` to go out.
     let give_up = CancellationToken::new();
     {
-        let (shutdown, give_up, grace) = (
-            shutdown.clone(),
+        let (stop, give_up, grace) = (
+            stop.clone(),
             give_up.clone(),
             config.bridge.shutdown_timeout,
         );
         tokio::spawn(async move {
-            shutdown.cancelled().await;
+            stop.cancelled().await;
             tokio::time::sleep(grace).await;
             give_up.cancel();
         });
@@ -104,12 +178,19 @@ pub async fn run(
         give_up: give_up.clone(),
     };
     let drained = pipeline.drain(rx).await;
-    let source_result = source.await.unwrap_or_else(|e| {
-        Err(SourceError {
-            source_name: "bridge",
-            message: format!("source task failed: {e}"),
-        })
-    });
+    stop.cancel();
+    let mut result = Ok(());
+    for producer in producers {
+        let r = producer
+            .await
+            .unwrap_or_else(|e| Err(BridgeError::Multiproc(format!("task failed: {e}"))));
+        if result.is_ok() {
+            result = r;
+        }
+    }
+    if let Some(r) = registration {
+        let _ = r.await;
+    }
     if drained {
         pipeline.save_checkpoint(true).await?;
     } else {
@@ -117,8 +198,7 @@ pub async fn run(
     }
     let _ = publisher.close().await;
     give_up.cancel();
-    source_result?;
-    Ok(())
+    result
 }
 
 struct Pipeline {
@@ -165,6 +245,7 @@ impl Pipeline {
                         }
                     }
                 }
+                SourceEvent::Update(update) => self.publish(&update).await,
                 SourceEvent::Sync(reason) => {
                     tracing::warn!(%reason, "Publishing a sync notice: subscribers should re-read their state.");
                     Stats::incr(&self.stats.syncs_published);

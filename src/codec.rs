@@ -35,7 +35,10 @@ pub struct DecodeError {
 pub struct Envelope {
     /// The publisher's stable id.
     pub publisher: Option<String>,
-    /// Per-publisher sequence number, starting at 1.
+    /// Identifies one run of the publisher: it changes at every restart, so
+    /// a subscriber can tell a restart (sequence starts again) from a gap.
+    pub epoch: Option<u64>,
+    /// Sequence number per publisher run and topic, starting at 1.
     pub seq: Option<u64>,
 }
 
@@ -50,6 +53,8 @@ struct WireOut<'a> {
     revision: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     publisher: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     seq: Option<u64>,
 }
@@ -67,6 +72,8 @@ struct WireIn {
     revision: Option<i64>,
     #[serde(default)]
     publisher: Option<String>,
+    #[serde(default)]
+    epoch: Option<u64>,
     #[serde(default)]
     seq: Option<u64>,
 }
@@ -123,6 +130,7 @@ impl Codec {
             topic: &update.topic,
             revision: update.revision,
             publisher: envelope.publisher.as_deref(),
+            epoch: envelope.epoch,
             seq: envelope.seq,
         };
         match self {
@@ -153,6 +161,7 @@ impl Codec {
             update,
             Envelope {
                 publisher: wire.publisher,
+                epoch: wire.epoch,
                 seq: wire.seq,
             },
         ))
@@ -249,6 +258,7 @@ mod tests {
         u.revision = Some(42);
         let env = Envelope {
             publisher: Some("pub-1".into()),
+            epoch: Some(1_700_000_000_000),
             seq: Some(7),
         };
         for codec in [Codec::Msgpack, Codec::Json] {

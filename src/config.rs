@@ -20,12 +20,70 @@ pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 /// The whole configuration file.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The database whose changes are tailed.
-    pub source: SourceConfig,
+    /// The database whose changes are tailed; `None` for a publisher
+    /// service that only forwards local processes' updates.
+    pub source: Option<SourceConfig>,
     /// Where updates are published.
     pub backend: BackendConfig,
     /// Pipeline limits shared by every source and backend.
     pub bridge: BridgeConfig,
+    /// The publisher service's local IPC channel (Dragonflow's multiproc).
+    pub multiproc: Option<MultiprocConfig>,
+    /// Registration in the database's `publisher` table.
+    pub discovery: Option<DiscoveryConfig>,
+}
+
+/// The multiproc channel: local processes PUSH updates to this PULL socket
+/// and the service republishes them through the backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MultiprocConfig {
+    /// `ipc://PATH` (or a bare path, as Dragonflow's
+    /// `publisher_multiproc_socket`).
+    #[serde(default = "default_multiproc_socket")]
+    pub socket: String,
+    /// Payload codec of the local publishers (Dragonflow's is msgpack).
+    #[serde(default)]
+    pub codec: Codec,
+}
+
+impl MultiprocConfig {
+    /// The socket as a ZeroMQ endpoint.
+    pub fn endpoint(&self) -> String {
+        if self.socket.starts_with("ipc://") {
+            self.socket.clone()
+        } else {
+            format!("ipc://{}", self.socket)
+        }
+    }
+}
+
+/// Where and how the service registers itself as a publisher.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// etcd client URLs holding the `publisher` table (`/publisher/<id>`)...
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// ...or a Redis URL (`{publisher.}<id>` keys): exactly one of the two.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// The address remote subscribers dial: replaces a wildcard or loopback
+    /// host of `backend.bind` in the registered uri.
+    #[serde(default)]
+    pub local_ip: Option<String>,
+    /// Fixed publisher id; by default a UUIDv5 of the host and bind
+    /// endpoint, stable across restarts.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Entries of other publishers older than this are removed
+    /// (Dragonflow's default is 300 s).
+    #[serde(default = "default_publisher_timeout", with = "humantime_serde")]
+    pub publisher_timeout: Duration,
+    /// How often the entry's `last_activity_timestamp` is refreshed and
+    /// stale entries are looked for.
+    #[serde(default = "default_refresh_interval", with = "humantime_serde")]
+    pub refresh_interval: Duration,
 }
 
 /// A change source, chosen by `type`.
@@ -179,6 +237,15 @@ impl Default for BridgeConfig {
     }
 }
 
+fn default_multiproc_socket() -> String {
+    "ipc:///tmp/feedbridge-publisher.sock".to_owned()
+}
+fn default_publisher_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_refresh_interval() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_etcd_endpoints() -> Vec<String> {
     vec![DEFAULT_ETCD_ENDPOINT.to_owned()]
 }
@@ -290,18 +357,33 @@ impl Config {
                     None => Ok(None),
                 }
             };
-        let source = section("source", true)?.expect("required");
+        let source = section("source", false)?;
         let backend = section("backend", true)?.expect("required");
         let bridge = section("bridge", false)?;
+        let multiproc = section("multiproc", false)?;
+        let discovery = section("discovery", false)?;
         if let Some(key) = top.keys().next() {
             return Err(error(format!(
-                "unknown table or field `{key}`, expected `source`, `backend` or `bridge`"
+                "unknown table or field `{key}`, expected `source`, `backend`, `bridge`, `multiproc` or `discovery`"
             )));
         }
-        let source = match tagged(source, "source", &["etcd", "redis"]).map_err(error)? {
-            ("etcd", t) => SourceConfig::Etcd(typed(t, "source").map_err(error)?),
-            (_, t) => SourceConfig::Redis(typed(t, "source").map_err(error)?),
+        let source = match source {
+            None => None,
+            Some(source) => Some(
+                match tagged(source, "source", &["etcd", "redis"]).map_err(error)? {
+                    ("etcd", t) => SourceConfig::Etcd(typed(t, "source").map_err(error)?),
+                    (_, t) => SourceConfig::Redis(typed(t, "source").map_err(error)?),
+                },
+            ),
         };
+        let multiproc = multiproc
+            .map(|t| typed(t, "multiproc"))
+            .transpose()
+            .map_err(error)?;
+        let discovery = discovery
+            .map(|t| typed(t, "discovery"))
+            .transpose()
+            .map_err(error)?;
         let backend = match tagged(backend, "backend", &["zmq", "redis", "etcd"]).map_err(error)? {
             ("zmq", t) => BackendConfig::Zmq(typed(t, "backend").map_err(error)?),
             ("redis", t) => BackendConfig::Redis(typed(t, "backend").map_err(error)?),
@@ -315,6 +397,8 @@ impl Config {
             source,
             backend,
             bridge,
+            multiproc,
+            discovery,
         })
     }
 
@@ -329,8 +413,18 @@ impl Config {
         });
         let redis = var("FEEDBRIDGE_REDIS_URL");
         match &mut self.source {
-            SourceConfig::Etcd(c) => c.endpoints = etcd.clone().unwrap_or(c.endpoints.clone()),
-            SourceConfig::Redis(c) => c.url = redis.clone().unwrap_or(c.url.clone()),
+            Some(SourceConfig::Etcd(c)) => {
+                c.endpoints = etcd.clone().unwrap_or(c.endpoints.clone())
+            }
+            Some(SourceConfig::Redis(c)) => c.url = redis.clone().unwrap_or(c.url.clone()),
+            None => {}
+        }
+        if let Some(d) = &mut self.discovery {
+            if d.url.is_some() {
+                d.url = redis.clone().or(d.url.take());
+            } else if let Some(e) = &etcd {
+                d.endpoints = e.clone();
+            }
         }
         match &mut self.backend {
             BackendConfig::Zmq(c) => c.bind = var("FEEDBRIDGE_ZMQ_BIND").unwrap_or(c.bind.clone()),
@@ -347,12 +441,19 @@ impl Config {
             field,
             reason,
         };
+        if self.source.is_none() && self.multiproc.is_none() {
+            return Err(invalid(
+                "source",
+                "nothing to publish: configure a [source], a [multiproc] channel, or both".into(),
+            ));
+        }
         match &self.source {
-            SourceConfig::Etcd(c) => {
+            None => {}
+            Some(SourceConfig::Etcd(c)) => {
                 KeyLayout::parse(&c.layout).map_err(|e| invalid("source.layout", e.to_string()))?;
                 check_etcd_endpoints(&c.endpoints).map_err(|r| invalid("source.endpoints", r))?;
             }
-            SourceConfig::Redis(c) => {
+            Some(SourceConfig::Redis(c)) => {
                 KeyLayout::parse(&c.layout).map_err(|e| invalid("source.layout", e.to_string()))?;
                 check_redis_url(&c.url).map_err(|r| invalid("source.url", r))?;
                 if c.scan_count == 0 {
@@ -389,6 +490,44 @@ impl Config {
                         format!("{:?} must start and end with '/'", c.prefix),
                     ));
                 }
+            }
+        }
+        if let Some(m) = &self.multiproc {
+            if m.endpoint().len() <= "ipc://".len() {
+                return Err(invalid(
+                    "multiproc.socket",
+                    "needs a path, e.g. \"/var/run/feedbridge/publisher.sock\"".into(),
+                ));
+            }
+        }
+        if let Some(d) = &self.discovery {
+            match (&d.url, d.endpoints.is_empty()) {
+                (Some(url), true) => {
+                    check_redis_url(url).map_err(|r| invalid("discovery.url", r))?
+                }
+                (None, false) => check_etcd_endpoints(&d.endpoints)
+                    .map_err(|r| invalid("discovery.endpoints", r))?,
+                _ => {
+                    return Err(invalid(
+                        "discovery.endpoints",
+                        "set exactly one of `endpoints` (etcd) or `url` (Redis)".into(),
+                    ))
+                }
+            }
+            let BackendConfig::Zmq(z) = &self.backend else {
+                return Err(invalid(
+                    "discovery",
+                    "publisher discovery needs the zmq backend: subscribers dial its endpoint"
+                        .into(),
+                ));
+            };
+            crate::discovery::advertised_uri(&z.bind, d.local_ip.as_deref())
+                .map_err(|r| invalid("discovery.local_ip", r))?;
+            if d.refresh_interval.is_zero() || d.refresh_interval >= d.publisher_timeout {
+                return Err(invalid(
+                    "discovery.refresh_interval",
+                    "must be positive and shorter than publisher_timeout, or live publishers would be removed".into(),
+                ));
             }
         }
         if self.bridge.queue_capacity == 0 {
@@ -500,7 +639,7 @@ mod tests {
     #[test]
     fn minimal_config_gets_defaults() {
         let c = parse("[source]\ntype = \"etcd\"\n[backend]\ntype = \"zmq\"\n").unwrap();
-        let SourceConfig::Etcd(s) = c.source else {
+        let Some(SourceConfig::Etcd(s)) = c.source else {
             panic!()
         };
         assert_eq!(s.endpoints, vec![DEFAULT_ETCD_ENDPOINT]);
@@ -574,7 +713,7 @@ mod tests {
             "FEEDBRIDGE_ZMQ_BIND" => Some("tcp://0.0.0.0:9".into()),
             _ => None,
         });
-        let SourceConfig::Etcd(s) = &c.source else {
+        let Some(SourceConfig::Etcd(s)) = &c.source else {
             panic!()
         };
         assert_eq!(s.endpoints, vec!["http://a:1", "http://b:2"]);

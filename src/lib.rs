@@ -15,7 +15,9 @@
 //! - [`pubsub`]: the `Publisher` / `Subscriber` traits and the `PubSub` manager.
 //! - [`source`]: change sources (etcd watch, Redis keyspace notifications).
 //! - [`backend`]: publish backends (ZeroMQ, Redis, etcd), publisher and subscriber.
+//! - [`discovery`]: publisher ids, registration in the `publisher` table, discovery.
 //! - [`bridge`]: the source → mapper → publisher pipeline, checkpoints, shutdown.
+//! - [`service`]: the publisher service's multiproc (PULL) channel.
 //! - [`checkpoint`]: the atomically written last-published revision.
 //! - [`retry`]: reconnection with capped, jittered exponential backoff.
 //! - [`stats`]: counters of what the bridge did.
@@ -28,10 +30,12 @@ pub mod bridge;
 pub mod checkpoint;
 pub mod codec;
 pub mod config;
+pub mod discovery;
 pub mod keymap;
 pub mod mapper;
 pub mod pubsub;
 pub mod retry;
+pub mod service;
 pub mod source;
 pub mod stats;
 pub mod update;

@@ -61,6 +61,10 @@ enum Command {
         /// etcd key prefix of the topics (etcd backend).
         #[arg(long, default_value = "/pubsub/")]
         etcd_prefix: String,
+        /// Find ZeroMQ publishers in this database's `publisher` table
+        /// (an etcd URL, or redis://...) and follow them as they come and go.
+        #[arg(long)]
+        discover: Option<String>,
         /// Topic to receive (repeatable); every topic when none is given.
         #[arg(long)]
         topic: Vec<String>,
@@ -113,6 +117,7 @@ fn main() -> ExitCode {
             redis_url,
             etcd_endpoint,
             etcd_prefix,
+            discover,
             topic,
             codec,
         } => {
@@ -143,12 +148,12 @@ fn main() -> ExitCode {
                     connect_timeout: std::time::Duration::from_secs(5),
                 }),
             };
-            let connect = if connect.is_empty() {
+            let connect = if connect.is_empty() && discover.is_none() {
                 vec![DEFAULT_ZMQ_BIND.to_owned()]
             } else {
                 connect
             };
-            runtime().block_on(tail(config, connect, topic))
+            runtime().block_on(tail(config, connect, discover, topic))
         }
     }
 }
@@ -171,10 +176,19 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn describe(c: &Config) -> String {
-    let source = match &c.source {
-        SourceConfig::Etcd(s) => format!("etcd {:?} prefix {:?}", s.endpoints, s.prefix),
-        SourceConfig::Redis(s) => format!("redis {}", feedbridge::backend::redis::redacted(&s.url)),
+    let mut source = match &c.source {
+        Some(SourceConfig::Etcd(s)) => format!("etcd {:?} prefix {:?}", s.endpoints, s.prefix),
+        Some(SourceConfig::Redis(s)) => {
+            format!("redis {}", feedbridge::backend::redis::redacted(&s.url))
+        }
+        None => String::new(),
     };
+    if let Some(m) = &c.multiproc {
+        if !source.is_empty() {
+            source.push_str(" + ");
+        }
+        source.push_str(&format!("multiproc {}", m.endpoint()));
+    }
     let backend = match &c.backend {
         BackendConfig::Zmq(b) => format!("zmq {} ({})", b.bind, b.codec),
         BackendConfig::Redis(b) => format!(
@@ -184,7 +198,13 @@ fn describe(c: &Config) -> String {
         ),
         BackendConfig::Etcd(b) => format!("etcd {:?} {} ({})", b.endpoints, b.prefix, b.codec),
     };
-    format!("{source} -> {backend}")
+    match &c.discovery {
+        Some(d) => format!(
+            "{source} -> {backend}, registered in the publisher table of {:?}",
+            feedbridge::discovery::Target::of(d)
+        ),
+        None => format!("{source} -> {backend}"),
+    }
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.
@@ -240,7 +260,12 @@ struct Line<'a> {
     topic: &'a str,
 }
 
-async fn tail(config: BackendConfig, connect: Vec<String>, topics: Vec<String>) -> ExitCode {
+async fn tail(
+    config: BackendConfig,
+    connect: Vec<String>,
+    discover: Option<String>,
+    topics: Vec<String>,
+) -> ExitCode {
     let is_zmq = matches!(config, BackendConfig::Zmq(_));
     let subscriber = PubSub::new(config).get_subscriber();
     subscriber.unregister_topic(feedbridge::SEND_ALL_TOPIC);
@@ -257,6 +282,14 @@ async fn tail(config: BackendConfig, connect: Vec<String>, topics: Vec<String>) 
     }
     let stop = CancellationToken::new();
     cancel_on_signal(stop.clone());
+    if let Some(db) = discover {
+        let target = feedbridge::discovery::Target::parse(&db);
+        tokio::spawn(feedbridge::discovery::follow_publishers(
+            target,
+            subscriber.clone(),
+            stop.clone(),
+        ));
+    }
     let (mut updates, task) = subscriber.clone().updates(1024);
     let mut out = std::io::stdout().lock();
     loop {

@@ -43,16 +43,20 @@ pub enum Skip {
     NonUtf8Value,
     /// The value is larger than `max_value_bytes`.
     Oversize,
+    /// A multiproc message that is not `[topic, payload]` with a decodable
+    /// payload.
+    BadMessage,
 }
 
 impl Skip {
     /// All kinds, for counters.
-    pub const ALL: [Skip; 5] = [
+    pub const ALL: [Skip; 6] = [
         Skip::NonUtf8Key,
         Skip::OutsideLayout,
         Skip::OwnKey,
         Skip::NonUtf8Value,
         Skip::Oversize,
+        Skip::BadMessage,
     ];
 
     /// A stable name for logs and metrics.
@@ -63,6 +67,7 @@ impl Skip {
             Skip::OwnKey => "own_key",
             Skip::NonUtf8Value => "non_utf8_value",
             Skip::Oversize => "oversize_value",
+            Skip::BadMessage => "bad_message",
         }
     }
 }

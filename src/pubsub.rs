@@ -83,6 +83,12 @@ pub trait Subscriber: Send + Sync + 'static {
     /// Makes [`Subscriber::run`] return soon.
     fn stop(&self);
 
+    /// How many gaps in publishers' sequences were detected (each one was
+    /// delivered as a `sync`).
+    fn gaps(&self) -> u64 {
+        0
+    }
+
     /// The backend's receive loop: sends every update into `sink` until
     /// stopped or until `sink` is closed.
     async fn pump(&self, sink: mpsc::Sender<DbUpdate>) -> Result<(), SubscribeError>;
@@ -123,20 +129,60 @@ pub trait Subscriber: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct PubSub {
     config: BackendConfig,
+    publisher_id: String,
 }
 
 impl PubSub {
     /// A manager for one backend.
+    ///
+    /// Its publishers' default id: for ZeroMQ, a UUIDv5 of the host and the
+    /// bind endpoint, stable across restarts (as the `publisher` table
+    /// needs) and distinct between services, since only one process can
+    /// bind an endpoint. For Redis and etcd, where many publishers share one
+    /// server, the process id and a per-process counter make it unique.
     pub fn new(config: BackendConfig) -> Self {
-        PubSub { config }
+        static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let name = match &config {
+            BackendConfig::Zmq(c) => c.bind.clone(),
+            BackendConfig::Redis(c) => crate::backend::redis::redacted(&c.url),
+            BackendConfig::Etcd(c) => c.endpoints.join(","),
+        };
+        let name = match &config {
+            BackendConfig::Zmq(_) => name,
+            _ => format!(
+                "{name}#{}#{}",
+                std::process::id(),
+                INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
+        };
+        PubSub {
+            config,
+            publisher_id: crate::discovery::publisher_id(&format!("feedbridge:{name}")),
+        }
+    }
+
+    /// Sets the id publishers stamp on their messages.
+    pub fn with_publisher_id(mut self, id: impl Into<String>) -> Self {
+        self.publisher_id = id.into();
+        self
+    }
+
+    /// The id publishers of this manager stamp on their messages.
+    pub fn publisher_id(&self) -> String {
+        self.publisher_id.clone()
     }
 
     /// Connects a publisher; fails fast when the backend cannot be set up.
     pub async fn get_publisher(&self) -> Result<Arc<dyn Publisher>, PublishError> {
+        let sequencer = Arc::new(backend::Sequencer::new(self.publisher_id()));
         Ok(match &self.config {
-            BackendConfig::Zmq(c) => Arc::new(backend::zmq::ZmqPublisher::bind(c)?),
-            BackendConfig::Redis(c) => Arc::new(backend::redis::RedisPublisher::connect(c).await?),
-            BackendConfig::Etcd(c) => Arc::new(backend::etcd::EtcdPublisher::connect(c).await?),
+            BackendConfig::Zmq(c) => Arc::new(backend::zmq::ZmqPublisher::bind(c, sequencer)?),
+            BackendConfig::Redis(c) => {
+                Arc::new(backend::redis::RedisPublisher::connect(c, sequencer).await?)
+            }
+            BackendConfig::Etcd(c) => {
+                Arc::new(backend::etcd::EtcdPublisher::connect(c, sequencer).await?)
+            }
         })
     }
 

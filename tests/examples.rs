@@ -39,7 +39,10 @@ async fn run_example(
         _ => None,
     });
     config.validate(&path).unwrap();
-    let is_redis_source = matches!(config.source, feedbridge::config::SourceConfig::Redis(_));
+    let is_redis_source = matches!(
+        config.source,
+        Some(feedbridge::config::SourceConfig::Redis(_))
+    );
     let shutdown = CancellationToken::new();
     let bridge = tokio::spawn(feedbridge::bridge::run(
         config,

@@ -6,11 +6,14 @@
 
 use async_trait::async_trait;
 use etcd_client::{Client, EventType, WatchOptions};
-use tokio::sync::mpsc;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
-use super::Registry;
-use crate::codec::{Codec, Envelope};
+use super::{GapTracker, Registry, Sequencer};
+use crate::codec::Codec;
 use crate::config::EtcdBackendConfig;
 use crate::pubsub::{PublishError, Publisher, SubscribeError, Subscriber};
 use crate::retry::Reconnect;
@@ -22,12 +25,18 @@ pub struct EtcdPublisher {
     client: Client,
     prefix: String,
     codec: Codec,
+    sequencer: Arc<Sequencer>,
+    /// Stamp and PUT happen under this lock so numbers go out in order.
+    order: Mutex<()>,
 }
 
 impl EtcdPublisher {
     /// Connects now and checks the cluster answers, so a wrong endpoint
     /// fails at start-up.
-    pub async fn connect(config: &EtcdBackendConfig) -> Result<Self, PublishError> {
+    pub async fn connect(
+        config: &EtcdBackendConfig,
+        sequencer: Arc<Sequencer>,
+    ) -> Result<Self, PublishError> {
         let setup = |message: String| PublishError::Setup {
             backend: "etcd",
             message: format!("{message} (check backend.endpoints {:?})", config.endpoints),
@@ -46,6 +55,8 @@ impl EtcdPublisher {
             client,
             prefix: config.prefix.clone(),
             codec: config.codec,
+            sequencer,
+            order: Mutex::new(()),
         })
     }
 }
@@ -54,17 +65,17 @@ impl EtcdPublisher {
 impl Publisher for EtcdPublisher {
     async fn send_event(&self, update: &DbUpdate, topic: Option<&str>) -> Result<(), PublishError> {
         let topic = topic.unwrap_or(&update.topic);
-        let payload = self.codec.encode(update, &Envelope::default());
+        let _order = self.order.lock().await;
+        let payload = self.codec.encode(update, &self.sequencer.stamp(topic));
         let key = format!("{}{}", self.prefix, topic);
-        self.client
-            .clone()
-            .put(key, payload, None)
-            .await
-            .map(drop)
-            .map_err(|e| PublishError::Send {
+        let result = self.client.clone().put(key, payload, None).await;
+        result.map(drop).map_err(|e| {
+            self.sequencer.rollback(topic);
+            PublishError::Send {
                 backend: "etcd",
                 message: e.to_string(),
-            })
+            }
+        })
     }
 
     async fn close(&self) -> Result<(), PublishError> {
@@ -77,6 +88,7 @@ pub struct EtcdSubscriber {
     config: EtcdBackendConfig,
     registry: Registry,
     stop: CancellationToken,
+    gaps: Arc<AtomicU64>,
 }
 
 impl EtcdSubscriber {
@@ -86,6 +98,7 @@ impl EtcdSubscriber {
             config: config.clone(),
             registry: Registry::default(),
             stop: CancellationToken::new(),
+            gaps: Arc::default(),
         }
     }
 
@@ -96,6 +109,7 @@ impl EtcdSubscriber {
         from: i64,
         sink: &mpsc::Sender<DbUpdate>,
         reconnect: &mut Reconnect,
+        tracker: &mut GapTracker,
     ) -> (i64, Option<String>) {
         let mut next = from;
         let result: Result<(), etcd_client::Error> = async {
@@ -152,7 +166,12 @@ impl EtcdSubscriber {
                         continue;
                     }
                     match self.config.codec.decode(kv.value()) {
-                        Ok((update, _)) => {
+                        Ok((update, envelope)) => {
+                            if let Some(reason) = tracker.check(&topic, &envelope) {
+                                if sink.send(DbUpdate::sync(reason)).await.is_err() {
+                                    return Ok(());
+                                }
+                            }
                             if sink.send(update).await.is_err() {
                                 return Ok(());
                             }
@@ -182,12 +201,18 @@ impl Subscriber for EtcdSubscriber {
     fn stop(&self) {
         self.stop.cancel();
     }
+    fn gaps(&self) -> u64 {
+        self.gaps.load(std::sync::atomic::Ordering::Relaxed)
+    }
 
     async fn pump(&self, sink: mpsc::Sender<DbUpdate>) -> Result<(), SubscribeError> {
         let mut reconnect = Reconnect::new("etcd subscriber");
         let mut next = 0;
+        let mut tracker = GapTracker::new(self.gaps.clone());
         loop {
-            let (n, error) = self.session(next, &sink, &mut reconnect).await;
+            let (n, error) = self
+                .session(next, &sink, &mut reconnect, &mut tracker)
+                .await;
             next = n;
             match error {
                 None => return Ok(()),

@@ -3,6 +3,8 @@
 //! `sync` (messages published while it was away are gone for good).
 
 use std::collections::BTreeSet;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -11,8 +13,8 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
-use super::{Registration, Registry};
-use crate::codec::{Codec, Envelope};
+use super::{GapTracker, Registration, Registry, Sequencer};
+use crate::codec::Codec;
 use crate::config::RedisBackendConfig;
 use crate::pubsub::{PublishError, Publisher, SubscribeError, Subscriber};
 use crate::retry::Reconnect;
@@ -49,13 +51,17 @@ pub async fn connect(
 pub struct RedisPublisher {
     client: redis::Client,
     codec: Codec,
+    sequencer: Arc<Sequencer>,
     timeout: Duration,
     connection: Mutex<Option<MultiplexedConnection>>,
 }
 
 impl RedisPublisher {
     /// Connects now, so a wrong URL or a down server fails at start-up.
-    pub async fn connect(config: &RedisBackendConfig) -> Result<Self, PublishError> {
+    pub async fn connect(
+        config: &RedisBackendConfig,
+        sequencer: Arc<Sequencer>,
+    ) -> Result<Self, PublishError> {
         let setup = |message: String| PublishError::Setup {
             backend: "redis",
             message: format!("{} (check backend.url {})", message, redacted(&config.url)),
@@ -68,6 +74,7 @@ impl RedisPublisher {
         Ok(RedisPublisher {
             client,
             codec: config.codec,
+            sequencer,
             timeout: config.connect_timeout,
             connection: Mutex::new(Some(conn)),
         })
@@ -78,11 +85,12 @@ impl RedisPublisher {
 impl Publisher for RedisPublisher {
     async fn send_event(&self, update: &DbUpdate, topic: Option<&str>) -> Result<(), PublishError> {
         let topic = topic.unwrap_or(&update.topic);
-        let payload = self.codec.encode(update, &Envelope::default());
         let send_error = |message: String| PublishError::Send {
             backend: "redis",
             message,
         };
+        // Stamped under the connection lock, so numbers go out in order; a
+        // failed PUBLISH gives its number back for the retry.
         let mut guard = self.connection.lock().await;
         let conn = match guard.as_mut() {
             Some(c) => c,
@@ -92,6 +100,7 @@ impl Publisher for RedisPublisher {
                     .map_err(send_error)?,
             ),
         };
+        let payload = self.codec.encode(update, &self.sequencer.stamp(topic));
         let sent: Result<i64, _> = tokio::time::timeout(
             self.timeout,
             redis::cmd("PUBLISH")
@@ -108,6 +117,7 @@ impl Publisher for RedisPublisher {
         });
         sent.map(drop).map_err(|e| {
             *guard = None;
+            self.sequencer.rollback(topic);
             send_error(e.to_string())
         })
     }
@@ -126,6 +136,7 @@ pub struct RedisSubscriber {
     timeout: Duration,
     registry: Registry,
     stop: CancellationToken,
+    gaps: Arc<AtomicU64>,
 }
 
 impl RedisSubscriber {
@@ -138,6 +149,7 @@ impl RedisSubscriber {
             timeout: config.connect_timeout,
             registry: Registry::default(),
             stop: CancellationToken::new(),
+            gaps: Arc::default(),
         }
     }
 }
@@ -154,6 +166,7 @@ impl RedisSubscriber {
         client: &redis::Client,
         sink: &mpsc::Sender<DbUpdate>,
         reconnect: &mut Reconnect,
+        tracker: &mut GapTracker,
         first: bool,
     ) -> Ended {
         let pubsub = match tokio::time::timeout(self.timeout, client.get_async_pubsub()).await {
@@ -229,7 +242,12 @@ impl RedisSubscriber {
                         continue;
                     }
                     match self.codec.decode(msg.get_payload_bytes()) {
-                        Ok((update, _)) => {
+                        Ok((update, envelope)) => {
+                            if let Some(reason) = tracker.check(channel, &envelope) {
+                                if sink.send(DbUpdate::sync(reason)).await.is_err() {
+                                    return Ended::Stopped;
+                                }
+                            }
                             if sink.send(update).await.is_err() {
                                 return Ended::Stopped;
                             }
@@ -255,6 +273,9 @@ impl Subscriber for RedisSubscriber {
     fn stop(&self) {
         self.stop.cancel();
     }
+    fn gaps(&self) -> u64 {
+        self.gaps.load(std::sync::atomic::Ordering::Relaxed)
+    }
 
     async fn pump(&self, sink: mpsc::Sender<DbUpdate>) -> Result<(), SubscribeError> {
         let client = self.client.as_ref().map_err(|e| SubscribeError {
@@ -263,8 +284,12 @@ impl Subscriber for RedisSubscriber {
         })?;
         let mut reconnect = Reconnect::new(format!("redis subscriber {}", self.url));
         let mut first = true;
+        let mut tracker = GapTracker::new(self.gaps.clone());
         loop {
-            match self.session(client, &sink, &mut reconnect, first).await {
+            match self
+                .session(client, &sink, &mut reconnect, &mut tracker, first)
+                .await
+            {
                 Ended::Stopped => return Ok(()),
                 Ended::Lost(e) => {
                     first = false;

@@ -5,21 +5,23 @@
 //! by one dedicated thread fed through a channel; the rest stays async.
 
 use std::collections::BTreeSet;
-use std::sync::{LazyLock, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{Registration, Registry};
-use crate::codec::{Codec, Envelope};
+use super::{GapTracker, Registration, Registry, Sequencer};
+use crate::codec::Codec;
 use crate::config::ZmqBackendConfig;
 use crate::pubsub::{PublishError, SubscribeError, Subscriber};
 use crate::update::DbUpdate;
 
 /// One libzmq context (its I/O thread) for the whole process.
-static CONTEXT: LazyLock<zmq::Context> = LazyLock::new(zmq::Context::new);
+pub(crate) static CONTEXT: LazyLock<zmq::Context> = LazyLock::new(zmq::Context::new);
 
 /// How often the subscriber thread looks at registration changes and stop
 /// requests while no message arrives.
@@ -27,21 +29,23 @@ const POLL_INTERVAL_MS: i64 = 50;
 
 /// Commands to the publisher's socket thread.
 enum Outgoing {
-    Message {
-        topic: String,
-        payload: Vec<u8>,
-    },
+    /// Stamped and encoded on the socket thread, so sequence numbers leave
+    /// in the order they were given.
+    Update { update: DbUpdate, topic: String },
     /// Answered once everything queued before it went to the socket.
     Flush(oneshot::Sender<()>),
 }
 
-/// PUB socket publisher.
+/// A ZeroMQ publisher: a PUB socket bound for subscribers, or a PUSH socket
+/// connected to the publisher service's multiproc channel.
 #[derive(Debug)]
 pub struct ZmqPublisher {
-    codec: Codec,
     endpoint: String,
+    linger: Duration,
     queue: Mutex<Option<mpsc::Sender<Outgoing>>>,
     thread: Mutex<Option<thread::JoinHandle<()>>>,
+    /// Set at close: a PUSH with no peer stops retrying its last message.
+    closing: Arc<AtomicBool>,
 }
 
 fn setup_error(endpoint: &str, what: &str, e: zmq::Error) -> PublishError {
@@ -51,36 +55,94 @@ fn setup_error(endpoint: &str, what: &str, e: zmq::Error) -> PublishError {
     }
 }
 
+fn millis(d: Duration) -> i32 {
+    d.as_millis().try_into().unwrap_or(i32::MAX)
+}
+
 impl ZmqPublisher {
     /// Binds the PUB socket now, so a taken port fails at start-up.
-    pub fn bind(config: &ZmqBackendConfig) -> Result<Self, PublishError> {
+    pub fn bind(
+        config: &ZmqBackendConfig,
+        sequencer: Arc<Sequencer>,
+    ) -> Result<Self, PublishError> {
         let endpoint = config.bind.clone();
         let socket = CONTEXT
             .socket(zmq::PUB)
             .map_err(|e| setup_error(&endpoint, "cannot create a PUB socket for", e))?;
         socket
             .set_sndhwm(config.send_hwm)
-            .and_then(|()| {
-                socket.set_linger(config.linger.as_millis().try_into().unwrap_or(i32::MAX))
-            })
+            .and_then(|()| socket.set_linger(millis(config.linger)))
             .map_err(|e| setup_error(&endpoint, "cannot set options on", e))?;
-        remove_stale_ipc_file(&endpoint);
-        socket
-            .bind(&endpoint)
-            .map_err(|e| setup_error(&endpoint, "cannot bind", e))?;
+        bind(&socket, &endpoint).map_err(|message| PublishError::Setup {
+            backend: "zmq",
+            message,
+        })?;
         tracing::info!(%endpoint, codec = %config.codec, send_hwm = config.send_hwm, "ZeroMQ publisher bound.");
+        Self::start(
+            socket,
+            endpoint,
+            config.codec,
+            Some(sequencer),
+            config.linger,
+        )
+    }
+
+    /// A publisher that PUSHes to the publisher service's multiproc socket
+    /// (`ipc://PATH`), as Dragonflow's multiproc publisher agent does. It
+    /// reconnects by itself when the service restarts; while the service is
+    /// away, up to `send_hwm` messages wait, then `send_event` waits too.
+    pub fn push(
+        endpoint: &str,
+        codec: Codec,
+        send_hwm: i32,
+        linger: Duration,
+    ) -> Result<Self, PublishError> {
+        let socket = CONTEXT
+            .socket(zmq::PUSH)
+            .map_err(|e| setup_error(endpoint, "cannot create a PUSH socket for", e))?;
+        socket
+            .set_sndhwm(send_hwm)
+            .and_then(|()| socket.set_linger(millis(linger)))
+            .and_then(|()| socket.set_sndtimeo(100))
+            .map_err(|e| setup_error(endpoint, "cannot set options on", e))?;
+        socket
+            .connect(endpoint)
+            .map_err(|e| setup_error(endpoint, "cannot connect to", e))?;
+        Self::start(socket, endpoint.to_owned(), codec, None, linger)
+    }
+
+    fn start(
+        socket: zmq::Socket,
+        endpoint: String,
+        codec: Codec,
+        sequencer: Option<Arc<Sequencer>>,
+        linger: Duration,
+    ) -> Result<Self, PublishError> {
         let (tx, mut rx) = mpsc::channel::<Outgoing>(1024);
         let name = endpoint.clone();
+        let closing = Arc::new(AtomicBool::new(false));
+        let stop_retrying = closing.clone();
         let thread = thread::Builder::new()
-            .name("zmq-pub".into())
+            .name("zmq-publisher".into())
             .spawn(move || {
                 while let Some(cmd) = rx.blocking_recv() {
                     match cmd {
-                        Outgoing::Message { topic, payload } => {
+                        Outgoing::Update { update, topic } => {
+                            let envelope = sequencer.as_ref().map(|s| s.stamp(&topic)).unwrap_or_default();
+                            let payload = codec.encode(&update, &envelope);
                             // PUB never blocks: at the high-water mark libzmq
                             // drops for that subscriber, which bounds memory.
-                            if let Err(e) = socket.send_multipart([topic.as_bytes(), &payload], 0) {
-                                tracing::warn!(endpoint = %name, error = %e, "ZeroMQ send failed.");
+                            // PUSH times out (EAGAIN) while no peer takes it:
+                            // retried until close.
+                            loop {
+                                match socket.send_multipart([topic.as_bytes(), &payload], 0) {
+                                    Ok(()) => break,
+                                    Err(zmq::Error::EAGAIN) if !stop_retrying.load(Ordering::Relaxed) => continue,
+                                    Err(e) => {
+                                        tracing::warn!(endpoint = %name, error = %e, "ZeroMQ send failed; message dropped.");
+                                        break;
+                                    }
+                                }
                             }
                         }
                         Outgoing::Flush(done) => {
@@ -95,14 +157,15 @@ impl ZmqPublisher {
                 message: format!("cannot start the socket thread: {e}"),
             })?;
         Ok(ZmqPublisher {
-            codec: config.codec,
             endpoint,
+            linger,
             queue: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
+            closing,
         })
     }
 
-    /// The bound endpoint.
+    /// The endpoint bound (PUB) or connected to (PUSH).
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
@@ -113,15 +176,6 @@ impl ZmqPublisher {
             .expect("queue lock")
             .clone()
             .ok_or(PublishError::Closed)
-    }
-
-    /// Sends a payload that is already encoded (the publisher service
-    /// forwards what local processes pushed).
-    pub async fn send_raw(&self, topic: String, payload: Vec<u8>) -> Result<(), PublishError> {
-        self.sender()?
-            .send(Outgoing::Message { topic, payload })
-            .await
-            .map_err(|_| PublishError::Closed)
     }
 
     /// Waits until everything queued so far was handed to libzmq.
@@ -135,22 +189,35 @@ impl ZmqPublisher {
     }
 }
 
-/// A crashed run leaves its ipc socket file behind; binding over it is safe
-/// only because this process is about to own the endpoint.
-fn remove_stale_ipc_file(endpoint: &str) {
+/// Binds `endpoint`. For `ipc://PATH`, a socket file left by a crashed run
+/// is removed first, but a path some live process still listens on is
+/// refused: taking it over would silently cut that process off.
+pub(crate) fn bind(socket: &zmq::Socket, endpoint: &str) -> Result<(), String> {
     if let Some(path) = endpoint.strip_prefix("ipc://") {
-        if std::fs::remove_file(path).is_ok() {
-            tracing::info!(%path, "Removed a stale ipc socket file.");
+        if std::path::Path::new(path).exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(format!("{endpoint} is in use by a running process"));
+            }
+            let _ = std::fs::remove_file(path);
+            tracing::info!(%path, "Removed a stale ipc socket file left by an earlier run.");
         }
     }
+    socket
+        .bind(endpoint)
+        .map_err(|e| format!("cannot bind {endpoint}: {e}"))
 }
 
 #[async_trait]
 impl crate::pubsub::Publisher for ZmqPublisher {
     async fn send_event(&self, update: &DbUpdate, topic: Option<&str>) -> Result<(), PublishError> {
-        let topic = topic.unwrap_or(&update.topic);
-        let payload = self.codec.encode(update, &Envelope::default());
-        self.send_raw(topic.to_owned(), payload).await
+        let topic = topic.unwrap_or(&update.topic).to_owned();
+        self.sender()?
+            .send(Outgoing::Update {
+                update: update.clone(),
+                topic,
+            })
+            .await
+            .map_err(|_| PublishError::Closed)
     }
 
     async fn flush(&self) -> Result<(), PublishError> {
@@ -158,7 +225,9 @@ impl crate::pubsub::Publisher for ZmqPublisher {
     }
 
     async fn close(&self) -> Result<(), PublishError> {
-        let _ = self.flush_queue().await;
+        // Give queued messages up to `linger` to leave, then stop retrying.
+        let _ = tokio::time::timeout(self.linger, self.flush_queue()).await;
+        self.closing.store(true, Ordering::Relaxed);
         self.queue.lock().expect("queue lock").take();
         let thread = self.thread.lock().expect("thread lock").take();
         if let Some(t) = thread {
@@ -177,6 +246,8 @@ pub struct ZmqSubscriber {
     codec: Codec,
     registry: Registry,
     stop: CancellationToken,
+    gaps: Arc<AtomicU64>,
+    receive_hwm: i32,
 }
 
 impl ZmqSubscriber {
@@ -186,7 +257,16 @@ impl ZmqSubscriber {
             codec,
             registry: Registry::default(),
             stop: CancellationToken::new(),
+            gaps: Arc::default(),
+            receive_hwm: 1000,
         }
+    }
+
+    /// Sets the SUB socket's receive high-water mark (libzmq's default is
+    /// 1000 messages); past it, libzmq drops, and gap detection says so.
+    pub fn with_receive_hwm(mut self, hwm: i32) -> Self {
+        self.receive_hwm = hwm;
+        self
     }
 }
 
@@ -240,13 +320,21 @@ impl Subscriber for ZmqSubscriber {
         self.stop.cancel();
     }
 
+    fn gaps(&self) -> u64 {
+        self.gaps.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn pump(&self, sink: mpsc::Sender<DbUpdate>) -> Result<(), SubscribeError> {
         let socket = CONTEXT
             .socket(zmq::SUB)
             .map_err(|e| sub_error(format!("cannot create a SUB socket: {e}")))?;
+        socket
+            .set_rcvhwm(self.receive_hwm)
+            .map_err(|e| sub_error(format!("cannot set the receive high-water mark: {e}")))?;
         let mut registration = self.registry.watch();
         let stop = self.stop.clone();
         let codec = self.codec;
+        let mut tracker = GapTracker::new(self.gaps.clone());
         let receive = move || -> Result<(), SubscribeError> {
             let mut applied = Registration::default();
             let mut wanted = registration.borrow_and_update().clone();
@@ -281,7 +369,13 @@ impl Subscriber for ZmqSubscriber {
                         continue;
                     }
                     match codec.decode(payload) {
-                        Ok((update, _envelope)) => {
+                        Ok((update, envelope)) => {
+                            if let Some(reason) = tracker.check(&topic, &envelope) {
+                                tracing::warn!(%reason, "Delivering a sync: updates may have been missed.");
+                                if sink.blocking_send(DbUpdate::sync(reason)).is_err() {
+                                    return Ok(());
+                                }
+                            }
                             if sink.blocking_send(update).is_err() {
                                 return Ok(());
                             }

@@ -15,6 +15,8 @@ use crate::mapper::Change;
 pub enum SourceEvent {
     /// One key changed.
     Change(Change),
+    /// An update that is already made (from the multiproc channel).
+    Update(crate::update::DbUpdate),
     /// Every change up to and including this revision has been emitted
     /// before this event: once it is published, it may be checkpointed.
     Checkpoint(i64),
