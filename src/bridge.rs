@@ -75,6 +75,30 @@ where
     })
 }
 
+/// The bridge's publisher id: stable across restarts of the same service
+/// on the same host (so subscribers can tell a restart), distinct for two
+/// services (they differ in what they read or where they publish).
+fn service_id(config: &Config) -> String {
+    let backend = match &config.backend {
+        BackendConfig::Zmq(c) => c.bind.clone(),
+        BackendConfig::Redis(c) => crate::backend::redis::redacted(&c.url),
+        BackendConfig::Etcd(c) => c.endpoints.join(","),
+    };
+    let source = match &config.source {
+        Some(SourceConfig::Etcd(c)) => format!("etcd:{}{}", c.endpoints.join(","), c.prefix),
+        Some(SourceConfig::Redis(c)) => {
+            format!("redis:{}", crate::backend::redis::redacted(&c.url))
+        }
+        None => String::new(),
+    };
+    let multiproc = config
+        .multiproc
+        .as_ref()
+        .map(|m| m.endpoint())
+        .unwrap_or_default();
+    crate::discovery::publisher_id(&format!("feedbridge:{backend}|{source}|{multiproc}"))
+}
+
 /// Runs the bridge until `shutdown` fires, then publishes what is in flight
 /// (within `bridge.shutdown_timeout`), saves the final checkpoint and returns.
 pub async fn run(
@@ -82,10 +106,12 @@ pub async fn run(
     shutdown: CancellationToken,
     stats: Arc<Stats>,
 ) -> Result<(), BridgeError> {
-    let mut pubsub = PubSub::new(config.backend.clone());
-    if let Some(id) = config.discovery.as_ref().and_then(|d| d.id.clone()) {
-        pubsub = pubsub.with_publisher_id(id);
-    }
+    let id = config
+        .discovery
+        .as_ref()
+        .and_then(|d| d.id.clone())
+        .unwrap_or_else(|| service_id(&config));
+    let pubsub = PubSub::new(config.backend.clone()).with_publisher_id(id);
     let publisher_id = pubsub.publisher_id();
     let publisher = pubsub.get_publisher().await?;
     let (layout, topic_field, checkpoint_file) = match &config.source {

@@ -133,31 +133,17 @@ pub struct PubSub {
 }
 
 impl PubSub {
-    /// A manager for one backend.
-    ///
-    /// Its publishers' default id: for ZeroMQ, a UUIDv5 of the host and the
-    /// bind endpoint, stable across restarts (as the `publisher` table
-    /// needs) and distinct between services, since only one process can
-    /// bind an endpoint. For Redis and etcd, where many publishers share one
-    /// server, the process id and a per-process counter make it unique.
+    /// A manager for one backend. Its publishers' default id is unique to
+    /// this manager (host, process and a counter), so two publishers never
+    /// share a sequence; a service that restarts sets a stable one with
+    /// [`PubSub::with_publisher_id`] so that subscribers can tell a restart.
     pub fn new(config: BackendConfig) -> Self {
         static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let name = match &config {
-            BackendConfig::Zmq(c) => c.bind.clone(),
-            BackendConfig::Redis(c) => crate::backend::redis::redacted(&c.url),
-            BackendConfig::Etcd(c) => c.endpoints.join(","),
-        };
-        let name = match &config {
-            BackendConfig::Zmq(_) => name,
-            _ => format!(
-                "{name}#{}#{}",
-                std::process::id(),
-                INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            ),
-        };
+        let n = INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("feedbridge-client#{}#{n}", std::process::id());
         PubSub {
             config,
-            publisher_id: crate::discovery::publisher_id(&format!("feedbridge:{name}")),
+            publisher_id: crate::discovery::publisher_id(&name),
         }
     }
 

@@ -83,18 +83,22 @@ async fn run_and_tail_binaries_end_to_end_then_sigterm_exits_0() {
         ),
     )
     .unwrap();
-    let mut bridge = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut tail = Command::new(BIN)
-        .args(["tail", "--connect", &format!("tcp://127.0.0.1:{port}")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut bridge = KillOnDrop(
+        Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut tail = KillOnDrop(
+        Command::new(BIN)
+            .args(["tail", "--connect", &format!("tcp://127.0.0.1:{port}")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
     let stdout = tail.stdout.take().unwrap();
     std::thread::spawn(move || {

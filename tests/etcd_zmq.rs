@@ -263,12 +263,7 @@ async fn unreachable_etcd_fails_fast_with_a_clear_error() {
         "[source]\ntype = \"etcd\"\nendpoints = [\"http://127.0.0.1:{dead}\"]\nconnect_timeout = \"1s\"\n[backend]\ntype = \"zmq\"\nbind = \"tcp://127.0.0.1:{port}\"\n"
     );
     let bridge = Bridge::start(&cfg);
-    let err = tokio::time::timeout(WAIT, bridge.task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap_err()
-        .to_string();
+    let err = bridge.failure().await;
     assert!(
         err.contains("etcd") && err.contains(&dead.to_string()),
         "{err}"

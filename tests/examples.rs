@@ -50,13 +50,15 @@ async fn run_example(
         Arc::new(Stats::default()),
     ));
 
-    let mut tail = Command::new(BIN)
-        .arg("tail")
-        .args(tail_args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut tail = KillOnDrop(
+        Command::new(BIN)
+            .arg("tail")
+            .args(tail_args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
     let out = tail.stdout.take().unwrap();
     std::thread::spawn(move || {

@@ -222,14 +222,16 @@ async fn verify(written: &Log, received: &Received, etcd: &EtcdServer) {
     assert!(keys.len() == 10, "the stream touched every key");
 }
 
-fn spawn_bridge(cfg: &Path, log: &Path) -> Child {
-    Command::new(BIN)
-        .args(["run", "--log-level", "feedbridge=debug,info", "--config"])
-        .arg(cfg)
-        .stderr(std::fs::File::create(log).unwrap())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap()
+fn spawn_bridge(cfg: &Path, log: &Path) -> KillOnDrop {
+    KillOnDrop(
+        Command::new(BIN)
+            .args(["run", "--log-level", "feedbridge=debug,info", "--config"])
+            .arg(cfg)
+            .stderr(std::fs::File::create(log).unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {

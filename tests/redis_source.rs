@@ -268,12 +268,7 @@ async fn redis_restart_ends_with_the_real_state() {
 async fn refuses_when_config_is_disabled_and_notifications_are_off() {
     let redis = RedisServer::start_with(&["rename-command CONFIG \"\""]).await;
     let bridge = Bridge::start(&redis_to_zmq(&redis, free_port()));
-    let err = tokio::time::timeout(WAIT, bridge.task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap_err()
-        .to_string();
+    let err = bridge.failure().await;
     assert!(err.contains("notify-keyspace-events Kg$hxen"), "{err}");
 }
 

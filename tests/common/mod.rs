@@ -247,11 +247,18 @@ impl Drop for RedisServer {
     }
 }
 
-/// A bridge running in this process.
+/// A bridge running in this process; stopped on drop, so a failing test
+/// does not leave its threads running.
 pub struct Bridge {
     pub stats: Arc<Stats>,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<Result<(), feedbridge::bridge::BridgeError>>,
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
 }
 
 impl Bridge {
@@ -272,13 +279,23 @@ impl Bridge {
         }
     }
 
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(20), self.task)
+        tokio::time::timeout(Duration::from_secs(20), &mut self.task)
             .await
             .unwrap()
             .unwrap()
             .unwrap();
+    }
+
+    /// Waits for the bridge to end by itself and returns its error.
+    pub async fn failure(mut self) -> String {
+        let result = tokio::time::timeout(Duration::from_secs(20), &mut self.task).await;
+        result
+            .expect("the bridge should have failed")
+            .unwrap()
+            .unwrap_err()
+            .to_string()
     }
 }
 
@@ -366,4 +383,28 @@ pub async fn await_redis_flow(rx: &mut mpsc::Receiver<DbUpdate>, redis: &RedisSe
         }
     })
     .await;
+}
+
+/// A child process killed (SIGKILL) when dropped, so a failing test leaves
+/// nothing running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
