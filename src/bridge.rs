@@ -33,6 +33,9 @@ use crate::update::DbUpdate;
 /// after a crash to about this much traffic.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Updates handed to the publisher at once when the queue holds more.
+const MAX_BATCH: usize = 256;
+
 /// Keys the bridge writes itself and must never republish: the etcd
 /// backend's topics and the `publisher` table (etcd and Redis layouts).
 pub const OWN_PREFIXES: [&str; 3] = ["/pubsub/", "/publisher/", "{publisher."];
@@ -247,6 +250,7 @@ impl Pipeline {
         // replay after a crash stays bounded by the interval.
         let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch: Vec<DbUpdate> = Vec::with_capacity(MAX_BATCH);
         loop {
             let event = tokio::select! {
                 biased;
@@ -260,44 +264,61 @@ impl Pipeline {
                 }
             };
             let Some(event) = event else { return true };
-            let ok = match event {
-                SourceEvent::Change(change) => {
-                    Stats::incr(&self.stats.changes_read);
-                    match self.mapper.map(&change) {
-                        Ok(update) => self.publish(&update).await,
-                        Err(skip) => {
-                            self.stats.skip(skip, &change.key);
-                            true
+            // Take what else is already queued: one batch, one round trip
+            // for backends that can pipeline. Order is kept: a checkpoint
+            // or sync first publishes everything before it.
+            let mut next = Some(event);
+            while let Some(event) = next.take() {
+                match event {
+                    SourceEvent::Change(change) => {
+                        Stats::incr(&self.stats.changes_read);
+                        match self.mapper.map(&change) {
+                            Ok(update) => batch.push(update),
+                            Err(skip) => self.stats.skip(skip, &change.key),
+                        }
+                    }
+                    SourceEvent::Update(update) => batch.push(update),
+                    SourceEvent::Sync(reason) => {
+                        tracing::warn!(%reason, "Publishing a sync notice: subscribers should re-read their state.");
+                        Stats::incr(&self.stats.syncs_published);
+                        batch.push(DbUpdate::sync(reason));
+                    }
+                    SourceEvent::Checkpoint(revision) => {
+                        if !self.publish(&mut batch).await {
+                            return false;
+                        }
+                        self.published_revision = Some(revision);
+                        if let Err(e) = self.save_checkpoint(false).await {
+                            tracing::error!(error = %e, "Cannot save the checkpoint; will retry.");
                         }
                     }
                 }
-                SourceEvent::Update(update) => self.publish(&update).await,
-                SourceEvent::Sync(reason) => {
-                    tracing::warn!(%reason, "Publishing a sync notice: subscribers should re-read their state.");
-                    Stats::incr(&self.stats.syncs_published);
-                    self.publish(&DbUpdate::sync(reason)).await
+                if batch.len() < MAX_BATCH {
+                    next = rx.try_recv().ok();
                 }
-                SourceEvent::Checkpoint(revision) => {
-                    self.published_revision = Some(revision);
-                    if let Err(e) = self.save_checkpoint(false).await {
-                        tracing::error!(error = %e, "Cannot save the checkpoint; will retry.");
-                    }
-                    true
-                }
-            };
-            if !ok {
+            }
+            if !self.publish(&mut batch).await {
                 return false;
             }
         }
     }
 
-    /// Publishes with retries; `false` only when giving up at shutdown.
-    async fn publish(&mut self, update: &DbUpdate) -> bool {
+    /// Publishes and empties `batch`, retrying with backoff until the
+    /// backend takes it; `false` only when giving up at shutdown. A retried
+    /// batch may repeat updates that went out before the failure
+    /// (at-least-once).
+    async fn publish(&mut self, batch: &mut Vec<DbUpdate>) -> bool {
+        if batch.is_empty() {
+            return true;
+        }
         loop {
-            match self.publisher.send_event(update, None).await {
+            match self.publisher.send_batch(batch).await {
                 Ok(()) => {
                     self.reconnect.up();
-                    Stats::incr(&self.stats.updates_published);
+                    self.stats
+                        .updates_published
+                        .fetch_add(batch.len() as u64, Relaxed);
+                    batch.clear();
                     return true;
                 }
                 Err(e) => {

@@ -21,6 +21,7 @@
 //! - [`checkpoint`]: the atomically written last-published revision.
 //! - [`retry`]: reconnection with capped, jittered exponential backoff.
 //! - [`stats`]: counters of what the bridge did.
+//! - [`testing`]: real etcd / Redis servers for the tests and the benchmark.
 
 #![deny(unreachable_pub, rustdoc::broken_intra_doc_links)]
 #![warn(missing_docs)]
@@ -38,6 +39,7 @@ pub mod retry;
 pub mod service;
 pub mod source;
 pub mod stats;
+pub mod testing;
 pub mod update;
 
 pub use update::{Action, DbUpdate, SEND_ALL_TOPIC};

@@ -53,6 +53,15 @@ pub trait Publisher: Send + Sync {
     /// Returns once the backend has taken the message.
     async fn send_event(&self, update: &DbUpdate, topic: Option<&str>) -> Result<(), PublishError>;
 
+    /// Publishes updates in order, each on its own topic. Backends that can
+    /// pipeline (Redis) send them in one round trip.
+    async fn send_batch(&self, updates: &[DbUpdate]) -> Result<(), PublishError> {
+        for update in updates {
+            self.send_event(update, None).await?;
+        }
+        Ok(())
+    }
+
     /// Waits until every update sent so far has left this process. Backends
     /// whose `send_event` waits for the server already satisfy this.
     async fn flush(&self) -> Result<(), PublishError> {

@@ -458,11 +458,18 @@ async fn registration_in_redis_is_written_refreshed_and_removed_at_stop() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("p.sock");
     let cfg = service_config(&socket, free_port())
-        + &format!("[discovery]\nurl = \"{}\"\nlocal_ip = \"10.9.8.7\"\nrefresh_interval = \"200ms\"\n", redis.url());
+        + &format!(
+            "[discovery]\nurl = \"{}\"\nlocal_ip = \"10.9.8.7\"\nrefresh_interval = \"200ms\"\n",
+            redis.url()
+        );
     let service = Bridge::start(&cfg);
     let mut c = redis.connection().await;
     let read = |mut c: redis::aio::MultiplexedConnection| async move {
-        let keys: Vec<String> = redis::cmd("KEYS").arg("{publisher.}*").query_async(&mut c).await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("{publisher.}*")
+            .query_async(&mut c)
+            .await
+            .unwrap();
         let mut rows = Vec::new();
         for k in keys {
             let v: String = redis::cmd("GET").arg(&k).query_async(&mut c).await.unwrap();
@@ -476,8 +483,14 @@ async fn registration_in_redis_is_written_refreshed_and_removed_at_stop() {
     })
     .await;
     let (key, row) = first;
-    assert_eq!(key, format!("{{publisher.}}{}", row["id"].as_str().unwrap()));
-    assert!(row["uri"].as_str().unwrap().starts_with("tcp://10.9.8.7:"), "loopback bind replaced by local_ip: {row}");
+    assert_eq!(
+        key,
+        format!("{{publisher.}}{}", row["id"].as_str().unwrap())
+    );
+    assert!(
+        row["uri"].as_str().unwrap().starts_with("tcp://10.9.8.7:"),
+        "loopback bind replaced by local_ip: {row}"
+    );
     let t0 = row["last_activity_timestamp"].as_f64().unwrap();
     eventually("a refresh", WAIT, || {
         let c = c.clone();
@@ -488,6 +501,13 @@ async fn registration_in_redis_is_written_refreshed_and_removed_at_stop() {
     })
     .await;
     service.stop().await;
-    let keys: Vec<String> = redis::cmd("KEYS").arg("{publisher.}*").query_async(&mut c).await.unwrap();
-    assert!(keys.is_empty(), "a graceful stop removes the entry: {keys:?}");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("{publisher.}*")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(
+        keys.is_empty(),
+        "a graceful stop removes the entry: {keys:?}"
+    );
 }

@@ -81,16 +81,15 @@ impl RedisPublisher {
     }
 }
 
-#[async_trait]
-impl Publisher for RedisPublisher {
-    async fn send_event(&self, update: &DbUpdate, topic: Option<&str>) -> Result<(), PublishError> {
-        let topic = topic.unwrap_or(&update.topic);
+impl RedisPublisher {
+    /// PUBLISHes `(update, topic)` pairs in one pipelined round trip.
+    /// Stamped under the connection lock, so numbers go out in order; a
+    /// failure gives the numbers back for the retry.
+    async fn publish_all(&self, items: &[(&DbUpdate, &str)]) -> Result<(), PublishError> {
         let send_error = |message: String| PublishError::Send {
             backend: "redis",
             message,
         };
-        // Stamped under the connection lock, so numbers go out in order; a
-        // failed PUBLISH gives its number back for the retry.
         let mut guard = self.connection.lock().await;
         let conn = match guard.as_mut() {
             Some(c) => c,
@@ -100,26 +99,39 @@ impl Publisher for RedisPublisher {
                     .map_err(send_error)?,
             ),
         };
-        let payload = self.codec.encode(update, &self.sequencer.stamp(topic));
-        let sent: Result<i64, _> = tokio::time::timeout(
-            self.timeout,
-            redis::cmd("PUBLISH")
-                .arg(topic)
-                .arg(payload)
-                .query_async(conn),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(redis::RedisError::from((
-                redis::ErrorKind::Io,
-                "PUBLISH timed out",
-            )))
-        });
-        sent.map(drop).map_err(|e| {
+        let mut pipe = redis::pipe();
+        for (update, topic) in items {
+            let payload = self.codec.encode(update, &self.sequencer.stamp(topic));
+            pipe.cmd("PUBLISH").arg(*topic).arg(payload).ignore();
+        }
+        let sent: Result<(), _> = tokio::time::timeout(self.timeout, pipe.query_async(conn))
+            .await
+            .unwrap_or_else(|_| {
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "PUBLISH timed out",
+                )))
+            });
+        sent.map_err(|e| {
             *guard = None;
-            self.sequencer.rollback(topic);
+            for (_, topic) in items.iter().rev() {
+                self.sequencer.rollback(topic);
+            }
             send_error(e.to_string())
         })
+    }
+}
+
+#[async_trait]
+impl Publisher for RedisPublisher {
+    async fn send_event(&self, update: &DbUpdate, topic: Option<&str>) -> Result<(), PublishError> {
+        self.publish_all(&[(update, topic.unwrap_or(&update.topic))])
+            .await
+    }
+
+    async fn send_batch(&self, updates: &[DbUpdate]) -> Result<(), PublishError> {
+        let items: Vec<(&DbUpdate, &str)> = updates.iter().map(|u| (u, u.topic.as_str())).collect();
+        self.publish_all(&items).await
     }
 
     async fn close(&self) -> Result<(), PublishError> {

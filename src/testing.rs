@@ -1,0 +1,246 @@
+//! Real etcd and Redis servers for tests and benchmarks: each starts on
+//! free loopback ports in its own temp dir, is killed on drop, and can be
+//! restarted on the same data for fault tests. Not part of the bridge; it
+//! is public so the integration tests and `feedbridge-bench` share it.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// A free TCP port on loopback (the OS picks it; the listener is dropped).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn spawn_logged(program: &str, args: &[String], log: &Path) -> Child {
+    let log_file = std::fs::File::create(log).unwrap();
+    Command::new(program)
+        .args(args)
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {program} (scripts/setup.sh installs it): {e}"))
+}
+
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// A single-member etcd cluster.
+pub struct EtcdServer {
+    dir: TempDir,
+    /// The client port.
+    pub client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+impl EtcdServer {
+    /// Starts etcd and waits until it answers.
+    pub async fn start() -> Self {
+        let mut s = EtcdServer {
+            dir: tempfile::tempdir().unwrap(),
+            client_port: free_port(),
+            peer_port: free_port(),
+            child: None,
+        };
+        s.spawn().await;
+        s
+    }
+
+    /// The client URL, `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    async fn spawn(&mut self) {
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let args: Vec<String> = [
+            "--name",
+            "default",
+            "--data-dir",
+            self.dir.path().join("data").to_str().unwrap(),
+            "--listen-client-urls",
+            &self.endpoint(),
+            "--advertise-client-urls",
+            &self.endpoint(),
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("default={peer}"),
+            "--experimental-watch-progress-notify-interval",
+            "500ms",
+            "--log-level",
+            "warn",
+            "--logger",
+            "zap",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        self.child = Some(spawn_logged(
+            "etcd",
+            &args,
+            &self.dir.path().join("etcd.log"),
+        ));
+        let endpoint = self.endpoint();
+        eventually("etcd to answer", Duration::from_secs(20), || {
+            let endpoint = endpoint.clone();
+            async move {
+                let mut c = etcd_client::Client::connect([endpoint], None).await.ok()?;
+                c.status().await.ok().map(|_| ())
+            }
+        })
+        .await;
+    }
+
+    /// Kills etcd (SIGKILL) and starts it again on the same data dir and port.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    /// Kills etcd.
+    pub fn stop(&mut self) {
+        kill(&mut self.child);
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.endpoint()], None)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// A Redis server.
+pub struct RedisServer {
+    dir: TempDir,
+    /// The port.
+    pub port: u16,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts Redis (AOF on, so a restart keeps the data) and waits for PONG.
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// The same with extra config lines, e.g. `["rename-command", "CONFIG", "\"\""]`.
+    pub async fn start_with(extra: &[&str]) -> Self {
+        let mut s = RedisServer {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        s.spawn().await;
+        s
+    }
+
+    /// `redis://127.0.0.1:PORT/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    async fn spawn(&mut self) {
+        let conf = self.dir.path().join("redis.conf");
+        let mut text = format!(
+            "port {}\nbind 127.0.0.1\ndir {}\nsave \"\"\nappendonly yes\nappendfsync always\ndaemonize no\n",
+            self.port,
+            self.dir.path().display()
+        );
+        if !self.extra.is_empty() {
+            text.push_str(&self.extra.join(" "));
+            text.push('\n');
+        }
+        std::fs::write(&conf, text).unwrap();
+        let args = vec![conf.to_str().unwrap().to_owned()];
+        self.child = Some(spawn_logged(
+            "redis-server",
+            &args,
+            &self.dir.path().join("redis.log"),
+        ));
+        let url = self.url();
+        eventually("redis to answer", Duration::from_secs(20), || {
+            let url = url.clone();
+            async move {
+                let client = redis::Client::open(url).ok()?;
+                let mut c = client.get_multiplexed_async_connection().await.ok()?;
+                redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .ok()
+                    .map(|_| ())
+            }
+        })
+        .await;
+    }
+
+    /// Kills Redis and starts it again on the same data (AOF) and port.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    /// Kills Redis.
+    pub fn stop(&mut self) {
+        kill(&mut self.child);
+    }
+
+    /// A connection.
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
