@@ -200,14 +200,14 @@ impl Db {
 
     async fn writer(&self) -> Writer {
         match self {
-            Db::Etcd(e) => Writer::Etcd(e.client().await),
+            Db::Etcd(e) => Writer::Etcd(Box::new(e.client().await)),
             Db::Redis(r) => Writer::Redis(r.connection().await),
         }
     }
 }
 
 enum Writer {
-    Etcd(etcd_client::Client),
+    Etcd(Box<etcd_client::Client>),
     Redis(redis::aio::MultiplexedConnection),
 }
 
