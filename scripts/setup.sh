@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# Installs what feedbridge needs to build, run and test, when it is missing:
-# protoc (etcd-client's build), etcd + etcdctl, redis-server + redis-cli,
-# and Python's pyzmq + msgpack (the Dragonflow interop tests).
+# Installs what feedbridge needs, when it is missing.
+#   scripts/setup.sh --build   only what building needs: protoc (etcd-client's
+#                              build script). The Dockerfile uses this.
+#   scripts/setup.sh           also what running and testing need: etcd +
+#                              etcdctl, redis-server + redis-cli, openssl (TLS
+#                              test certificates), docker-compose (validates
+#                              docker-compose.yml without an engine), and
+#                              Python's pyzmq + msgpack (Dragonflow interop).
 # Idempotent: a machine that has everything installs nothing.
 set -euo pipefail
 
 need_apt=()
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
-command -v etcd >/dev/null || need_apt+=(etcd-server)
-command -v etcdctl >/dev/null || need_apt+=(etcd-client)
-command -v redis-server >/dev/null || need_apt+=(redis-server)
-command -v redis-cli >/dev/null || need_apt+=(redis-tools)
-command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
+if [ "${1:-}" != "--build" ]; then
+    command -v etcd >/dev/null || need_apt+=(etcd-server)
+    command -v etcdctl >/dev/null || need_apt+=(etcd-client)
+    command -v redis-server >/dev/null || need_apt+=(redis-server)
+    command -v redis-cli >/dev/null || need_apt+=(redis-tools)
+    command -v openssl >/dev/null || need_apt+=(openssl)
+    command -v docker-compose >/dev/null || need_apt+=(docker-compose)
+    command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
+fi
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -21,6 +30,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]} with apt-get" >&2
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+if [ "${1:-}" = "--build" ]; then
+    exit 0
 fi
 
 if ! python3 -c 'import zmq, msgpack' 2>/dev/null; then

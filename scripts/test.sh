@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite: installs prerequisites, checks formatting and lints,
-# then runs every unit and integration test. The tests start their own etcd
-# and Redis servers on free ports in temp dirs.
+# validates the container files, runs the benchmark harness in smoke mode
+# (so it cannot rot; no timing is asserted), then every unit and
+# integration test. Tests start their own etcd and Redis servers on free
+# ports in temp dirs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
+docker-compose -f docker-compose.yml config -q
+cargo run --locked --quiet --bin feedbridge-bench -- --smoke
 cargo test --locked --no-fail-fast "$@"

@@ -7,7 +7,6 @@
 //! outage delays updates but loses none. A checkpoint is saved only after
 //! the publisher has flushed everything before it.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,6 +54,9 @@ pub enum BridgeError {
     /// The multiproc channel could not be opened.
     #[error("multiproc channel: {0}")]
     Multiproc(String),
+    /// The admin listener could not bind.
+    #[error("admin listener: {0}")]
+    Admin(String),
     /// The publisher table could not be written.
     #[error("publisher discovery: {0}")]
     Discovery(String),
@@ -117,6 +119,13 @@ pub async fn run(
     let pubsub = PubSub::new(config.backend.clone()).with_publisher_id(id);
     let publisher_id = pubsub.publisher_id();
     let publisher = pubsub.get_publisher().await?;
+    let backend_name = match &config.backend {
+        BackendConfig::Zmq(_) => "zmq",
+        BackendConfig::Redis(_) => "redis",
+        BackendConfig::Etcd(_) => "etcd",
+    };
+    stats.describe(backend_name, config.source.is_some());
+    stats.backend.set_up(true, false);
     let (layout, topic_field, checkpoint_file) = match &config.source {
         Some(SourceConfig::Etcd(c)) => (
             c.layout.as_str(),
@@ -139,6 +148,12 @@ pub async fn run(
 
     // Everything stops with `shutdown`, or when a producer fails.
     let stop = shutdown.child_token();
+    if let Some(listen) = &config.admin.listen {
+        let addr = listen.parse().expect("validated config");
+        crate::admin::serve(addr, stats.clone(), stop.clone())
+            .await
+            .map_err(BridgeError::Admin)?;
+    }
     let (tx, rx) = mpsc::channel(config.bridge.queue_capacity);
     let mut producers: Vec<Producer> = Vec::new();
     if let Some(multiproc) = &config.multiproc {
@@ -153,11 +168,11 @@ pub async fn run(
     }
     match config.source.clone() {
         Some(SourceConfig::Etcd(c)) => {
-            let source = EtcdSource::new(c, resume).run(tx.clone(), stop.clone());
+            let source = EtcdSource::new(c, resume, stats.clone()).run(tx.clone(), stop.clone());
             producers.push(spawn_producer(&stop, async move { Ok(source.await?) }));
         }
         Some(SourceConfig::Redis(c)) => {
-            let source = RedisSource::new(c).run(tx.clone(), stop.clone());
+            let source = RedisSource::new(c, stats.clone()).run(tx.clone(), stop.clone());
             producers.push(spawn_producer(&stop, async move { Ok(source.await?) }));
         }
         None => {}
@@ -198,12 +213,17 @@ pub async fn run(
     let mut pipeline = Pipeline {
         publisher: publisher.clone(),
         mapper,
-        stats,
         checkpoint_file,
         published_revision: None,
         saved_revision: resume,
         last_save: Instant::now(),
-        reconnect: Reconnect::new("publisher"),
+        reconnect: Reconnect::new("publisher").with_state(stats.backend.clone()),
+        stats,
+        source_name: match &config.source {
+            Some(SourceConfig::Etcd(_)) => "etcd",
+            Some(SourceConfig::Redis(_)) => "redis",
+            None => "multiproc",
+        },
         give_up: give_up.clone(),
     };
     let drained = pipeline.drain(rx).await;
@@ -231,6 +251,7 @@ pub async fn run(
 }
 
 struct Pipeline {
+    source_name: &'static str,
     publisher: Arc<dyn Publisher>,
     mapper: Mapper,
     stats: Arc<Stats>,
@@ -270,17 +291,20 @@ impl Pipeline {
             let mut next = Some(event);
             while let Some(event) = next.take() {
                 match event {
-                    SourceEvent::Change(change) => {
-                        Stats::incr(&self.stats.changes_read);
-                        match self.mapper.map(&change) {
-                            Ok(update) => batch.push(update),
-                            Err(skip) => self.stats.skip(skip, &change.key),
+                    SourceEvent::Change(change) => match self.mapper.map(&change) {
+                        Ok(update) => {
+                            self.stats.read(self.source_name, &update);
+                            batch.push(update);
                         }
+                        Err(skip) => self.stats.skip(skip, &change.key),
+                    },
+                    SourceEvent::Update(update) => {
+                        self.stats.read("multiproc", &update);
+                        batch.push(update);
                     }
-                    SourceEvent::Update(update) => batch.push(update),
                     SourceEvent::Sync(reason) => {
                         tracing::warn!(%reason, "Publishing a sync notice: subscribers should re-read their state.");
-                        Stats::incr(&self.stats.syncs_published);
+                        self.stats.syncs_published.inc();
                         batch.push(DbUpdate::sync(reason));
                     }
                     SourceEvent::Checkpoint(revision) => {
@@ -297,6 +321,9 @@ impl Pipeline {
                     next = rx.try_recv().ok();
                 }
             }
+            self.stats
+                .queue_depth
+                .set((rx.max_capacity() - rx.capacity()) as i64);
             if !self.publish(&mut batch).await {
                 return false;
             }
@@ -315,14 +342,12 @@ impl Pipeline {
             match self.publisher.send_batch(batch).await {
                 Ok(()) => {
                     self.reconnect.up();
-                    self.stats
-                        .updates_published
-                        .fetch_add(batch.len() as u64, Relaxed);
+                    self.stats.published(batch);
                     batch.clear();
                     return true;
                 }
                 Err(e) => {
-                    Stats::incr(&self.stats.publish_errors);
+                    self.stats.publish_errors.inc();
                     if matches!(e, PublishError::Closed)
                         || !self.reconnect.down(&e, &self.give_up).await
                     {
@@ -339,9 +364,7 @@ impl Pipeline {
         let Some(revision) = self.published_revision else {
             return Ok(());
         };
-        self.stats
-            .checkpoint_revision
-            .store(revision.max(0) as u64, Relaxed);
+        self.stats.checkpoint_revision.set(revision);
         let Some(path) = &self.checkpoint_file else {
             return Ok(());
         };

@@ -10,6 +10,15 @@ use serde::Deserialize;
 use crate::codec::Codec;
 use crate::keymap::KeyLayout;
 
+static NO_AUTH: AuthConfig = AuthConfig {
+    user: None,
+    password_env: None,
+    password_file: None,
+    ca_file: None,
+    cert_file: None,
+    key_file: None,
+};
+
 /// Dragonflow's publisher port.
 pub const DEFAULT_ZMQ_BIND: &str = "tcp://127.0.0.1:8866";
 /// etcd's client port on loopback.
@@ -31,6 +40,82 @@ pub struct Config {
     pub multiproc: Option<MultiprocConfig>,
     /// Registration in the database's `publisher` table.
     pub discovery: Option<DiscoveryConfig>,
+    /// The admin HTTP listener (metrics, health).
+    pub admin: AdminConfig,
+}
+
+/// Credentials and TLS of a database connection. Secrets come from the
+/// environment or a file, never from the config file, and never appear in
+/// logs or in `check` output.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// User name (etcd user, Redis ACL user).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// File holding the password (trailing newline ignored).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// PEM CA certificate to verify the server (etcd `https://`, Redis `rediss://`).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for servers that require one.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM key of the client certificate.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+impl AuthConfig {
+    /// The password, read from its variable or file.
+    pub fn password(&self) -> Result<Option<String>, String> {
+        match (&self.password_env, &self.password_file) {
+            (Some(_), Some(_)) => Err("set password_env or password_file, not both".into()),
+            (Some(var), None) => std::env::var(var)
+                .map(Some)
+                .map_err(|_| format!("environment variable {var} (password_env) is not set")),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map(|p| Some(p.trim_end_matches(['\n', '\r']).to_owned()))
+                .map_err(|e| format!("cannot read password_file {}: {e}", path.display())),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// Reads a PEM file named in this section.
+    pub fn pem(path: &Option<PathBuf>, field: &str) -> Result<Option<Vec<u8>>, String> {
+        path.as_ref()
+            .map(|p| {
+                std::fs::read(p).map_err(|e| format!("cannot read {field} {}: {e}", p.display()))
+            })
+            .transpose()
+    }
+
+    /// Checks that secrets and files can be read, and that a client
+    /// certificate comes with its key.
+    pub fn check(&self) -> Result<(), String> {
+        self.password()?;
+        Self::pem(&self.ca_file, "ca_file")?;
+        Self::pem(&self.cert_file, "cert_file")?;
+        Self::pem(&self.key_file, "key_file")?;
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err("cert_file and key_file go together".into());
+        }
+        Ok(())
+    }
+}
+
+/// The admin HTTP listener.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `HOST:PORT` serving `/metrics`, `/healthz` and `/readyz`; off when
+    /// unset. Use a loopback address unless scrapers live elsewhere.
+    #[serde(default)]
+    pub listen: Option<String>,
 }
 
 /// The multiproc channel: local processes PUSH updates to this PULL socket
@@ -68,6 +153,9 @@ pub struct DiscoveryConfig {
     /// ...or a Redis URL (`{publisher.}<id>` keys): exactly one of the two.
     #[serde(default)]
     pub url: Option<String>,
+    /// Credentials and TLS of that database (`[discovery.auth]`).
+    #[serde(default)]
+    pub auth: AuthConfig,
     /// The address remote subscribers dial: replaces a wildcard or loopback
     /// host of `backend.bind` in the registered uri.
     #[serde(default)]
@@ -133,6 +221,9 @@ pub struct EtcdSourceConfig {
     /// How long a connect attempt may take before it counts as failed.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Credentials and TLS (`[source.auth]` / `[backend.auth]`).
+    #[serde(default)]
+    pub auth: AuthConfig,
 }
 
 /// The Redis source.
@@ -157,6 +248,9 @@ pub struct RedisSourceConfig {
     /// How long a connect attempt may take.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Credentials and TLS (`[source.auth]` / `[backend.auth]`).
+    #[serde(default)]
+    pub auth: AuthConfig,
 }
 
 /// The ZeroMQ backend.
@@ -191,6 +285,9 @@ pub struct RedisBackendConfig {
     /// How long a connect attempt may take.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Credentials and TLS (`[source.auth]` / `[backend.auth]`).
+    #[serde(default)]
+    pub auth: AuthConfig,
 }
 
 /// The etcd `/pubsub/<topic>` backend.
@@ -209,6 +306,9 @@ pub struct EtcdBackendConfig {
     /// How long a connect attempt may take.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Credentials and TLS (`[source.auth]` / `[backend.auth]`).
+    #[serde(default)]
+    pub auth: AuthConfig,
 }
 
 /// Limits of the source → publisher pipeline.
@@ -362,9 +462,10 @@ impl Config {
         let bridge = section("bridge", false)?;
         let multiproc = section("multiproc", false)?;
         let discovery = section("discovery", false)?;
+        let admin = section("admin", false)?;
         if let Some(key) = top.keys().next() {
             return Err(error(format!(
-                "unknown table or field `{key}`, expected `source`, `backend`, `bridge`, `multiproc` or `discovery`"
+                "unknown table or field `{key}`, expected `source`, `backend`, `bridge`, `multiproc`, `discovery` or `admin`"
             )));
         }
         let source = match source {
@@ -384,6 +485,11 @@ impl Config {
             .map(|t| typed(t, "discovery"))
             .transpose()
             .map_err(error)?;
+        let admin: AdminConfig = admin
+            .map(|t| typed(t, "admin"))
+            .transpose()
+            .map_err(error)?
+            .unwrap_or_default();
         let backend = match tagged(backend, "backend", &["zmq", "redis", "etcd"]).map_err(error)? {
             ("zmq", t) => BackendConfig::Zmq(typed(t, "backend").map_err(error)?),
             ("redis", t) => BackendConfig::Redis(typed(t, "backend").map_err(error)?),
@@ -399,6 +505,7 @@ impl Config {
             bridge,
             multiproc,
             discovery,
+            admin,
         })
     }
 
@@ -418,6 +525,9 @@ impl Config {
             }
             Some(SourceConfig::Redis(c)) => c.url = redis.clone().unwrap_or(c.url.clone()),
             None => {}
+        }
+        if let Some(listen) = var("FEEDBRIDGE_ADMIN_LISTEN") {
+            self.admin.listen = Some(listen);
         }
         if let Some(d) = &mut self.discovery {
             if d.url.is_some() {
@@ -529,6 +639,32 @@ impl Config {
                     "must be positive and shorter than publisher_timeout, or live publishers would be removed".into(),
                 ));
             }
+        }
+        let auths: Vec<(&'static str, &AuthConfig)> = [
+            self.source.as_ref().map(|s| match s {
+                SourceConfig::Etcd(c) => ("source.auth", &c.auth),
+                SourceConfig::Redis(c) => ("source.auth", &c.auth),
+            }),
+            Some(match &self.backend {
+                BackendConfig::Zmq(_) => ("backend.auth", &NO_AUTH),
+                BackendConfig::Redis(c) => ("backend.auth", &c.auth),
+                BackendConfig::Etcd(c) => ("backend.auth", &c.auth),
+            }),
+            self.discovery.as_ref().map(|d| ("discovery.auth", &d.auth)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for (field, auth) in auths {
+            auth.check().map_err(|r| invalid(field, r))?;
+        }
+        if let Some(listen) = &self.admin.listen {
+            listen.parse::<std::net::SocketAddr>().map_err(|e| {
+                invalid(
+                    "admin.listen",
+                    format!("{listen:?} is not HOST:PORT ({e}), e.g. \"127.0.0.1:9095\""),
+                )
+            })?;
         }
         if self.bridge.queue_capacity == 0 {
             return Err(invalid(

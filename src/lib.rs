@@ -20,12 +20,14 @@
 //! - [`service`]: the publisher service's multiproc (PULL) channel.
 //! - [`checkpoint`]: the atomically written last-published revision.
 //! - [`retry`]: reconnection with capped, jittered exponential backoff.
-//! - [`stats`]: counters of what the bridge did.
+//! - [`stats`]: Prometheus metrics of what the bridge did.
+//! - [`admin`]: the admin HTTP listener: `/metrics`, `/healthz`, `/readyz`.
 //! - [`testing`]: real etcd / Redis servers for the tests and the benchmark.
 
 #![deny(unreachable_pub, rustdoc::broken_intra_doc_links)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod backend;
 pub mod bridge;
 pub mod checkpoint;

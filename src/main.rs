@@ -44,6 +44,12 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Exit 0 if an admin URL answers 200 (for container health checks).
+    Health {
+        /// e.g. http://127.0.0.1:9095/readyz
+        #[arg(long, default_value = "http://127.0.0.1:9095/healthz")]
+        url: String,
+    },
     /// Subscribe and print one JSON object per update on stdout.
     Tail {
         /// Which backend to subscribe through.
@@ -91,6 +97,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_level);
     match cli.command {
+        Command::Health { url } => match feedbridge::admin::probe(&url) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
                 println!("{}: OK ({})", config.display(), describe(&c));
@@ -136,6 +149,7 @@ fn main() -> ExitCode {
                     url: redis_url,
                     codec,
                     connect_timeout: std::time::Duration::from_secs(5),
+                    auth: Default::default(),
                 }),
                 TailBackend::Etcd => BackendConfig::Etcd(EtcdBackendConfig {
                     endpoints: if etcd_endpoint.is_empty() {
@@ -146,6 +160,7 @@ fn main() -> ExitCode {
                     prefix: etcd_prefix,
                     codec,
                     connect_timeout: std::time::Duration::from_secs(5),
+                    auth: Default::default(),
                 }),
             };
             let connect = if connect.is_empty() && discover.is_none() {
@@ -233,12 +248,8 @@ async fn run(config: Config) -> ExitCode {
     match feedbridge::bridge::run(config, shutdown, stats.clone()).await {
         Ok(()) => {
             tracing::info!(
-                read = stats
-                    .changes_read
-                    .load(std::sync::atomic::Ordering::Relaxed),
-                published = stats
-                    .updates_published
-                    .load(std::sync::atomic::Ordering::Relaxed),
+                read = stats.changes_read.get(),
+                published = stats.updates_published.get(),
                 "Stopped cleanly."
             );
             ExitCode::SUCCESS

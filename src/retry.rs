@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
 
+use crate::stats::ConnState;
+
 /// A connection that stayed up this long starts its next outage with the
 /// shortest delay again.
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
@@ -22,6 +24,7 @@ pub struct Reconnect {
     up_since: Option<Instant>,
     down: bool,
     attempts: u64,
+    state: Option<ConnState>,
 }
 
 impl Reconnect {
@@ -45,11 +48,21 @@ impl Reconnect {
             up_since: None,
             down: false,
             attempts: 0,
+            state: None,
         }
+    }
+
+    /// Also reports up/down and reconnects to `state` (metrics, readiness).
+    pub fn with_state(mut self, state: ConnState) -> Self {
+        self.state = Some(state);
+        self
     }
 
     /// Records a successful (re)connection; logs the recovery once.
     pub fn up(&mut self) {
+        if let Some(state) = &self.state {
+            state.set_up(true, self.down);
+        }
         if self.down {
             tracing::info!(connection = %self.what, attempts = self.attempts, "Connection is back.");
             self.down = false;
@@ -72,6 +85,9 @@ impl Reconnect {
             self.delays = self.builder.build();
         }
         self.attempts += 1;
+        if let Some(state) = &self.state {
+            state.set_up(false, false);
+        }
         if !self.down {
             tracing::warn!(connection = %self.what, %error, "Connection lost; retrying with backoff.");
             self.down = true;

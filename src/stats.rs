@@ -1,34 +1,230 @@
-//! Counters of what the bridge did, shared by every task through an `Arc`.
-//! They back the log lines now and the metrics endpoint later.
+//! What the bridge did, as Prometheus metrics (the `prometheus-client`
+//! crate): shared by every task through an `Arc`, scraped at `/metrics`.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 use crate::mapper::Skip;
+use crate::update::DbUpdate;
 
-/// Counters named after what they count.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReadLabels {
+    source: String,
+    table: String,
+    action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PublishedLabels {
+    backend: String,
+    topic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectionLabels {
+    connection: String,
+}
+
+/// Whether one connection is up, and how often it came back.
+#[derive(Clone, Debug, Default)]
+pub struct ConnState {
+    up: Arc<AtomicBool>,
+    reconnects: Counter,
+}
+
+impl ConnState {
+    /// Marks the connection up; counts a reconnect when it was down before.
+    pub fn set_up(&self, up: bool, was_down: bool) {
+        if up && was_down {
+            self.reconnects.inc();
+        }
+        self.up.store(up, Relaxed);
+    }
+
+    /// Whether the connection is up.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Relaxed)
+    }
+}
+
+/// The bridge's metrics. Counters are named after what they count.
+#[derive(Debug)]
 pub struct Stats {
-    /// Changes read from the source.
-    pub changes_read: AtomicU64,
-    /// Updates handed to the backend.
-    pub updates_published: AtomicU64,
+    registry: Registry,
+    /// Changes read from the source (all tables).
+    pub changes_read: Counter,
+    read_by: Family<ReadLabels, Counter>,
+    /// Updates the backend took.
+    pub updates_published: Counter,
+    published_by: Family<PublishedLabels, Counter>,
     /// Publish attempts that failed (each is retried).
-    pub publish_errors: AtomicU64,
-    /// Reconnections of any connection.
-    pub reconnects: AtomicU64,
-    /// `sync` notices published (source lost track, e.g. compaction).
-    pub syncs_published: AtomicU64,
-    /// Last etcd revision whose updates were all published.
-    pub checkpoint_revision: AtomicU64,
-    skipped: [AtomicU64; Skip::ALL.len()],
+    pub publish_errors: Counter,
+    /// `sync` notices published (the source lost track, e.g. compaction).
+    pub syncs_published: Counter,
+    skipped: Family<ReasonLabels, Counter>,
+    reconnects: Family<ConnectionLabels, Counter>,
+    /// The source database's latest revision seen (etcd).
+    pub source_revision: Gauge,
+    /// Last revision whose updates were all published.
+    pub checkpoint_revision: Gauge,
+    lag: Gauge,
+    /// Changes waiting between source and publisher.
+    pub queue_depth: Gauge,
+    /// 1 while this instance publishes (always, without HA).
+    pub leader: Gauge,
+    /// The source's connection.
+    pub source: ConnState,
+    /// The backend's connection.
+    pub backend: ConnState,
+    has_source: AtomicBool,
+    backend_name: std::sync::OnceLock<String>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        let reconnects = Family::<ConnectionLabels, Counter>::default();
+        let conn = |name: &str| ConnState {
+            up: Arc::default(),
+            reconnects: reconnects
+                .get_or_create(&ConnectionLabels {
+                    connection: name.into(),
+                })
+                .clone(),
+        };
+        let (source, backend) = (conn("source"), conn("backend"));
+        let mut registry = Registry::with_prefix("feedbridge");
+        let s = Stats {
+            changes_read: Counter::default(),
+            read_by: Family::default(),
+            updates_published: Counter::default(),
+            published_by: Family::default(),
+            publish_errors: Counter::default(),
+            syncs_published: Counter::default(),
+            skipped: Family::default(),
+            reconnects,
+            source_revision: Gauge::default(),
+            checkpoint_revision: Gauge::default(),
+            lag: Gauge::default(),
+            queue_depth: Gauge::default(),
+            leader: Gauge::default(),
+            source,
+            backend,
+            has_source: AtomicBool::new(false),
+            backend_name: Default::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "updates_read",
+            "Changes read from the source, by source, table and action",
+            s.read_by.clone(),
+        );
+        registry.register(
+            "updates_published",
+            "Updates the backend took, by backend and topic",
+            s.published_by.clone(),
+        );
+        registry.register("skipped", "Changes skipped, by reason", s.skipped.clone());
+        registry.register(
+            "publish_errors",
+            "Failed publish attempts (each is retried)",
+            s.publish_errors.clone(),
+        );
+        registry.register(
+            "syncs_published",
+            "Sync notices published",
+            s.syncs_published.clone(),
+        );
+        registry.register(
+            "reconnects",
+            "Reconnections, by connection",
+            s.reconnects.clone(),
+        );
+        registry.register(
+            "source_revision",
+            "Latest etcd revision seen by the source",
+            s.source_revision.clone(),
+        );
+        registry.register(
+            "checkpoint_revision",
+            "Last revision whose updates were all published",
+            s.checkpoint_revision.clone(),
+        );
+        registry.register(
+            "lag_revisions",
+            "source_revision minus checkpoint_revision",
+            s.lag.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Changes waiting between source and publisher",
+            s.queue_depth.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this instance publishes",
+            s.leader.clone(),
+        );
+        Stats { registry, ..s }
+    }
 }
 
 impl Stats {
+    /// Names the backend (for labels) and whether a source is configured
+    /// (for readiness).
+    pub fn describe(&self, backend: &str, has_source: bool) {
+        let _ = self.backend_name.set(backend.to_owned());
+        self.has_source.store(has_source, Relaxed);
+        self.leader.set(1);
+    }
+
+    /// Counts a change read from `source` that became `update`.
+    pub fn read(&self, source: &str, update: &DbUpdate) {
+        self.changes_read.inc();
+        self.read_by
+            .get_or_create(&ReadLabels {
+                source: source.to_owned(),
+                table: update.table.clone(),
+                action: update.action.as_str().to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts updates the backend took.
+    pub fn published(&self, updates: &[DbUpdate]) {
+        self.updates_published.inc_by(updates.len() as u64);
+        let backend = self.backend_name.get().cloned().unwrap_or_default();
+        for u in updates {
+            self.published_by
+                .get_or_create(&PublishedLabels {
+                    backend: backend.clone(),
+                    topic: u.topic.clone(),
+                })
+                .inc();
+        }
+    }
+
     /// Counts a skipped change; logs the first of each kind as a warning
     /// (with the key) and later ones at debug level, so bad input cannot
     /// flood the log.
     pub fn skip(&self, kind: Skip, key: &[u8]) {
-        let n = self.skipped[kind as usize].fetch_add(1, Relaxed);
+        self.changes_read.inc();
+        let n = self
+            .skipped
+            .get_or_create(&ReasonLabels {
+                reason: kind.as_str().into(),
+            })
+            .inc();
         let key = String::from_utf8_lossy(key);
         if n == 0 {
             tracing::warn!(reason = kind.as_str(), %key, "Skipped a change; later skips of this kind are logged at debug level.");
@@ -39,11 +235,35 @@ impl Stats {
 
     /// How many changes were skipped for `kind`.
     pub fn skipped(&self, kind: Skip) -> u64 {
-        self.skipped[kind as usize].load(Relaxed)
+        self.skipped
+            .get_or_create(&ReasonLabels {
+                reason: kind.as_str().into(),
+            })
+            .get()
     }
 
-    /// Adds one to a counter.
-    pub fn incr(counter: &AtomicU64) {
-        counter.fetch_add(1, Relaxed);
+    /// Ready: the source (if any) and the backend are connected.
+    pub fn ready(&self) -> Result<(), &'static str> {
+        if self.has_source.load(Relaxed) && !self.source.is_up() {
+            return Err("source not connected");
+        }
+        if !self.backend.is_up() {
+            return Err("backend not ready");
+        }
+        Ok(())
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        self.lag.set(
+            self.source_revision
+                .get()
+                .saturating_sub(self.checkpoint_revision.get())
+                .max(0),
+        );
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
     }
 }

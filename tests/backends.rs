@@ -19,6 +19,7 @@ fn etcd_backend(etcd: &EtcdServer) -> BackendConfig {
         prefix: "/pubsub/".into(),
         codec: Codec::Msgpack,
         connect_timeout: Duration::from_secs(5),
+        auth: Default::default(),
     })
 }
 
@@ -73,10 +74,7 @@ async fn etcd_to_etcd_pubsub_keys_without_feedback_loop() {
     // and the bridge skipped its own /pubsub/ writes instead of looping
     let own = bridge.stats.skipped(feedbridge::mapper::Skip::OwnKey);
     assert!(own >= 3, "own writes skipped: {own}");
-    let published = bridge
-        .stats
-        .updates_published
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let published = bridge.stats.updates_published.get();
     assert!(
         published < 20,
         "a feedback loop would publish without end: {published}"
@@ -147,6 +145,7 @@ async fn etcd_to_redis_publish() {
         url: redis.url(),
         codec: Codec::Json,
         connect_timeout: Duration::from_secs(5),
+        auth: Default::default(),
     });
     let sub = PubSub::new(backend).get_subscriber();
     let (mut rx, _task) = sub.clone().updates(64);

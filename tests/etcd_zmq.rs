@@ -117,13 +117,7 @@ async fn create_set_delete_reach_the_subscriber_in_order() {
             ),
         ]
     );
-    assert!(
-        bridge
-            .stats
-            .updates_published
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= 5
-    );
+    assert!(bridge.stats.updates_published.get() >= 5);
     bridge.stop().await;
 }
 

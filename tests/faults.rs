@@ -12,7 +12,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering::Relaxed;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -102,6 +102,7 @@ fn redis_backend(redis: &RedisServer) -> BackendConfig {
         url: redis.url(),
         codec: Codec::Msgpack,
         connect_timeout: Duration::from_secs(5),
+        auth: Default::default(),
     })
 }
 
@@ -315,7 +316,7 @@ async fn fault2_etcd_restart_mid_stream_resumes() {
     writer.await.unwrap();
     verify(&log, &received, &s.etcd).await;
     assert!(
-        bridge.stats.syncs_published.load(Relaxed) == 0,
+        bridge.stats.syncs_published.get() == 0,
         "a plain restart needs no re-sync"
     );
     bridge.stop().await;
@@ -366,7 +367,7 @@ async fn fault3_compaction_past_the_checkpoint_still_ends_in_the_true_state() {
         "explicit deletes: {deletes:?}"
     );
     assert_eq!(
-        bridge.stats.syncs_published.load(Relaxed),
+        bridge.stats.syncs_published.get(),
         0,
         "the saved index made a re-sync unnecessary"
     );
@@ -391,7 +392,7 @@ async fn fault3_compaction_past_the_checkpoint_still_ends_in_the_true_state() {
             g[before..].iter().any(|u| u.action == Action::Sync)
         })
         .await;
-    assert_eq!(bridge.stats.syncs_published.load(Relaxed), 1);
+    assert_eq!(bridge.stats.syncs_published.get(), 1);
     bridge.stop().await;
 }
 
@@ -417,14 +418,14 @@ async fn fault5_backend_outage_loses_nothing_the_bridge_read() {
     // The bridge itself retried until every update it read was published.
     let stats = bridge.stats.clone();
     eventually("every read change published", WAIT, || {
-        let read = stats.changes_read.load(Relaxed);
+        let read = stats.changes_read.get();
         let skipped: u64 = Skip::ALL.iter().map(|k| stats.skipped(*k)).sum();
-        let done = stats.updates_published.load(Relaxed) + skipped == read && read >= 300 - 300 / 7;
+        let done = stats.updates_published.get() + skipped == read && read >= 300 - 300 / 7;
         async move { done.then_some(()) }
     })
     .await;
     assert!(
-        stats.publish_errors.load(Relaxed) > 0,
+        stats.publish_errors.get() > 0,
         "the outage was seen and retried"
     );
     // and publishing resumed: a fresh stream arrives in full

@@ -60,6 +60,7 @@ async fn multiproc_forwards_in_order_and_survives_a_service_restart() {
         url: redis.url(),
         codec: Codec::Msgpack,
         connect_timeout: Duration::from_secs(5),
+        auth: Default::default(),
     }))
     .get_subscriber();
     sub.register_topic("");

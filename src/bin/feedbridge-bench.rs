@@ -100,8 +100,13 @@ struct Row {
     keys_known: usize,
     written: u64,
     ceiling_per_s: f64,
+    /// Write rate the database accepted during the bridged run (the bridge,
+    /// the subscribers and the writers share the two cores).
+    written_per_s: f64,
     bridged_per_s: f64,
     ratio: f64,
+    /// bridged / written in the same run: whether the bridge kept up.
+    keep_up: f64,
     plain_p50_ms: f64,
     plain_p99_ms: f64,
     plain_p999_ms: f64,
@@ -463,12 +468,14 @@ fn subscriber_backend(db: &Db, backend: Backend, zmq_port: u16) -> BackendConfig
             url: r.url(),
             codec: Codec::Msgpack,
             connect_timeout: Duration::from_secs(5),
+            auth: Default::default(),
         }),
         (Backend::Etcd, Db::Etcd(e)) => BackendConfig::Etcd(EtcdBackendConfig {
             endpoints: vec![e.endpoint()],
             prefix: "/pubsub/".into(),
             codec: Codec::Msgpack,
             connect_timeout: Duration::from_secs(5),
+            auth: Default::default(),
         }),
         _ => unreachable!("checked in bridge_config"),
     }
@@ -586,8 +593,10 @@ async fn scenario(args: &Args) -> Row {
             } as usize,
         written: written_b,
         ceiling_per_s: ceiling,
+        written_per_s: written_b as f64 / args.duration.as_secs_f64(),
         bridged_per_s: bridged,
         ratio: bridged / ceiling,
+        keep_up: (bridged / (written_b as f64 / args.duration.as_secs_f64())).min(1.0),
         plain_p50_ms: plain_p50,
         plain_p99_ms: plain_p99,
         plain_p999_ms: plain_p999,
@@ -605,8 +614,8 @@ async fn scenario(args: &Args) -> Row {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<12} {:>4} {:>5} {:>8} {:>7} {:>10} {:>10} {:>6} {:>22} {:>22} {:>9} {:>7} {:>7} {:>10} {:>8}",
-        "path", "subs", "rate", "keys", "written", "ceiling/s", "bridged/s", "ratio",
+        "{:<12} {:>4} {:>5} {:>8} {:>7} {:>10} {:>10} {:>10} {:>6} {:>7} {:>22} {:>22} {:>9} {:>7} {:>7} {:>10} {:>8}",
+        "path", "subs", "rate", "keys", "written", "ceiling/s", "written/s", "bridged/s", "ratio", "keep-up",
         "plain p50/p99/p999 ms", "bridged p50/p99/p999", "added p99", "missing", "max lag", "cpu ms/1k", "rss MB"
     );
     for r in rows {
@@ -616,8 +625,8 @@ fn print_table(rows: &[Row]) {
             r.target_rate.to_string()
         };
         println!(
-            "{:<12} {:>4} {:>5} {:>8} {:>7} {:>10.0} {:>10.0} {:>6.3} {:>22} {:>22} {:>9.2} {:>7} {:>7} {:>10.1} {:>8.1}",
-            r.path, r.subscribers, rate, r.keys_known, r.written, r.ceiling_per_s, r.bridged_per_s, r.ratio,
+            "{:<12} {:>4} {:>5} {:>8} {:>7} {:>10.0} {:>10.0} {:>10.0} {:>6.3} {:>7.3} {:>22} {:>22} {:>9.2} {:>7} {:>7} {:>10.1} {:>8.1}",
+            r.path, r.subscribers, rate, r.keys_known, r.written, r.ceiling_per_s, r.written_per_s, r.bridged_per_s, r.ratio, r.keep_up,
             format!("{:.2}/{:.2}/{:.2}", r.plain_p50_ms, r.plain_p99_ms, r.plain_p999_ms),
             format!("{:.2}/{:.2}/{:.2}", r.bridged_p50_ms, r.bridged_p99_ms, r.bridged_p999_ms),
             r.added_p99_ms, r.missing, r.max_lag, r.bridge_cpu_ms_per_1k, r.bridge_peak_rss_mb
@@ -626,11 +635,11 @@ fn print_table(rows: &[Row]) {
 }
 
 fn csv(rows: &[Row]) -> String {
-    let mut out = String::from("path,subscribers,writers,target_rate,keys_known,written,ceiling_per_s,bridged_per_s,ratio,plain_p50_ms,plain_p99_ms,plain_p999_ms,bridged_p50_ms,bridged_p99_ms,bridged_p999_ms,added_p99_ms,missing,max_lag,bridge_cpu_ms_per_1k,bridge_peak_rss_mb\n");
+    let mut out = String::from("path,subscribers,writers,target_rate,keys_known,written,ceiling_per_s,written_per_s,bridged_per_s,ratio,keep_up,plain_p50_ms,plain_p99_ms,plain_p999_ms,bridged_p50_ms,bridged_p99_ms,bridged_p999_ms,added_p99_ms,missing,max_lag,bridge_cpu_ms_per_1k,bridge_peak_rss_mb\n");
     for r in rows {
         out.push_str(&format!(
-            "{},{},{},{},{},{},{:.1},{:.1},{:.4},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{:.2},{:.1}\n",
-            r.path, r.subscribers, r.writers, r.target_rate, r.keys_known, r.written, r.ceiling_per_s, r.bridged_per_s, r.ratio,
+            "{},{},{},{},{},{},{:.1},{:.1},{:.1},{:.4},{:.4},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{:.2},{:.1}\n",
+            r.path, r.subscribers, r.writers, r.target_rate, r.keys_known, r.written, r.ceiling_per_s, r.written_per_s, r.bridged_per_s, r.ratio, r.keep_up,
             r.plain_p50_ms, r.plain_p99_ms, r.plain_p999_ms, r.bridged_p50_ms, r.bridged_p99_ms, r.bridged_p999_ms,
             r.added_p99_ms, r.missing, r.max_lag, r.bridge_cpu_ms_per_1k, r.bridge_peak_rss_mb
         ));

@@ -16,10 +16,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{emit, SourceError, SourceEvent, Stopped};
+use std::sync::Arc;
+
 use crate::checkpoint;
 use crate::config::EtcdSourceConfig;
 use crate::mapper::{Change, ChangeKind};
 use crate::retry::Reconnect;
+use crate::stats::Stats;
 
 /// Keys per page when listing, so no response approaches gRPC's 4 MiB limit.
 const LIST_PAGE: i64 = 500;
@@ -125,17 +128,19 @@ pub struct EtcdSource {
     index_complete: bool,
     /// The revision `index` reflects.
     indexed_revision: i64,
+    stats: Arc<Stats>,
 }
 
 impl EtcdSource {
     /// A source that starts fresh, or resumes after `checkpoint`.
-    pub fn new(config: EtcdSourceConfig, checkpoint: Option<i64>) -> Self {
+    pub fn new(config: EtcdSourceConfig, checkpoint: Option<i64>, stats: Arc<Stats>) -> Self {
         EtcdSource {
             config,
             resume_from: checkpoint,
             index: HashMap::new(),
             index_complete: true,
             indexed_revision: 0,
+            stats,
         }
     }
 
@@ -170,7 +175,8 @@ impl EtcdSource {
             }
             Ok(next) => next,
         };
-        let mut reconnect = Reconnect::new("etcd source");
+        self.stats.source.set_up(true, false);
+        let mut reconnect = Reconnect::new("etcd source").with_state(self.stats.source.clone());
         self.follow(
             &mut client,
             &prefix,
@@ -430,6 +436,9 @@ impl EtcdSource {
                 _ = shutdown.cancelled() => return Ok(WatchEnd::Stopped),
                 m = stream.message() => m.map_err(|e| (next, e))?,
             };
+            if let Some(h) = message.as_ref().and_then(|r| r.header()) {
+                self.stats.source_revision.set(h.revision());
+            }
             let Some(resp) = message else {
                 return Err((
                     next,

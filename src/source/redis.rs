@@ -40,6 +40,8 @@ use crate::config::RedisSourceConfig;
 use crate::keymap::KeyLayout;
 use crate::mapper::{Change, ChangeKind};
 use crate::retry::Reconnect;
+use crate::stats::Stats;
+use std::sync::Arc;
 
 /// The notification classes the source needs: K keyspace, g generic (del,
 /// rename, expire), $ string, h hash, x expired, e evicted, n new key.
@@ -182,15 +184,17 @@ pub struct RedisSource {
     /// key → fingerprint of the value subscribers were last sent.
     index: HashMap<Vec<u8>, u64>,
     unsupported_logged: HashSet<String>,
+    stats: Arc<Stats>,
 }
 
 impl RedisSource {
     /// A source for one Redis database.
-    pub fn new(config: RedisSourceConfig) -> Self {
+    pub fn new(config: RedisSourceConfig, stats: Arc<Stats>) -> Self {
         RedisSource {
             config,
             index: HashMap::new(),
             unsupported_logged: HashSet::new(),
+            stats,
         }
     }
 
@@ -218,7 +222,8 @@ impl RedisSource {
                 source_name: "redis",
                 message,
             })?;
-        let mut reconnect = Reconnect::new(format!("redis source {url}"));
+        let mut reconnect =
+            Reconnect::new(format!("redis source {url}")).with_state(self.stats.source.clone());
         let mut first = true;
         loop {
             match self
@@ -537,14 +542,18 @@ mod tests {
 
     #[test]
     fn diff_follows_state() {
-        let mut s = RedisSource::new(RedisSourceConfig {
-            url: String::new(),
-            layout: "{{table}.{topic}}{key}".into(),
-            topic_field: String::new(),
-            snapshot: false,
-            scan_count: 10,
-            connect_timeout: Duration::from_secs(1),
-        });
+        let mut s = RedisSource::new(
+            RedisSourceConfig {
+                url: String::new(),
+                layout: "{{table}.{topic}}{key}".into(),
+                topic_field: String::new(),
+                snapshot: false,
+                scan_count: 10,
+                connect_timeout: Duration::from_secs(1),
+                auth: Default::default(),
+            },
+            Arc::default(),
+        );
         let k = b"{t.}k".to_vec();
         let kind = |c: Option<Change>| c.map(|c| c.kind);
         assert_eq!(kind(s.diff(k.clone(), Read::Gone)), None);
