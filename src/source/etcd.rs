@@ -68,6 +68,7 @@ async fn list(
     prefix: &[u8],
     revision: i64,
     page_timeout: Duration,
+    values: bool,
 ) -> Result<(Vec<Listed>, i64), etcd_client::Error> {
     let end = prefix_end(prefix);
     let mut start = prefix.to_vec();
@@ -77,6 +78,10 @@ async fn list(
         let mut opts = GetOptions::new()
             .with_range(end.clone())
             .with_limit(LIST_PAGE);
+        if !values {
+            // Only the index is wanted: keys and revisions, not the values.
+            opts = opts.with_keys_only();
+        }
         if at > 0 {
             opts = opts.with_revision(at);
         }
@@ -277,7 +282,7 @@ impl EtcdSource {
         shutdown: &CancellationToken,
     ) -> Result<i64, StartError> {
         if let Some(checkpoint) = self.resume_from {
-            match list(client, prefix, checkpoint, self.config.connect_timeout).await {
+            match list(client, prefix, checkpoint, self.config.connect_timeout, false).await {
                 Ok((kvs, _)) => {
                     self.index = kvs
                         .into_iter()
@@ -313,7 +318,7 @@ impl EtcdSource {
                 Err(e) => return Err(StartError::Etcd(e)),
             }
         }
-        let (kvs, at) = list(client, prefix, 0, self.config.connect_timeout).await?;
+        let (kvs, at) = list(client, prefix, 0, self.config.connect_timeout, self.config.snapshot).await?;
         tracing::info!(
             revision = at,
             keys = kvs.len(),
@@ -346,7 +351,7 @@ impl EtcdSource {
         tx: &mpsc::Sender<SourceEvent>,
         shutdown: &CancellationToken,
     ) -> Result<i64, StartError> {
-        let (kvs, at) = list(client, prefix, 0, self.config.connect_timeout).await?;
+        let (kvs, at) = list(client, prefix, 0, self.config.connect_timeout, true).await?;
         if !self.index_complete {
             emit(
                 tx,
