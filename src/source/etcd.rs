@@ -282,7 +282,15 @@ impl EtcdSource {
         shutdown: &CancellationToken,
     ) -> Result<i64, StartError> {
         if let Some(checkpoint) = self.resume_from {
-            match list(client, prefix, checkpoint, self.config.connect_timeout, false).await {
+            match list(
+                client,
+                prefix,
+                checkpoint,
+                self.config.connect_timeout,
+                false,
+            )
+            .await
+            {
                 Ok((kvs, _)) => {
                     self.index = kvs
                         .into_iter()
@@ -318,7 +326,14 @@ impl EtcdSource {
                 Err(e) => return Err(StartError::Etcd(e)),
             }
         }
-        let (kvs, at) = list(client, prefix, 0, self.config.connect_timeout, self.config.snapshot).await?;
+        let (kvs, at) = list(
+            client,
+            prefix,
+            0,
+            self.config.connect_timeout,
+            self.config.snapshot,
+        )
+        .await?;
         tracing::info!(
             revision = at,
             keys = kvs.len(),
