@@ -842,6 +842,47 @@ mod tests {
     }
 
     #[test]
+    fn secrets_come_from_env_or_file_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "from-file\n").unwrap();
+        std::env::set_var("FEEDBRIDGE_TEST_SECRET_7", "from-env");
+        let env = AuthConfig {
+            password_env: Some("FEEDBRIDGE_TEST_SECRET_7".into()),
+            ..Default::default()
+        };
+        assert_eq!(env.password().unwrap().as_deref(), Some("from-env"));
+        let from_file = AuthConfig {
+            password_file: Some(file.clone()),
+            ..Default::default()
+        };
+        assert_eq!(from_file.password().unwrap().as_deref(), Some("from-file"));
+        let both = AuthConfig {
+            password_file: Some(file),
+            ..env.clone()
+        };
+        assert!(both.check().unwrap_err().contains("not both"));
+        let unset = AuthConfig {
+            password_env: Some("FEEDBRIDGE_TEST_UNSET_7".into()),
+            ..Default::default()
+        };
+        assert!(unset
+            .check()
+            .unwrap_err()
+            .contains("FEEDBRIDGE_TEST_UNSET_7"));
+        let half = AuthConfig {
+            cert_file: Some(dir.path().join("none")),
+            ..Default::default()
+        };
+        assert!(half.check().is_err());
+        // `check` names the field, never the secret
+        let e = parse("[source]\ntype=\"etcd\"\n[source.auth]\npassword_env=\"FEEDBRIDGE_TEST_UNSET_7\"\n[backend]\ntype=\"zmq\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("source.auth"), "{e}");
+    }
+
+    #[test]
     fn env_overrides_endpoints() {
         let mut c = parse("[source]\ntype = \"etcd\"\n[backend]\ntype = \"zmq\"\n").unwrap();
         c.apply_env(|n| match n {

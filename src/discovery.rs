@@ -53,7 +53,7 @@ use etcd_client::{EventType, GetOptions, WatchOptions};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::DiscoveryConfig;
+use crate::config::{AuthConfig, DiscoveryConfig};
 use crate::keymap::KeyLayout;
 use crate::pubsub::Subscriber;
 use crate::retry::Reconnect;
@@ -76,26 +76,29 @@ pub struct PublisherRecord {
 #[derive(Debug, Clone)]
 pub enum Target {
     /// etcd client URLs: rows at `/publisher/<id>`.
-    Etcd(Vec<String>),
+    Etcd(Vec<String>, AuthConfig),
     /// A Redis URL: rows at `{publisher.}<id>` (Dragonflow's Redis layout).
-    Redis(String),
+    Redis(String, AuthConfig),
 }
 
 impl Target {
     /// The target a discovery config names.
     pub fn of(config: &DiscoveryConfig) -> Target {
         match &config.url {
-            Some(url) => Target::Redis(url.clone()),
-            None => Target::Etcd(config.endpoints.clone()),
+            Some(url) => Target::Redis(url.clone(), config.auth.clone()),
+            None => Target::Etcd(config.endpoints.clone(), config.auth.clone()),
         }
     }
 
     /// `redis://...` or `rediss://...` is Redis; anything else an etcd URL.
     pub fn parse(endpoint: &str) -> Target {
         if endpoint.starts_with("redis://") || endpoint.starts_with("rediss://") {
-            Target::Redis(endpoint.to_owned())
+            Target::Redis(endpoint.to_owned(), AuthConfig::default())
         } else {
-            Target::Etcd(endpoint.split(',').map(str::to_owned).collect())
+            Target::Etcd(
+                endpoint.split(',').map(str::to_owned).collect(),
+                AuthConfig::default(),
+            )
         }
     }
 }
@@ -143,9 +146,9 @@ impl PublisherTable {
     /// Connects within `timeout`.
     pub async fn connect(target: &Target, timeout: Duration) -> Result<Self, String> {
         match target {
-            Target::Etcd(endpoints) => {
+            Target::Etcd(endpoints, auth) => {
                 let probe = async {
-                    let mut c = crate::source::etcd::connect(endpoints, timeout).await?;
+                    let mut c = crate::source::etcd::connect(endpoints, timeout, auth).await?;
                     c.status().await?;
                     Ok::<_, etcd_client::Error>(c)
                 };
@@ -155,8 +158,8 @@ impl PublisherTable {
                     Err(_) => Err(format!("etcd {endpoints:?}: connect timed out")),
                 }
             }
-            Target::Redis(url) => {
-                let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+            Target::Redis(url, auth) => {
+                let client = crate::backend::redis::client(url, auth)?;
                 let conn = crate::backend::redis::connect(&client, timeout).await?;
                 Ok(PublisherTable::Redis(conn))
             }

@@ -214,10 +214,13 @@ fn describe(c: &Config) -> String {
         BackendConfig::Etcd(b) => format!("etcd {:?} {} ({})", b.endpoints, b.prefix, b.codec),
     };
     match &c.discovery {
-        Some(d) => format!(
-            "{source} -> {backend}, registered in the publisher table of {:?}",
-            feedbridge::discovery::Target::of(d)
-        ),
+        Some(d) => {
+            let table = match &d.url {
+                Some(url) => feedbridge::backend::redis::redacted(url),
+                None => format!("{:?}", d.endpoints),
+            };
+            format!("{source} -> {backend}, registered in the publisher table of {table}")
+        }
         None => format!("{source} -> {backend}"),
     }
 }

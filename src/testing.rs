@@ -57,6 +57,50 @@ fn kill(child: &mut Option<Child>) {
     }
 }
 
+/// A test certificate authority with a server certificate (for
+/// `localhost` / 127.0.0.1) and a client certificate, made with `openssl`.
+pub struct TestCerts {
+    dir: TempDir,
+}
+
+impl TestCerts {
+    /// Generates the CA and both certificates.
+    pub fn generate() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let sh = |cmd: &str| {
+            let ok = Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .current_dir(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("openssl (scripts/setup.sh installs it)");
+            assert!(ok.success(), "{cmd}");
+        };
+        sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=feedbridge-test-ca");
+        for (name, ext) in [
+            (
+                "server",
+                "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+            ),
+            ("client", "extendedKeyUsage=clientAuth"),
+        ] {
+            sh(&format!(
+                "openssl req -newkey rsa:2048 -nodes -keyout {name}.key -out {name}.csr -subj /CN={name} && \
+                 printf '{ext}\\n' > {name}.ext && \
+                 openssl x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out {name}.pem -days 2 -extfile {name}.ext"
+            ));
+        }
+        TestCerts { dir }
+    }
+
+    /// Path of `ca.pem`, `server.pem`, `server.key`, `client.pem`, `client.key`.
+    pub fn path(&self, file: &str) -> std::path::PathBuf {
+        self.dir.path().join(file)
+    }
+}
+
 /// A single-member etcd cluster.
 pub struct EtcdServer {
     dir: TempDir,
@@ -64,29 +108,50 @@ pub struct EtcdServer {
     pub client_port: u16,
     peer_port: u16,
     child: Option<Child>,
+    /// Serve https with these, requiring client certificates.
+    tls: Option<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl EtcdServer {
     /// Starts etcd and waits until it answers.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Starts etcd serving https with `certs`, requiring a client
+    /// certificate signed by the test CA.
+    pub async fn start_tls(certs: &TestCerts) -> Self {
+        Self::start_with(Some((
+            certs.path("ca.pem"),
+            certs.path("server.pem"),
+            certs.path("server.key"),
+        )))
+        .await
+    }
+
+    async fn start_with(
+        tls: Option<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)>,
+    ) -> Self {
         let mut s = EtcdServer {
             dir: tempfile::tempdir().unwrap(),
             client_port: free_port(),
             peer_port: free_port(),
             child: None,
+            tls,
         };
         s.spawn().await;
         s
     }
 
-    /// The client URL, `http://127.0.0.1:PORT`.
+    /// The client URL, `http(s)://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     async fn spawn(&mut self) {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "--name",
             "default",
             "--data-dir",
@@ -111,12 +176,35 @@ impl EtcdServer {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if let Some((ca, cert, key)) = &self.tls {
+            for (flag, path) in [
+                ("--trusted-ca-file", ca),
+                ("--cert-file", cert),
+                ("--key-file", key),
+            ] {
+                args.push(flag.into());
+                args.push(path.display().to_string());
+            }
+            args.push("--client-cert-auth".into());
+        }
+        let tls = self.tls.is_some();
         self.child = Some(spawn_logged(
             "etcd",
             &args,
             &self.dir.path().join("etcd.log"),
         ));
         let endpoint = self.endpoint();
+        if tls {
+            // Readiness over TLS is the test's to check, with its client cert.
+            let port = self.client_port;
+            eventually("etcd to listen", Duration::from_secs(20), || async move {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .ok()
+                    .map(|_| ())
+            })
+            .await;
+            return;
+        }
         eventually("etcd to answer", Duration::from_secs(20), || {
             let endpoint = endpoint.clone();
             async move {
@@ -207,12 +295,16 @@ impl RedisServer {
             let url = url.clone();
             async move {
                 let client = redis::Client::open(url).ok()?;
-                let mut c = client.get_multiplexed_async_connection().await.ok()?;
-                redis::cmd("PING")
-                    .query_async::<String>(&mut c)
-                    .await
-                    .ok()
-                    .map(|_| ())
+                let ping = async {
+                    let mut c = client.get_multiplexed_async_connection().await?;
+                    redis::cmd("PING").query_async::<String>(&mut c).await
+                };
+                // Up is up: a server with `requirepass` answers NOAUTH.
+                match ping.await {
+                    Ok(_) => Some(()),
+                    Err(e) if e.to_string().contains("NOAUTH") => Some(()),
+                    Err(_) => None,
+                }
             }
         })
         .await;

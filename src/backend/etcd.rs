@@ -42,7 +42,8 @@ impl EtcdPublisher {
             message: format!("{message} (check backend.endpoints {:?})", config.endpoints),
         };
         let probe = async {
-            let mut client = connect(&config.endpoints, config.connect_timeout).await?;
+            let mut client =
+                connect(&config.endpoints, config.connect_timeout, &config.auth).await?;
             client.status().await?;
             Ok::<_, etcd_client::Error>(client)
         };
@@ -113,7 +114,12 @@ impl EtcdSubscriber {
     ) -> (i64, Option<String>) {
         let mut next = from;
         let result: Result<(), etcd_client::Error> = async {
-            let mut client = connect(&self.config.endpoints, self.config.connect_timeout).await?;
+            let mut client = connect(
+                &self.config.endpoints,
+                self.config.connect_timeout,
+                &self.config.auth,
+            )
+            .await?;
             let prefix = self.config.prefix.as_bytes();
             let mut opts = WatchOptions::new()
                 .with_range(prefix_end(prefix))

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{GapTracker, Registration, Registry, Sequencer};
 use crate::codec::Codec;
-use crate::config::RedisBackendConfig;
+use crate::config::{AuthConfig, RedisBackendConfig};
 use crate::pubsub::{PublishError, Publisher, SubscribeError, Subscriber};
 use crate::retry::Reconnect;
 use crate::update::DbUpdate;
@@ -29,6 +29,53 @@ pub fn redacted(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// A client for `url` with the user, password and TLS files of `auth`
+/// (`rediss://` URLs use TLS; `ca_file` adds a CA to trust).
+pub fn client(url: &str, auth: &AuthConfig) -> Result<redis::Client, String> {
+    use redis::IntoConnectionInfo;
+    install_tls_provider();
+    let info = url.into_connection_info().map_err(|e| e.to_string())?;
+    let mut settings = info.redis_settings().clone();
+    if let Some(user) = &auth.user {
+        settings = settings.set_username(user);
+    }
+    if let Some(password) = auth.password()? {
+        settings = settings.set_password(password);
+    }
+    let info = info.set_redis_settings(settings);
+    let root_cert = AuthConfig::pem(&auth.ca_file, "ca_file")?;
+    let client_tls = match (
+        AuthConfig::pem(&auth.cert_file, "cert_file")?,
+        AuthConfig::pem(&auth.key_file, "key_file")?,
+    ) {
+        (Some(client_cert), Some(client_key)) => Some(redis::ClientTlsConfig {
+            client_cert,
+            client_key,
+        }),
+        _ => None,
+    };
+    if root_cert.is_some() || client_tls.is_some() {
+        redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls,
+                root_cert,
+            },
+        )
+    } else {
+        redis::Client::open(info)
+    }
+    .map_err(|e| e.to_string())
+}
+
+/// rustls needs one process-wide crypto provider; ring is the one built in.
+pub(crate) fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
 }
 
 /// Opens a multiplexed connection within `timeout`.
@@ -66,7 +113,7 @@ impl RedisPublisher {
             backend: "redis",
             message: format!("{} (check backend.url {})", message, redacted(&config.url)),
         };
-        let client = redis::Client::open(config.url.as_str()).map_err(|e| setup(e.to_string()))?;
+        let client = client(&config.url, &config.auth).map_err(setup)?;
         let conn = connect(&client, config.connect_timeout)
             .await
             .map_err(|e| setup(format!("cannot connect: {e}")))?;
@@ -155,7 +202,7 @@ impl RedisSubscriber {
     /// A subscriber of the configured server (connects when run).
     pub fn new(config: &RedisBackendConfig) -> Self {
         RedisSubscriber {
-            client: redis::Client::open(config.url.as_str()).map_err(|e| e.to_string()),
+            client: client(&config.url, &config.auth),
             url: redacted(&config.url),
             codec: config.codec,
             timeout: config.connect_timeout,

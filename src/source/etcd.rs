@@ -11,7 +11,9 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use etcd_client::{
+    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, WatchOptions,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -19,7 +21,7 @@ use super::{emit, SourceError, SourceEvent, Stopped};
 use std::sync::Arc;
 
 use crate::checkpoint;
-use crate::config::EtcdSourceConfig;
+use crate::config::{AuthConfig, EtcdSourceConfig};
 use crate::mapper::{Change, ChangeKind};
 use crate::retry::Reconnect;
 use crate::stats::Stats;
@@ -28,16 +30,36 @@ use crate::stats::Stats;
 const LIST_PAGE: i64 = 500;
 
 /// Connects an etcd client with keep-alive and require-leader, so a
-/// partitioned member is noticed instead of silently serving nothing.
+/// partitioned member is noticed instead of silently serving nothing; with
+/// the user, password and TLS files of `auth`.
 pub async fn connect(
     endpoints: &[String],
     timeout: Duration,
+    auth: &AuthConfig,
 ) -> Result<Client, etcd_client::Error> {
-    let options = ConnectOptions::new()
+    let invalid = etcd_client::Error::InvalidArgs;
+    let mut options = ConnectOptions::new()
         .with_connect_timeout(timeout)
         .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
         .with_keep_alive_while_idle(true)
         .with_require_leader(true);
+    if let Some(user) = &auth.user {
+        let password = auth.password().map_err(invalid)?.unwrap_or_default();
+        options = options.with_user(user.clone(), password);
+    }
+    let ca = AuthConfig::pem(&auth.ca_file, "ca_file").map_err(invalid)?;
+    let cert = AuthConfig::pem(&auth.cert_file, "cert_file").map_err(invalid)?;
+    let key = AuthConfig::pem(&auth.key_file, "key_file").map_err(invalid)?;
+    if ca.is_some() || cert.is_some() {
+        let mut tls = TlsOptions::new();
+        if let Some(ca) = ca {
+            tls = tls.ca_certificate(Certificate::from_pem(ca));
+        }
+        if let (Some(cert), Some(key)) = (cert, key) {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        options = options.with_tls(tls);
+    }
     Client::connect(endpoints, Some(options)).await
 }
 
@@ -165,7 +187,11 @@ impl EtcdSource {
         };
         let mut client = tokio::time::timeout(
             self.config.connect_timeout,
-            connect(&self.config.endpoints, self.config.connect_timeout),
+            connect(
+                &self.config.endpoints,
+                self.config.connect_timeout,
+                &self.config.auth,
+            ),
         )
         .await
         .map_err(|_| fail("connect timed out".into()))?

@@ -212,7 +212,7 @@ impl RedisSource {
             message: format!("{message} (url {url}; check source.url)"),
         };
         let client =
-            redis::Client::open(self.config.url.as_str()).map_err(|e| fail(e.to_string()))?;
+            crate::backend::redis::client(&self.config.url, &self.config.auth).map_err(fail)?;
         let mut conn = connect(&client, self.config.connect_timeout)
             .await
             .map_err(|e| fail(format!("cannot connect: {e}; is redis running?")))?;
