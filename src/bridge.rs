@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::checkpoint::{self, CheckpointError};
 use crate::config::{BackendConfig, Config, SourceConfig};
 use crate::discovery::{advertised_uri, Registration};
+use crate::ha::Leadership;
 use crate::keymap::KeyLayout;
 use crate::mapper::Mapper;
 use crate::pubsub::{PubSub, PublishError, Publisher};
@@ -57,6 +58,9 @@ pub enum BridgeError {
     /// The admin listener could not bind.
     #[error("admin listener: {0}")]
     Admin(String),
+    /// Leader election failed at start-up.
+    #[error("high availability: {0}")]
+    Ha(String),
     /// The publisher table could not be written.
     #[error("publisher discovery: {0}")]
     Discovery(String),
@@ -106,16 +110,95 @@ fn service_id(config: &Config) -> String {
 
 /// Runs the bridge until `shutdown` fires, then publishes what is in flight
 /// (within `bridge.shutdown_timeout`), saves the final checkpoint and returns.
+/// With an `[ha]` section, it first waits to be elected, and goes back to
+/// standing by whenever it loses leadership.
 pub async fn run(
     config: Config,
     shutdown: CancellationToken,
     stats: Arc<Stats>,
 ) -> Result<(), BridgeError> {
+    if let Some(listen) = &config.admin.listen {
+        let addr = listen.parse().expect("validated config");
+        crate::admin::serve(addr, stats.clone(), shutdown.clone())
+            .await
+            .map_err(BridgeError::Admin)?;
+    }
+    let Some(ha) = config.ha.clone() else {
+        stats.leader.set(1);
+        return run_once(&config, shutdown, stats, None).await;
+    };
+    let instance = ha
+        .instance
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", crate::discovery::hostname(), std::process::id()));
+    let service = service_id(&config);
+    let mut reconnect = Reconnect::new("leader election");
+    let mut first = true;
+    loop {
+        stats.leader.set(0);
+        let lead = match crate::ha::campaign(&ha, &instance, &service, &shutdown).await {
+            Ok(Some(lead)) => Arc::new(lead),
+            Ok(None) => return Ok(()),
+            Err(e) if first => {
+                return Err(BridgeError::Ha(format!(
+                    "{e} (check ha.endpoints {:?})",
+                    ha.endpoints
+                )))
+            }
+            Err(e) => {
+                if !reconnect.down(&e, &shutdown).await {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        first = false;
+        reconnect.up();
+        stats.leader.set(1);
+        let stop = shutdown.child_token();
+        {
+            let (lost, stop) = (lead.lost(), stop.clone());
+            tokio::spawn(async move {
+                lost.cancelled().await;
+                stop.cancel();
+            });
+        }
+        let result = run_once(
+            &config,
+            stop,
+            stats.clone(),
+            Some((lead.clone(), instance.as_str())),
+        )
+        .await;
+        if shutdown.is_cancelled() || (result.is_err() && lead.is_valid()) {
+            lead.resign().await;
+            return result;
+        }
+        stats.leader.set(0);
+        tracing::warn!(%instance, "Leadership lost: stopped publishing; standing by again.");
+    }
+}
+
+/// One term of publishing: the whole pipeline until `shutdown` (or, under
+/// HA, until leadership is lost).
+async fn run_once(
+    config: &Config,
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+    lead: Option<(Arc<Leadership>, &str)>,
+) -> Result<(), BridgeError> {
     let id = config
         .discovery
         .as_ref()
         .and_then(|d| d.id.clone())
-        .unwrap_or_else(|| service_id(&config));
+        .unwrap_or_else(|| match &lead {
+            // every instance its own sequence, so subscribers see who published
+            Some((_, instance)) => {
+                crate::discovery::publisher_id(&format!("{}|{instance}", service_id(config)))
+            }
+            None => service_id(config),
+        });
+    let lead = lead.map(|(l, _)| l);
     let pubsub = PubSub::new(config.backend.clone()).with_publisher_id(id);
     let publisher_id = pubsub.publisher_id();
     let publisher = pubsub.get_publisher().await?;
@@ -139,21 +222,29 @@ pub async fn run(
         KeyLayout::parse(layout).expect("validated config"),
         Some(topic_field.to_owned()).filter(|f| !f.is_empty()),
         config.bridge.max_value_bytes,
-        OWN_PREFIXES.iter().map(|p| p.to_string()).collect(),
+        OWN_PREFIXES
+            .iter()
+            .map(|p| p.to_string())
+            .chain(
+                config
+                    .ha
+                    .as_ref()
+                    .map(|h| format!("{}/", h.prefix.trim_end_matches('/'))),
+            )
+            .collect(),
     );
-    let resume = match &checkpoint_file {
-        Some(p) => checkpoint::load(p)?,
-        None => None,
+    let resume = match (&lead, &checkpoint_file) {
+        (Some(lead), file) => match lead.load_checkpoint().await {
+            Ok(Some(r)) => Some(r),
+            Ok(None) => file.as_deref().map(checkpoint::load).transpose()?.flatten(),
+            Err(e) => return Err(BridgeError::Ha(format!("cannot read the checkpoint: {e}"))),
+        },
+        (None, Some(p)) => checkpoint::load(p)?,
+        (None, None) => None,
     };
 
     // Everything stops with `shutdown`, or when a producer fails.
     let stop = shutdown.child_token();
-    if let Some(listen) = &config.admin.listen {
-        let addr = listen.parse().expect("validated config");
-        crate::admin::serve(addr, stats.clone(), stop.clone())
-            .await
-            .map_err(BridgeError::Admin)?;
-    }
     let (tx, rx) = mpsc::channel(config.bridge.queue_capacity);
     let mut producers: Vec<Producer> = Vec::new();
     if let Some(multiproc) = &config.multiproc {
@@ -211,6 +302,7 @@ pub async fn run(
     }
 
     let mut pipeline = Pipeline {
+        lead: lead.clone(),
         publisher: publisher.clone(),
         mapper,
         checkpoint_file,
@@ -251,6 +343,8 @@ pub async fn run(
 }
 
 struct Pipeline {
+    /// Under HA: publishing stops the moment this is no longer valid.
+    lead: Option<Arc<Leadership>>,
     source_name: &'static str,
     publisher: Arc<dyn Publisher>,
     mapper: Mapper,
@@ -339,6 +433,9 @@ impl Pipeline {
             return true;
         }
         loop {
+            if self.lead.as_ref().is_some_and(|l| !l.is_valid()) {
+                return false; // a deposed leader must not publish
+            }
             match self.publisher.send_batch(batch).await {
                 Ok(()) => {
                     self.reconnect.up();
@@ -365,9 +462,9 @@ impl Pipeline {
             return Ok(());
         };
         self.stats.checkpoint_revision.set(revision);
-        let Some(path) = &self.checkpoint_file else {
+        if self.checkpoint_file.is_none() && self.lead.is_none() {
             return Ok(());
-        };
+        }
         // The first checkpoint is saved at once: until a file exists, a
         // restart would start from "now" and skip what is in flight.
         let due =
@@ -378,7 +475,20 @@ impl Pipeline {
         if self.publisher.flush().await.is_err() {
             return Ok(()); // closed: keep the older checkpoint, replay is safe
         }
-        checkpoint::save(path, revision)?;
+        if let Some(path) = &self.checkpoint_file {
+            checkpoint::save(path, revision)?;
+        }
+        if let Some(lead) = self.lead.as_ref().filter(|l| l.is_valid()) {
+            match lead.save_checkpoint(revision).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(revision, "Not leader any more: checkpoint not stored.")
+                }
+                Err(e) => {
+                    tracing::warn!(revision, error = %e, "Cannot store the checkpoint in etcd; will retry.")
+                }
+            }
+        }
         self.saved_revision = Some(revision);
         self.last_save = Instant::now();
         tracing::debug!(revision, "Checkpoint saved.");

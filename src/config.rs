@@ -42,6 +42,37 @@ pub struct Config {
     pub discovery: Option<DiscoveryConfig>,
     /// The admin HTTP listener (metrics, health).
     pub admin: AdminConfig,
+    /// Active/standby instances elected through etcd.
+    pub ha: Option<HaConfig>,
+}
+
+/// High availability: instances with the same config elect one publisher.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    /// etcd client URLs for the election; default: the etcd source's.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// Key prefix of the election and of the shared checkpoint; the source
+    /// never publishes keys under it.
+    #[serde(default = "default_ha_prefix")]
+    pub prefix: String,
+    /// Lease time to live: a dead leader is replaced after about this long.
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// This instance's name in the election (default: host name and pid).
+    #[serde(default)]
+    pub instance: Option<String>,
+    /// Credentials and TLS for the election's etcd (default: the source's).
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+fn default_ha_prefix() -> String {
+    "/feedbridge".to_owned()
+}
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// Credentials and TLS of a database connection. Secrets come from the
@@ -463,9 +494,10 @@ impl Config {
         let multiproc = section("multiproc", false)?;
         let discovery = section("discovery", false)?;
         let admin = section("admin", false)?;
+        let ha = section("ha", false)?;
         if let Some(key) = top.keys().next() {
             return Err(error(format!(
-                "unknown table or field `{key}`, expected `source`, `backend`, `bridge`, `multiproc`, `discovery` or `admin`"
+                "unknown table or field `{key}`, expected `source`, `backend`, `bridge`, `multiproc`, `discovery`, `admin` or `ha`"
             )));
         }
         let source = match source {
@@ -485,6 +517,15 @@ impl Config {
             .map(|t| typed(t, "discovery"))
             .transpose()
             .map_err(error)?;
+        let mut ha: Option<HaConfig> = ha.map(|t| typed(t, "ha")).transpose().map_err(error)?;
+        if let (Some(ha), Some(SourceConfig::Etcd(src))) = (&mut ha, &source) {
+            if ha.endpoints.is_empty() {
+                ha.endpoints = src.endpoints.clone();
+                if ha.auth == AuthConfig::default() {
+                    ha.auth = src.auth.clone();
+                }
+            }
+        }
         let admin: AdminConfig = admin
             .map(|t| typed(t, "admin"))
             .transpose()
@@ -506,6 +547,7 @@ impl Config {
             multiproc,
             discovery,
             admin,
+            ha,
         })
     }
 
@@ -657,6 +699,27 @@ impl Config {
         .collect();
         for (field, auth) in auths {
             auth.check().map_err(|r| invalid(field, r))?;
+        }
+        if let Some(ha) = &self.ha {
+            check_etcd_endpoints(&ha.endpoints).map_err(|r| {
+                invalid(
+                    "ha.endpoints",
+                    format!("{r}; with a Redis source, name the etcd that holds the election"),
+                )
+            })?;
+            if ha.lease_ttl < Duration::from_secs(2) {
+                return Err(invalid(
+                    "ha.lease_ttl",
+                    "must be at least 2s (etcd leases count whole seconds)".into(),
+                ));
+            }
+            if !ha.prefix.starts_with('/') {
+                return Err(invalid(
+                    "ha.prefix",
+                    format!("{:?} must start with '/'", ha.prefix),
+                ));
+            }
+            ha.auth.check().map_err(|r| invalid("ha.auth", r))?;
         }
         if let Some(listen) = &self.admin.listen {
             listen.parse::<std::net::SocketAddr>().map_err(|e| {

@@ -16,6 +16,7 @@
 //! - [`source`]: change sources (etcd watch, Redis keyspace notifications).
 //! - [`backend`]: publish backends (ZeroMQ, Redis, etcd), publisher and subscriber.
 //! - [`discovery`]: publisher ids, registration in the `publisher` table, discovery.
+//! - [`ha`]: active/standby instances through etcd leader election.
 //! - [`bridge`]: the source → mapper → publisher pipeline, checkpoints, shutdown.
 //! - [`service`]: the publisher service's multiproc (PULL) channel.
 //! - [`checkpoint`]: the atomically written last-published revision.
@@ -34,6 +35,7 @@ pub mod checkpoint;
 pub mod codec;
 pub mod config;
 pub mod discovery;
+pub mod ha;
 pub mod keymap;
 pub mod mapper;
 pub mod pubsub;

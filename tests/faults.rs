@@ -9,11 +9,9 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -21,81 +19,10 @@ use feedbridge::codec::Codec;
 use feedbridge::config::{BackendConfig, RedisBackendConfig};
 use feedbridge::mapper::Skip;
 use feedbridge::pubsub::PubSub;
-use feedbridge::{Action, DbUpdate};
+use feedbridge::Action;
 
 const BIN: &str = env!("CARGO_BIN_EXE_feedbridge");
 const WAIT: Duration = Duration::from_secs(30);
-
-/// One successful etcd write.
-#[derive(Debug, Clone)]
-struct Written {
-    key: String,
-    revision: i64,
-}
-
-type Log = Arc<Mutex<Vec<Written>>>;
-
-/// Writes ops `from..to` over ten keys (every seventh a delete), retrying
-/// while etcd is unreachable, and logs each write that etcd confirmed.
-async fn write_ops(endpoint: String, from: usize, to: usize, log: Log) {
-    let mut kv = etcd_client::Client::connect([endpoint.clone()], None)
-        .await
-        .unwrap();
-    for i in from..to {
-        let key = format!("/lport/k{}", i % 10);
-        loop {
-            let result = if i % 7 == 6 {
-                kv.delete(key.clone(), None)
-                    .await
-                    .map(|r| (r.deleted() > 0).then(|| r.header().unwrap().revision()))
-            } else {
-                kv.put(key.clone(), format!("v{i}"), None)
-                    .await
-                    .map(|r| Some(r.header().unwrap().revision()))
-            };
-            match result {
-                Ok(rev) => {
-                    if let Some(revision) = rev {
-                        log.lock().unwrap().push(Written {
-                            key: key.clone(),
-                            revision,
-                        });
-                    }
-                    break;
-                }
-                Err(_) => {
-                    // etcd is restarting: retry on a fresh connection.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    if let Ok(c) = etcd_client::Client::connect([endpoint.clone()], None).await {
-                        kv = c;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Everything a subscriber received, shared with a background task.
-#[derive(Clone, Default)]
-struct Received(Arc<Mutex<Vec<DbUpdate>>>);
-
-impl Received {
-    fn all(&self) -> Vec<DbUpdate> {
-        self.0.lock().unwrap().clone()
-    }
-
-    async fn wait(&self, what: &str, pred: impl Fn(&[DbUpdate]) -> bool) {
-        eventually(what, WAIT, || {
-            let ok = pred(&self.0.lock().unwrap());
-            async move { ok.then_some(()) }
-        })
-        .await;
-    }
-
-    fn revisions(&self) -> std::collections::HashSet<i64> {
-        self.all().iter().filter_map(|u| u.revision).collect()
-    }
-}
 
 fn redis_backend(redis: &RedisServer) -> BackendConfig {
     BackendConfig::Redis(RedisBackendConfig {
@@ -139,88 +66,6 @@ fn config_text(etcd: &EtcdServer, redis: &RedisServer, checkpoint: &Path) -> Str
         checkpoint.display(),
         redis.url()
     )
-}
-
-async fn etcd_state(etcd: &EtcdServer) -> BTreeMap<(String, String), String> {
-    let mut kv = etcd.client().await;
-    let resp = kv
-        .get(
-            "/lport/",
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
-        .await
-        .unwrap();
-    resp.kvs()
-        .iter()
-        .map(|kv| {
-            let key = kv
-                .key_str()
-                .unwrap()
-                .trim_start_matches("/lport/")
-                .to_string();
-            (
-                ("lport".to_string(), key),
-                kv.value_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
-fn lport(updates: &[DbUpdate]) -> Vec<DbUpdate> {
-    updates
-        .iter()
-        .filter(|u| u.table == "lport")
-        .cloned()
-        .collect()
-}
-
-/// The three promises: no written revision missing, per-key order kept
-/// (first deliveries in revision order; replays may repeat), final state
-/// equal to etcd's.
-async fn verify(written: &Log, received: &Received, etcd: &EtcdServer) {
-    let written = written.lock().unwrap().clone();
-    let expected = etcd_state(etcd).await;
-    let complete = |got: &[DbUpdate]| {
-        let revs: std::collections::HashSet<i64> = got.iter().filter_map(|u| u.revision).collect();
-        let missing: Vec<i64> = written
-            .iter()
-            .map(|w| w.revision)
-            .filter(|r| !revs.contains(r))
-            .collect();
-        (missing, view(&lport(got)))
-    };
-    let start = std::time::Instant::now();
-    loop {
-        let (missing, state) = complete(&received.all());
-        if missing.is_empty() && state == expected {
-            break;
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "missing revisions {missing:?}; state {state:?} != etcd {expected:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let got = lport(&received.all());
-    let mut first_seen: HashMap<String, Vec<i64>> = HashMap::new();
-    let mut seen = std::collections::HashSet::new();
-    for u in &got {
-        let rev = u.revision.unwrap();
-        if seen.insert(rev) {
-            first_seen.entry(u.key.clone()).or_default().push(rev);
-        }
-    }
-    for (key, revs) in &first_seen {
-        assert!(
-            revs.windows(2).all(|w| w[0] < w[1]),
-            "order broken for {key}: {revs:?}"
-        );
-    }
-    let keys: std::collections::HashSet<_> = written
-        .iter()
-        .map(|w| w.key.trim_start_matches("/lport/"))
-        .collect();
-    assert!(keys.len() == 10, "the stream touched every key");
 }
 
 fn spawn_bridge(cfg: &Path, log: &Path) -> KillOnDrop {

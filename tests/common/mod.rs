@@ -4,9 +4,10 @@
 
 #![allow(dead_code, unreachable_pub, unused_imports)]
 
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use feedbridge::config::Config;
@@ -177,4 +178,162 @@ impl std::ops::DerefMut for KillOnDrop {
     fn deref_mut(&mut self) -> &mut Self::Target {
         &mut self.0
     }
+}
+
+// ---- A known stream of etcd writes, and checking what a subscriber saw ----
+
+/// How long the stream checks wait.
+pub const STREAM_WAIT: Duration = Duration::from_secs(30);
+
+/// One successful etcd write.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub key: String,
+    pub revision: i64,
+}
+
+pub type Log = Arc<Mutex<Vec<Written>>>;
+
+/// Writes ops `from..to` over ten keys (every seventh a delete), retrying
+/// while etcd is unreachable, and logs each write that etcd confirmed.
+pub async fn write_ops(endpoint: String, from: usize, to: usize, log: Log) {
+    let mut kv = etcd_client::Client::connect([endpoint.clone()], None)
+        .await
+        .unwrap();
+    for i in from..to {
+        let key = format!("/lport/k{}", i % 10);
+        loop {
+            let result = if i % 7 == 6 {
+                kv.delete(key.clone(), None)
+                    .await
+                    .map(|r| (r.deleted() > 0).then(|| r.header().unwrap().revision()))
+            } else {
+                kv.put(key.clone(), format!("v{i}"), None)
+                    .await
+                    .map(|r| Some(r.header().unwrap().revision()))
+            };
+            match result {
+                Ok(rev) => {
+                    if let Some(revision) = rev {
+                        log.lock().unwrap().push(Written {
+                            key: key.clone(),
+                            revision,
+                        });
+                    }
+                    break;
+                }
+                Err(_) => {
+                    // etcd is restarting: retry on a fresh connection.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if let Ok(c) = etcd_client::Client::connect([endpoint.clone()], None).await {
+                        kv = c;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Everything a subscriber received, shared with a background task.
+#[derive(Clone, Default)]
+pub struct Received(pub Arc<Mutex<Vec<DbUpdate>>>);
+
+impl Received {
+    pub fn all(&self) -> Vec<DbUpdate> {
+        self.0.lock().unwrap().clone()
+    }
+
+    pub async fn wait(&self, what: &str, pred: impl Fn(&[DbUpdate]) -> bool) {
+        eventually(what, STREAM_WAIT, || {
+            let ok = pred(&self.0.lock().unwrap());
+            async move { ok.then_some(()) }
+        })
+        .await;
+    }
+
+    pub fn revisions(&self) -> std::collections::HashSet<i64> {
+        self.all().iter().filter_map(|u| u.revision).collect()
+    }
+}
+
+pub async fn etcd_state(etcd: &EtcdServer) -> BTreeMap<(String, String), String> {
+    let mut kv = etcd.client().await;
+    let resp = kv
+        .get(
+            "/lport/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    resp.kvs()
+        .iter()
+        .map(|kv| {
+            let key = kv
+                .key_str()
+                .unwrap()
+                .trim_start_matches("/lport/")
+                .to_string();
+            (
+                ("lport".to_string(), key),
+                kv.value_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+pub fn lport(updates: &[DbUpdate]) -> Vec<DbUpdate> {
+    updates
+        .iter()
+        .filter(|u| u.table == "lport")
+        .cloned()
+        .collect()
+}
+
+/// The three promises: no written revision missing, per-key order kept
+/// (first deliveries in revision order; replays may repeat), final state
+/// equal to etcd's.
+pub async fn verify(written: &Log, received: &Received, etcd: &EtcdServer) {
+    let written = written.lock().unwrap().clone();
+    let expected = etcd_state(etcd).await;
+    let complete = |got: &[DbUpdate]| {
+        let revs: std::collections::HashSet<i64> = got.iter().filter_map(|u| u.revision).collect();
+        let missing: Vec<i64> = written
+            .iter()
+            .map(|w| w.revision)
+            .filter(|r| !revs.contains(r))
+            .collect();
+        (missing, view(&lport(got)))
+    };
+    let start = std::time::Instant::now();
+    loop {
+        let (missing, state) = complete(&received.all());
+        if missing.is_empty() && state == expected {
+            break;
+        }
+        assert!(
+            start.elapsed() < STREAM_WAIT,
+            "missing revisions {missing:?}; state {state:?} != etcd {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = lport(&received.all());
+    let mut first_seen: HashMap<String, Vec<i64>> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for u in &got {
+        let rev = u.revision.unwrap();
+        if seen.insert(rev) {
+            first_seen.entry(u.key.clone()).or_default().push(rev);
+        }
+    }
+    for (key, revs) in &first_seen {
+        assert!(
+            revs.windows(2).all(|w| w[0] < w[1]),
+            "order broken for {key}: {revs:?}"
+        );
+    }
+    let keys: std::collections::HashSet<_> = written
+        .iter()
+        .map(|w| w.key.trim_start_matches("/lport/"))
+        .collect();
+    assert!(keys.len() == 10, "the stream touched every key");
 }

@@ -1,0 +1,310 @@
+//! High availability with real etcd and bridge processes: failover after
+//! `kill -9`, a paused (SIGSTOP) leader that must not publish stale work
+//! when it resumes, and a graceful hand-over on SIGTERM. Subscribers read
+//! Redis PUBLISH messages raw, to see which instance (publisher id) sent
+//! each one.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use feedbridge::codec::{Codec, Envelope};
+use feedbridge::DbUpdate;
+use futures_util::StreamExt;
+
+const BIN: &str = env!("CARGO_BIN_EXE_feedbridge");
+
+/// Every message with its envelope and arrival time.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<(DbUpdate, Envelope, Instant)>>>);
+
+impl Seen {
+    async fn start(redis: &RedisServer) -> (Seen, Received) {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut pubsub = client.get_async_pubsub().await.unwrap();
+        pubsub.psubscribe("*").await.unwrap();
+        let (seen, received) = (Seen::default(), Received::default());
+        let (s, r) = (seen.clone(), received.clone());
+        tokio::spawn(async move {
+            let mut messages = pubsub.into_on_message();
+            while let Some(m) = messages.next().await {
+                if let Ok((u, env)) = Codec::Msgpack.decode(m.get_payload_bytes()) {
+                    r.0.lock().unwrap().push(u.clone());
+                    s.0.lock().unwrap().push((u, env, Instant::now()));
+                }
+            }
+        });
+        (seen, received)
+    }
+
+    fn publishers_after(&self, t: Instant) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, _, at)| *at > t)
+            .filter_map(|(_, e, _)| e.publisher.clone())
+            .collect();
+        ids.dedup();
+        ids
+    }
+
+    fn last_publisher(&self) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .last()
+            .and_then(|(_, e, _)| e.publisher.clone())
+    }
+}
+
+fn instance_config(etcd: &EtcdServer, redis: &RedisServer, name: &str, ttl: &str) -> String {
+    format!(
+        "[source]\ntype = \"etcd\"\nendpoints = [\"{}\"]\n[backend]\ntype = \"redis\"\nurl = \"{}\"\n[ha]\nlease_ttl = \"{ttl}\"\ninstance = \"{name}\"\n",
+        etcd.endpoint(),
+        redis.url()
+    )
+}
+
+fn spawn(dir: &std::path::Path, name: &str, cfg: &str) -> KillOnDrop {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, cfg).unwrap();
+    KillOnDrop(
+        Command::new(BIN)
+            .args(["run", "--log-level", "feedbridge=debug,info", "--config"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// The instance holding the election: the oldest key under the prefix.
+async fn leader(etcd: &EtcdServer) -> Option<String> {
+    let mut c = etcd.client().await;
+    let opts = etcd_client::GetOptions::new().with_prefix().with_sort(
+        etcd_client::SortTarget::Create,
+        etcd_client::SortOrder::Ascend,
+    );
+    let r = c.get("/feedbridge/election/", Some(opts)).await.ok()?;
+    r.kvs().first().map(|kv| kv.value_str().unwrap().to_owned())
+}
+
+async fn await_leader_other_than(etcd: &EtcdServer, old: &str) -> String {
+    eventually("a new leader", Duration::from_secs(30), || async {
+        leader(etcd).await.filter(|l| l != old)
+    })
+    .await
+}
+
+/// Probes until the leader's messages arrive; returns its publisher id.
+async fn await_flow_from_leader(etcd: &EtcdServer, seen: &Seen) -> String {
+    let mut kv = etcd.client().await;
+    let mut n = 0;
+    loop {
+        n += 1;
+        kv.put("/probe/ha", n.to_string(), None).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Some(p) = seen.last_publisher() {
+            return p;
+        }
+        assert!(n < 300, "no instance ever published");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_the_leader_a_standby_takes_over_without_missing_revisions() {
+    let etcd = EtcdServer::start().await;
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (seen, received) = Seen::start(&redis).await;
+    let mut instances: Vec<(String, KillOnDrop)> = ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            (
+                n.to_string(),
+                spawn(dir.path(), n, &instance_config(&etcd, &redis, n, "2s")),
+            )
+        })
+        .collect();
+    let first_id = await_flow_from_leader(&etcd, &seen).await;
+    let leader_name = leader(&etcd).await.unwrap();
+
+    let log = Log::default();
+    let writer = tokio::spawn(write_ops(etcd.endpoint(), 0, 400, log.clone()));
+    received
+        .wait("the stream under way", |g| lport(g).len() >= 60)
+        .await;
+    let pos = instances
+        .iter()
+        .position(|(n, _)| *n == leader_name)
+        .unwrap();
+    instances[pos].1.kill().unwrap();
+    let killed = Instant::now();
+    let new_leader = await_leader_other_than(&etcd, &leader_name).await;
+    // the first message from another instance after the kill
+    let took_over = eventually("the new leader to publish", Duration::from_secs(30), || {
+        let seen = seen.clone();
+        let first_id = first_id.clone();
+        async move {
+            let at = seen
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(_, e, at)| *at > killed && e.publisher.as_deref() != Some(&first_id))
+                .map(|(_, _, at)| *at);
+            at
+        }
+    })
+    .await;
+    let failover = took_over.duration_since(killed);
+    eprintln!(
+        "kill -9 failover: {new_leader} published {failover:?} after the kill (lease_ttl 2s)"
+    );
+    assert!(
+        failover < Duration::from_secs(2) + Duration::from_secs(5),
+        "{failover:?}"
+    );
+    writer.await.unwrap();
+    verify(&log, &received, &etcd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_does_not_publish_after_the_new_leader_started() {
+    let etcd = EtcdServer::start().await;
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (seen, received) = Seen::start(&redis).await;
+    let instances: Vec<(String, KillOnDrop)> = ["a", "b"]
+        .iter()
+        .map(|n| {
+            (
+                n.to_string(),
+                spawn(dir.path(), n, &instance_config(&etcd, &redis, n, "2s")),
+            )
+        })
+        .collect();
+    let old_id = await_flow_from_leader(&etcd, &seen).await;
+    let old_name = leader(&etcd).await.unwrap();
+    let old_pid = instances
+        .iter()
+        .find(|(n, _)| *n == old_name)
+        .unwrap()
+        .1
+        .id()
+        .to_string();
+
+    let log = Log::default();
+    let writer = tokio::spawn(write_ops(etcd.endpoint(), 0, 600, log.clone()));
+    received
+        .wait("the stream under way", |g| lport(g).len() >= 50)
+        .await;
+    assert!(Command::new("kill")
+        .args(["-STOP", &old_pid])
+        .status()
+        .unwrap()
+        .success());
+    let stopped = Instant::now();
+    await_leader_other_than(&etcd, &old_name).await;
+    let new_started = eventually("the new leader to publish", Duration::from_secs(30), || {
+        let seen = seen.clone();
+        let old_id = old_id.clone();
+        async move {
+            let at = seen
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(_, e, at)| *at > stopped && e.publisher.as_deref() != Some(&old_id))
+                .map(|(_, _, at)| *at);
+            at
+        }
+    })
+    .await;
+    assert!(Command::new("kill")
+        .args(["-CONT", &old_pid])
+        .status()
+        .unwrap()
+        .success());
+    writer.await.unwrap();
+    // more writes after the resume, so the old leader had every chance
+    let log2 = Log::default();
+    write_ops(etcd.endpoint(), 600, 700, log2.clone()).await;
+    verify(&log, &received, &etcd).await;
+    verify(&log2, &received, &etcd).await;
+    let after = seen.publishers_after(new_started);
+    assert!(
+        !after.contains(&old_id),
+        "the resumed old leader published stale work: {after:?}"
+    );
+    eprintln!(
+        "SIGSTOP failover: new leader published {:?} after the stop (lease_ttl 2s)",
+        new_started.duration_since(stopped)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_over_without_waiting_for_the_lease() {
+    let etcd = EtcdServer::start().await;
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (seen, received) = Seen::start(&redis).await;
+    // a long TTL: only a resignation can make the hand-over fast
+    let mut instances: Vec<(String, KillOnDrop)> = ["a", "b"]
+        .iter()
+        .map(|n| {
+            (
+                n.to_string(),
+                spawn(dir.path(), n, &instance_config(&etcd, &redis, n, "30s")),
+            )
+        })
+        .collect();
+    let old_id = await_flow_from_leader(&etcd, &seen).await;
+    let old_name = leader(&etcd).await.unwrap();
+    let pos = instances.iter().position(|(n, _)| *n == old_name).unwrap();
+    let log = Log::default();
+    let writer = tokio::spawn(write_ops(etcd.endpoint(), 0, 300, log.clone()));
+    received
+        .wait("the stream under way", |g| lport(g).len() >= 50)
+        .await;
+    let pid = instances[pos].1.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let termed = Instant::now();
+    let status = instances[pos].1.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let took_over = eventually("the standby to publish", Duration::from_secs(20), || {
+        let seen = seen.clone();
+        let old_id = old_id.clone();
+        async move {
+            let at = seen
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(_, e, at)| *at > termed && e.publisher.as_deref() != Some(&old_id))
+                .map(|(_, _, at)| *at);
+            at
+        }
+    })
+    .await;
+    let handover = took_over.duration_since(termed);
+    eprintln!(
+        "SIGTERM hand-over: the standby published {handover:?} after the signal (lease_ttl 30s)"
+    );
+    assert!(
+        handover < Duration::from_secs(10),
+        "waited for the lease: {handover:?}"
+    );
+    writer.await.unwrap();
+    verify(&log, &received, &etcd).await;
+}
