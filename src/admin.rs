@@ -32,7 +32,7 @@ fn route(path: &str, stats: &Stats) -> Response<Full<Bytes>> {
         ),
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => match stats.ready() {
-            Ok(()) => respond(StatusCode::OK, "text/plain", "ready\n".into()),
+            Ok(role) => respond(StatusCode::OK, "text/plain", format!("ready ({role})\n")),
             Err(why) => respond(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",

@@ -185,7 +185,6 @@ impl Stats {
     pub fn describe(&self, backend: &str, has_source: bool) {
         let _ = self.backend_name.set(backend.to_owned());
         self.has_source.store(has_source, Relaxed);
-        self.leader.set(1);
     }
 
     /// Counts a change read from `source` that became `update`.
@@ -242,15 +241,20 @@ impl Stats {
             .get()
     }
 
-    /// Ready: the source (if any) and the backend are connected.
-    pub fn ready(&self) -> Result<(), &'static str> {
+    /// Ready, and in which role: a standby (HA) is ready to take over; a
+    /// leader is ready when the source (if any) is connected and the
+    /// backend ready.
+    pub fn ready(&self) -> Result<&'static str, &'static str> {
+        if self.leader.get() == 0 {
+            return Ok("standby");
+        }
         if self.has_source.load(Relaxed) && !self.source.is_up() {
             return Err("source not connected");
         }
         if !self.backend.is_up() {
             return Err("backend not ready");
         }
-        Ok(())
+        Ok("leader")
     }
 
     /// The Prometheus text exposition of every metric.

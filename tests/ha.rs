@@ -84,6 +84,18 @@ fn spawn(dir: &std::path::Path, name: &str, cfg: &str) -> KillOnDrop {
     )
 }
 
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
 /// The instance holding the election: the oldest key under the prefix.
 async fn leader(etcd: &EtcdServer) -> Option<String> {
     let mut c = etcd.client().await;

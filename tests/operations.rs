@@ -64,6 +64,13 @@ async fn metrics_count_what_was_written_and_health_endpoints_answer() {
     .await
     .unwrap();
     assert_eq!((status, body.trim()), (200, "ok"));
+    let (status, body) = tokio::task::spawn_blocking({
+        let a = admin.clone();
+        move || get(&a, "/readyz")
+    })
+    .await
+    .unwrap();
+    assert_eq!((status, body.trim()), (200, "ready (leader)"));
 
     let mut kv = etcd.client().await;
     for i in 0..5 {
