@@ -135,17 +135,41 @@ async fn kill_9_the_leader_a_standby_takes_over_without_missing_revisions() {
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let (seen, received) = Seen::start(&redis).await;
+    let admin: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
     let mut instances: Vec<(String, KillOnDrop)> = ["a", "b", "c"]
         .iter()
-        .map(|n| {
-            (
-                n.to_string(),
-                spawn(dir.path(), n, &instance_config(&etcd, &redis, n, "2s")),
-            )
+        .zip(&admin)
+        .map(|(n, a)| {
+            let cfg =
+                instance_config(&etcd, &redis, n, "2s") + &format!("[admin]\nlisten = \"{a}\"\n");
+            (n.to_string(), spawn(dir.path(), n, &cfg))
         })
         .collect();
     let first_id = await_flow_from_leader(&etcd, &seen).await;
     let leader_name = leader(&etcd).await.unwrap();
+    // /readyz and the metrics say which instance leads
+    for ((name, _), a) in instances.iter().zip(&admin) {
+        let role = if *name == leader_name {
+            "leader"
+        } else {
+            "standby"
+        };
+        let a = a.clone();
+        let (ready, metrics) = tokio::task::spawn_blocking(move || {
+            (http_get(&a, "/readyz"), http_get(&a, "/metrics"))
+        })
+        .await
+        .unwrap();
+        assert_eq!(ready.trim(), format!("ready ({role})"), "{name}");
+        let gauge = if role == "leader" {
+            "feedbridge_leader 1"
+        } else {
+            "feedbridge_leader 0"
+        };
+        assert!(metrics.contains(gauge), "{name}: {metrics}");
+    }
 
     let log = Log::default();
     let writer = tokio::spawn(write_ops(etcd.endpoint(), 0, 400, log.clone()));
