@@ -19,6 +19,7 @@ fn check_accepts_examples_and_rejects_bad_configs_with_exit_2() {
         "redis-zmq",
         "redis-redis",
         "publisher-service",
+        "ha",
     ] {
         let path = workspace_path(&format!("config/{example}.toml"));
         let out = Command::new(BIN)
