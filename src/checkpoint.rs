@@ -161,19 +161,6 @@ mod tests {
             "another revision's index is not used"
         );
         assert_eq!(load_index(&dir.path().join("none"), 9).unwrap(), None);
-        assert!(load(&p).is_err());
-        let idx = dir.path().join("idx");
-        let mut index = HashMap::new();
-        index.insert(b"/a/\xff\n".to_vec(), 7);
-        index.insert(b"/b/c".to_vec(), 9);
-        save_index(&idx, 9, &index).unwrap();
-        assert_eq!(load_index(&idx, 9).unwrap(), Some(index));
-        assert_eq!(
-            load_index(&idx, 8).unwrap(),
-            None,
-            "another revision's index is not used"
-        );
-        assert_eq!(load_index(&dir.path().join("none"), 9).unwrap(), None);
         let e = load(&p).unwrap_err().to_string();
         assert!(e.contains("delete it"), "{e}");
     }

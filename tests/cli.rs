@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -93,23 +92,8 @@ async fn run_and_tail_binaries_end_to_end_then_sigterm_exits_0() {
             .spawn()
             .unwrap(),
     );
-    let mut tail = KillOnDrop(
-        Command::new(BIN)
-            .args(["tail", "--connect", &format!("tcp://127.0.0.1:{port}")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    let stdout = tail.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            if lines_tx.send(line.unwrap()).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut tail, mut lines) =
+        spawn_tail(&["--connect".into(), format!("tcp://127.0.0.1:{port}")]);
     let mut kv = etcd.client().await;
     let mut n = 0;
     loop {

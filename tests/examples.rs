@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,8 +12,6 @@ use common::*;
 use feedbridge::config::Config;
 use feedbridge::stats::Stats;
 use tokio_util::sync::CancellationToken;
-
-const BIN: &str = env!("CARGO_BIN_EXE_feedbridge");
 
 async fn run_example(
     name: &str,
@@ -50,24 +46,7 @@ async fn run_example(
         Arc::new(Stats::default()),
     ));
 
-    let mut tail = KillOnDrop(
-        Command::new(BIN)
-            .arg("tail")
-            .args(tail_args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    let out = tail.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines() {
-            if tx.send(l.unwrap()).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut tail, mut lines) = spawn_tail(tail_args);
     let mut kv = etcd.client().await;
     let mut rc = redis.connection().await;
     // one row per example, so an earlier example's row cannot interfere

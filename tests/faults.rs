@@ -68,6 +68,14 @@ fn config_text(etcd: &EtcdServer, redis: &RedisServer, checkpoint: &Path) -> Str
     )
 }
 
+/// Writes an unrelated key and compacts etcd up to it: every revision so
+/// far is gone from the history.
+async fn compact_all(kv: &mut etcd_client::Client, value: &str) {
+    let put = kv.put("/unrelated/x", value, None).await.unwrap();
+    let rev = put.header().unwrap().revision();
+    kv.compact(rev, None).await.unwrap();
+}
+
 fn spawn_bridge(cfg: &Path, log: &Path) -> KillOnDrop {
     KillOnDrop(
         Command::new(BIN)
@@ -184,14 +192,7 @@ async fn fault3_compaction_past_the_checkpoint_still_ends_in_the_true_state() {
     kv.delete("/lport/k2", None).await.unwrap();
     kv.put("/lport/k3", "changed", None).await.unwrap();
     kv.put("/lport/fresh", "new", None).await.unwrap();
-    let rev = kv
-        .put("/unrelated/x", "y", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
-    kv.compact(rev, None).await.unwrap();
+    compact_all(&mut kv, "y").await;
 
     let before = received.all().len();
     let bridge = Bridge::start(&config);
@@ -222,14 +223,7 @@ async fn fault3_compaction_past_the_checkpoint_still_ends_in_the_true_state() {
     // bridge cannot know what was deleted, so it says `sync` first.
     std::fs::remove_file(s.checkpoint.with_extension("index")).unwrap();
     kv.delete("/lport/k3", None).await.unwrap();
-    let rev = kv
-        .put("/unrelated/x", "z", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
-    kv.compact(rev, None).await.unwrap();
+    compact_all(&mut kv, "z").await;
     let before = received.all().len();
     let bridge = Bridge::start(&config);
     received

@@ -53,6 +53,18 @@ impl Seen {
         ids
     }
 
+    /// Waits for the first message after `t` from a publisher other than
+    /// `old`, and returns when it arrived.
+    async fn first_other_after(&self, what: &str, t: Instant, old: &str) -> Instant {
+        eventually(what, Duration::from_secs(30), || async move {
+            let seen = self.0.lock().unwrap();
+            seen.iter()
+                .find(|(_, e, at)| *at > t && e.publisher.as_deref() != Some(old))
+                .map(|(_, _, at)| *at)
+        })
+        .await
+    }
+
     fn last_publisher(&self) -> Option<String> {
         self.0
             .lock()
@@ -184,21 +196,9 @@ async fn kill_9_the_leader_a_standby_takes_over_without_missing_revisions() {
     let killed = Instant::now();
     let new_leader = await_leader_other_than(&etcd, &leader_name).await;
     // the first message from another instance after the kill
-    let took_over = eventually("the new leader to publish", Duration::from_secs(30), || {
-        let seen = seen.clone();
-        let first_id = first_id.clone();
-        async move {
-            let at = seen
-                .0
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|(_, e, at)| *at > killed && e.publisher.as_deref() != Some(&first_id))
-                .map(|(_, _, at)| *at);
-            at
-        }
-    })
-    .await;
+    let took_over = seen
+        .first_other_after("the new leader to publish", killed, &first_id)
+        .await;
     let failover = took_over.duration_since(killed);
     eprintln!(
         "kill -9 failover: {new_leader} published {failover:?} after the kill (lease_ttl 2s)"
@@ -248,21 +248,9 @@ async fn a_paused_leader_does_not_publish_after_the_new_leader_started() {
         .success());
     let stopped = Instant::now();
     await_leader_other_than(&etcd, &old_name).await;
-    let new_started = eventually("the new leader to publish", Duration::from_secs(30), || {
-        let seen = seen.clone();
-        let old_id = old_id.clone();
-        async move {
-            let at = seen
-                .0
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|(_, e, at)| *at > stopped && e.publisher.as_deref() != Some(&old_id))
-                .map(|(_, _, at)| *at);
-            at
-        }
-    })
-    .await;
+    let new_started = seen
+        .first_other_after("the new leader to publish", stopped, &old_id)
+        .await;
     assert!(Command::new("kill")
         .args(["-CONT", &old_pid])
         .status()
@@ -318,21 +306,9 @@ async fn sigterm_hands_over_without_waiting_for_the_lease() {
     let termed = Instant::now();
     let status = instances[pos].1.wait().unwrap();
     assert_eq!(status.code(), Some(0));
-    let took_over = eventually("the standby to publish", Duration::from_secs(20), || {
-        let seen = seen.clone();
-        let old_id = old_id.clone();
-        async move {
-            let at = seen
-                .0
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|(_, e, at)| *at > termed && e.publisher.as_deref() != Some(&old_id))
-                .map(|(_, _, at)| *at);
-            at
-        }
-    })
-    .await;
+    let took_over = seen
+        .first_other_after("the standby to publish", termed, &old_id)
+        .await;
     let handover = took_over.duration_since(termed);
     eprintln!(
         "SIGTERM hand-over: the standby published {handover:?} after the signal (lease_ttl 30s)"

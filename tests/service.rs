@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -348,23 +347,7 @@ async fn two_services_are_discovered_and_a_killed_one_expires() {
         .all(|r| r["last_activity_timestamp"].as_f64().unwrap() > 1.0e9));
 
     // A subscriber that only knows the database: feedbridge tail --discover.
-    let mut tail = KillOnDrop(
-        Command::new(BIN)
-            .args(["tail", "--discover", &etcd.endpoint()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    let out = tail.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines() {
-            if tx.send(l.unwrap()).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut tail, mut lines) = spawn_tail(&["--discover".into(), etcd.endpoint()]);
     // Push through each service until tail prints one from each.
     let pushers: Vec<_> = sockets
         .iter()

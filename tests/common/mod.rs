@@ -337,3 +337,27 @@ pub async fn verify(written: &Log, received: &Received, etcd: &EtcdServer) {
         .collect();
     assert!(keys.len() == 10, "the stream touched every key");
 }
+
+/// Runs `feedbridge tail ARGS` and hands its stdout over line by line.
+pub fn spawn_tail(args: &[String]) -> (KillOnDrop, mpsc::UnboundedReceiver<String>) {
+    use std::io::BufRead;
+    let mut tail = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_feedbridge"))
+            .arg("tail")
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, lines) = mpsc::unbounded_channel();
+    let out = tail.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    (tail, lines)
+}
