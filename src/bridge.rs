@@ -263,7 +263,11 @@ async fn run_once(
             producers.push(spawn_producer(&stop, async move { Ok(source.await?) }));
         }
         Some(SourceConfig::Redis(c)) => {
-            let source = RedisSource::new(c, stats.clone()).run(tx.clone(), stop.clone());
+            let mut source = RedisSource::new(c, stats.clone());
+            if lead.is_some() {
+                source = source.taking_over();
+            }
+            let source = source.run(tx.clone(), stop.clone());
             producers.push(spawn_producer(&stop, async move { Ok(source.await?) }));
         }
         None => {}

@@ -50,9 +50,13 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HaConfig {
-    /// etcd client URLs for the election; default: the etcd source's.
+    /// etcd client URLs for the election; default: the etcd source's...
     #[serde(default)]
     pub endpoints: Vec<String>,
+    /// ...or a Redis URL, for a lock in Redis itself (weaker: see the
+    /// README); default with a Redis source: the source's.
+    #[serde(default)]
+    pub url: Option<String>,
     /// Key prefix of the election and of the shared checkpoint; the source
     /// never publishes keys under it.
     #[serde(default = "default_ha_prefix")]
@@ -518,11 +522,23 @@ impl Config {
             .transpose()
             .map_err(error)?;
         let mut ha: Option<HaConfig> = ha.map(|t| typed(t, "ha")).transpose().map_err(error)?;
-        if let (Some(ha), Some(SourceConfig::Etcd(src))) = (&mut ha, &source) {
-            if ha.endpoints.is_empty() {
-                ha.endpoints = src.endpoints.clone();
-                if ha.auth == AuthConfig::default() {
-                    ha.auth = src.auth.clone();
+        if let Some(ha) = &mut ha {
+            if ha.endpoints.is_empty() && ha.url.is_none() {
+                let default_auth = ha.auth == AuthConfig::default();
+                match &source {
+                    Some(SourceConfig::Etcd(src)) => {
+                        ha.endpoints = src.endpoints.clone();
+                        if default_auth {
+                            ha.auth = src.auth.clone();
+                        }
+                    }
+                    Some(SourceConfig::Redis(src)) => {
+                        ha.url = Some(src.url.clone());
+                        if default_auth {
+                            ha.auth = src.auth.clone();
+                        }
+                    }
+                    None => {}
                 }
             }
         }
@@ -701,12 +717,19 @@ impl Config {
             auth.check().map_err(|r| invalid(field, r))?;
         }
         if let Some(ha) = &self.ha {
-            check_etcd_endpoints(&ha.endpoints).map_err(|r| {
-                invalid(
-                    "ha.endpoints",
-                    format!("{r}; with a Redis source, name the etcd that holds the election"),
-                )
-            })?;
+            match (&ha.url, ha.endpoints.is_empty()) {
+                (Some(url), true) => check_redis_url(url).map_err(|r| invalid("ha.url", r))?,
+                (None, false) => {
+                    check_etcd_endpoints(&ha.endpoints).map_err(|r| invalid("ha.endpoints", r))?
+                }
+                _ => {
+                    return Err(invalid(
+                        "ha.endpoints",
+                        "set exactly one of `endpoints` (etcd election) or `url` (Redis lock)"
+                            .into(),
+                    ))
+                }
+            }
             if ha.lease_ttl < Duration::from_secs(2) {
                 return Err(invalid(
                     "ha.lease_ttl",

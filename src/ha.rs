@@ -1,23 +1,30 @@
 //! High availability: several bridges with the same config, one publishing
-//! at a time, elected through etcd's lease-based election API.
+//! at a time, elected through etcd's lease-based election API (or, with a
+//! weaker guarantee, a Redis lock).
 //!
 //! Each instance holds a lease (`lease_ttl`) and campaigns under the
 //! election name; the winner runs the pipeline and keeps its checkpoint in
-//! etcd, where the next leader resumes it. A leader stops publishing when
-//! its lease may have expired: it tracks locally, on the monotonic clock,
-//! until when the lease is certainly valid (the time a keep-alive was *sent*
-//! plus the TTL the server granted, minus a safety margin), and the pipeline
-//! checks that before every publish. The server cannot expire the lease
-//! earlier than that, so another instance cannot be elected while this one
-//! still publishes (assuming the two clocks run at the same rate within the
-//! margin). A paused (SIGSTOP) leader finds the deadline passed when it
-//! resumes and publishes nothing more.
+//! the store, where the next leader resumes it. A leader stops publishing
+//! when its lease may have expired: it tracks locally, on the monotonic
+//! clock, until when the lease is certainly valid (the time a keep-alive
+//! was *sent* plus the TTL the server granted, minus a safety margin), and
+//! the pipeline checks that before every publish. The server cannot expire
+//! the lease earlier than that, so another instance cannot be elected while
+//! this one still publishes (assuming the two clocks run at the same rate
+//! within the margin). A paused (SIGSTOP) leader finds the deadline passed
+//! when it resumes and publishes nothing more.
+//!
+//! The Redis lock (`SET key token NX PX ttl`, refreshed and released only
+//! by its holder) gives the same local guarantee against one Redis server,
+//! but Redis replicates asynchronously: if the server fails over to a
+//! replica that had not seen the lock, two instances can lead at once.
 
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, LeaderKey, ResignOptions, Txn, TxnOp};
+use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HaConfig;
@@ -29,11 +36,35 @@ fn now_ms() -> u64 {
     ORIGIN.elapsed().as_millis() as u64
 }
 
-/// This instance's leadership; dropped or resigned when it ends.
+/// Extends the Redis lock only while it is still ours.
+const REDIS_EXTEND: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then \
+return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end";
+/// Releases the Redis lock only while it is still ours.
+const REDIS_RELEASE: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then \
+return redis.call('del', KEYS[1]) else return 0 end";
+/// Stores the checkpoint only while the lock is still ours.
+const REDIS_CHECKPOINT: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then \
+redis.call('set', KEYS[2], ARGV[2]) return 1 else return 0 end";
+
+/// Where the election runs.
+#[derive(Clone)]
+#[allow(clippy::large_enum_variant)] // one per leadership term
+enum Store {
+    Etcd {
+        client: Client,
+        leader: LeaderKey,
+        lease: i64,
+    },
+    Redis {
+        conn: MultiplexedConnection,
+        key: String,
+        token: String,
+    },
+}
+
+/// This instance's leadership.
 pub struct Leadership {
-    client: Client,
-    leader: LeaderKey,
-    lease: i64,
+    store: Store,
     checkpoint_key: String,
     /// Monotonic ms until which the lease is certainly valid.
     valid_until: Arc<AtomicU64>,
@@ -53,34 +84,69 @@ impl Leadership {
         self.lost.clone()
     }
 
-    /// The checkpoint the previous leader left in etcd.
-    pub async fn load_checkpoint(&self) -> Result<Option<i64>, etcd_client::Error> {
-        let resp = self
-            .client
-            .clone()
-            .get(self.checkpoint_key.clone(), None)
-            .await?;
-        Ok(resp
-            .kvs()
-            .first()
-            .and_then(|kv| std::str::from_utf8(kv.value()).ok()?.trim().parse().ok()))
+    /// The checkpoint the previous leader left in the store.
+    pub async fn load_checkpoint(&self) -> Result<Option<i64>, String> {
+        let text: Option<String> = match self.store.clone() {
+            Store::Etcd { mut client, .. } => {
+                let resp = client
+                    .get(self.checkpoint_key.clone(), None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                resp.kvs()
+                    .first()
+                    .and_then(|kv| kv.value_str().ok().map(str::to_owned))
+            }
+            Store::Redis { mut conn, .. } => redis::cmd("GET")
+                .arg(&self.checkpoint_key)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?,
+        };
+        Ok(text.and_then(|t| t.trim().parse().ok()))
     }
 
-    /// Stores the checkpoint, only while this instance's leader key still
-    /// exists (a deposed leader cannot move it).
-    pub async fn save_checkpoint(&self, revision: i64) -> Result<bool, etcd_client::Error> {
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                self.leader.key().to_vec(),
-                CompareOp::Equal,
-                self.leader.rev(),
-            )])
-            .and_then([TxnOp::put(
-                self.checkpoint_key.clone(),
-                revision.to_string(),
-                None,
-            )]);
-        Ok(self.client.clone().txn(txn).await?.succeeded())
+    /// Stores the checkpoint, only while this instance still holds the
+    /// election (a deposed leader cannot move it). `false` if it does not.
+    pub async fn save_checkpoint(&self, revision: i64) -> Result<bool, String> {
+        match self.store.clone() {
+            Store::Etcd {
+                mut client, leader, ..
+            } => {
+                let txn = Txn::new()
+                    .when([Compare::create_revision(
+                        leader.key().to_vec(),
+                        CompareOp::Equal,
+                        leader.rev(),
+                    )])
+                    .and_then([TxnOp::put(
+                        self.checkpoint_key.clone(),
+                        revision.to_string(),
+                        None,
+                    )]);
+                Ok(client
+                    .txn(txn)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .succeeded())
+            }
+            Store::Redis {
+                mut conn,
+                key,
+                token,
+            } => {
+                let stored: i64 = redis::cmd("EVAL")
+                    .arg(REDIS_CHECKPOINT)
+                    .arg(2)
+                    .arg(&key)
+                    .arg(&self.checkpoint_key)
+                    .arg(&token)
+                    .arg(revision)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(stored == 1)
+            }
+        }
     }
 
     /// Hands leadership over at once (graceful stop): a standby is elected
@@ -88,13 +154,36 @@ impl Leadership {
     pub async fn resign(&self) {
         self.keeper.abort();
         self.lost.cancel();
-        let mut client = self.client.clone();
-        let opts = ResignOptions::new().with_leader(self.leader.clone());
-        if let Err(e) = client.resign(Some(opts)).await {
-            tracing::warn!(error = %e, "Cannot resign; the lease will expire instead.");
+        let result = match self.store.clone() {
+            Store::Etcd {
+                mut client,
+                leader,
+                lease,
+            } => {
+                let resigned = client
+                    .resign(Some(ResignOptions::new().with_leader(leader)))
+                    .await;
+                let _ = client.lease_revoke(lease).await;
+                resigned.map(drop).map_err(|e| e.to_string())
+            }
+            Store::Redis {
+                mut conn,
+                key,
+                token,
+            } => redis::cmd("EVAL")
+                .arg(REDIS_RELEASE)
+                .arg(1)
+                .arg(&key)
+                .arg(&token)
+                .query_async::<i64>(&mut conn)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        };
+        match result {
+            Ok(()) => tracing::info!("Resigned leadership."),
+            Err(e) => tracing::warn!(error = %e, "Cannot resign; the lease will expire instead."),
         }
-        let _ = client.lease_revoke(self.lease).await;
-        tracing::info!("Resigned leadership.");
     }
 }
 
@@ -111,27 +200,75 @@ pub async fn campaign(
     instance: &str,
     service_id: &str,
     shutdown: &CancellationToken,
-) -> Result<Option<Leadership>, etcd_client::Error> {
+) -> Result<Option<Leadership>, String> {
     let ttl = config.lease_ttl.as_secs().max(1) as i64;
+    let prefix = config.prefix.trim_end_matches('/');
+    let valid_until = Arc::new(AtomicU64::new(0));
+    let lost = CancellationToken::new();
+    let elected = match &config.url {
+        None => {
+            let name = format!("{prefix}/election/{service_id}");
+            tracing::info!(%instance, election = %name, ttl_s = ttl, "Standing by: campaigning for leadership in etcd.");
+            campaign_etcd(config, instance, &name, ttl, shutdown, &valid_until, &lost)
+                .await?
+                .map(|(store, keeper)| (store, keeper, format!("{prefix}/checkpoint/{service_id}")))
+        }
+        Some(url) => {
+            let prefix = prefix.trim_start_matches('/');
+            let key = format!("{prefix}:leader:{service_id}");
+            tracing::info!(%instance, lock = %key, ttl_s = ttl, "Standing by: campaigning for leadership in Redis.");
+            campaign_redis(
+                config,
+                url,
+                instance,
+                key,
+                ttl,
+                shutdown,
+                &valid_until,
+                &lost,
+            )
+            .await?
+            .map(|(store, keeper)| (store, keeper, format!("{prefix}:checkpoint:{service_id}")))
+        }
+    };
+    let Some((store, keeper, checkpoint_key)) = elected else {
+        return Ok(None);
+    };
+    tracing::info!(%instance, "Elected leader; publishing.");
+    Ok(Some(Leadership {
+        store,
+        checkpoint_key,
+        valid_until,
+        lost,
+        keeper,
+    }))
+}
+
+type Elected = Option<(Store, tokio::task::JoinHandle<()>)>;
+
+async fn campaign_etcd(
+    config: &HaConfig,
+    instance: &str,
+    name: &str,
+    ttl: i64,
+    shutdown: &CancellationToken,
+    valid_until: &Arc<AtomicU64>,
+    lost: &CancellationToken,
+) -> Result<Elected, String> {
+    let err = |e: etcd_client::Error| e.to_string();
     let mut client =
         crate::source::etcd::connect(&config.endpoints, Duration::from_secs(5), &config.auth)
-            .await?;
+            .await
+            .map_err(err)?;
     let sent = now_ms();
-    let lease = client.lease_grant(ttl, None).await?.id();
-    let valid_until = Arc::new(AtomicU64::new(sent + valid_for(ttl)));
-    let lost = CancellationToken::new();
-    let keeper = tokio::spawn(keep_alive(
-        client.clone(),
+    let lease = client.lease_grant(ttl, None).await.map_err(err)?.id();
+    valid_until.store(sent + valid_for(ttl), SeqCst);
+    // Campaigning can take long: the lease is kept alive meanwhile.
+    let refresh = Refresh::Etcd {
+        client: client.clone(),
         lease,
-        ttl,
-        valid_until.clone(),
-        lost.clone(),
-    ));
-    let name = format!(
-        "{}/election/{service_id}",
-        config.prefix.trim_end_matches('/')
-    );
-    tracing::info!(%instance, election = %name, ttl_s = ttl, "Standing by: campaigning for leadership.");
+    };
+    let keeper = tokio::spawn(keep_alive(refresh, ttl, valid_until.clone(), lost.clone()));
     let resp = tokio::select! {
         biased;
         _ = shutdown.cancelled() => {
@@ -139,25 +276,68 @@ pub async fn campaign(
             let _ = client.lease_revoke(lease).await;
             return Ok(None);
         }
-        r = client.campaign(name.clone(), instance.to_owned(), lease) => r?,
+        r = client.campaign(name.to_owned(), instance.to_owned(), lease) => r,
     };
+    let resp = resp.map_err(|e| {
+        keeper.abort();
+        err(e)
+    })?;
     let leader = resp
         .leader()
         .cloned()
-        .ok_or_else(|| etcd_client::Error::ElectError("campaign returned no leader key".into()))?;
-    tracing::info!(%instance, "Elected leader; publishing.");
-    Ok(Some(Leadership {
-        client,
-        leader,
-        lease,
-        checkpoint_key: format!(
-            "{}/checkpoint/{service_id}",
-            config.prefix.trim_end_matches('/')
-        ),
-        valid_until,
-        lost,
+        .ok_or("campaign returned no leader key")?;
+    Ok(Some((
+        Store::Etcd {
+            client,
+            leader,
+            lease,
+        },
         keeper,
-    }))
+    )))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn campaign_redis(
+    config: &HaConfig,
+    url: &str,
+    instance: &str,
+    key: String,
+    ttl: i64,
+    shutdown: &CancellationToken,
+    valid_until: &Arc<AtomicU64>,
+    lost: &CancellationToken,
+) -> Result<Elected, String> {
+    let client = crate::backend::redis::client(url, &config.auth)?;
+    let mut conn = crate::backend::redis::connect(&client, Duration::from_secs(5)).await?;
+    let token = format!("{instance}:{}", std::process::id());
+    let period = Duration::from_millis(ttl as u64 * 1000 / 3);
+    loop {
+        let sent = now_ms();
+        let got: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl * 1000)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        if got.is_some() {
+            valid_until.store(sent + valid_for(ttl), SeqCst);
+            let refresh = Refresh::Redis {
+                conn: conn.clone(),
+                key: key.clone(),
+                token: token.clone(),
+            };
+            let keeper = tokio::spawn(keep_alive(refresh, ttl, valid_until.clone(), lost.clone()));
+            return Ok(Some((Store::Redis { conn, key, token }, keeper)));
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(period) => {}
+        }
+    }
 }
 
 /// How long after sending a keep-alive the lease is certainly valid: the
@@ -168,60 +348,100 @@ fn valid_for(ttl_s: i64) -> u64 {
     ttl - (ttl / 4).max(500).min(ttl / 2)
 }
 
+/// Cancels `lost` once `valid_until` passes without being extended.
+async fn watchdog(valid_until: Arc<AtomicU64>, lost: CancellationToken) {
+    loop {
+        let until = valid_until.load(SeqCst);
+        let now = now_ms();
+        if now >= until {
+            tracing::warn!("Lease may have expired: stopping publishing.");
+            lost.cancel();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(until - now)).await;
+    }
+}
+
+/// What keeps a lease alive.
+#[allow(clippy::large_enum_variant)] // one per leadership term
+enum Refresh {
+    Etcd {
+        client: Client,
+        lease: i64,
+    },
+    Redis {
+        conn: MultiplexedConnection,
+        key: String,
+        token: String,
+    },
+}
+
 /// Refreshes the lease every third of its TTL; extends `valid_until` on
-/// each answer and cancels `lost` once it passes without one.
+/// each answer and cancels `lost` once the store says it is gone, or once
+/// `valid_until` passes without an answer.
 async fn keep_alive(
-    mut client: Client,
-    lease: i64,
+    store: Refresh,
     ttl: i64,
     valid_until: Arc<AtomicU64>,
     lost: CancellationToken,
 ) {
     let period = Duration::from_millis(ttl as u64 * 1000 / 3);
-    let watchdog = {
-        let (valid_until, lost) = (valid_until.clone(), lost.clone());
-        tokio::spawn(async move {
-            loop {
-                let until = valid_until.load(SeqCst);
-                let now = now_ms();
-                if now >= until {
-                    tracing::warn!("Lease may have expired: stopping publishing.");
-                    lost.cancel();
-                    return;
+    let dog = tokio::spawn(watchdog(valid_until.clone(), lost.clone()));
+    let mut etcd_stream = None;
+    while !lost.is_cancelled() {
+        let sent = now_ms();
+        // Some(true): refreshed; Some(false): the lease is gone; None: no answer.
+        let refreshed: Option<bool> = match &store {
+            Refresh::Etcd { client, lease } => {
+                if etcd_stream.is_none() {
+                    etcd_stream = client.clone().lease_keep_alive(*lease).await.ok();
                 }
-                tokio::time::sleep(Duration::from_millis(until - now)).await;
+                match &mut etcd_stream {
+                    Some((keeper, answers)) => {
+                        let answer = async {
+                            keeper.keep_alive().await?;
+                            answers.message().await
+                        };
+                        match tokio::time::timeout(period, answer).await {
+                            Ok(Ok(Some(resp))) => Some(resp.ttl() > 0),
+                            _ => {
+                                etcd_stream = None;
+                                None
+                            }
+                        }
+                    }
+                    None => None,
+                }
             }
-        })
-    };
-    let mut stream = None;
-    loop {
-        if lost.is_cancelled() {
-            break;
-        }
-        if stream.is_none() {
-            stream = client.lease_keep_alive(lease).await.ok();
-        }
-        if let Some((keeper, answers)) = &mut stream {
-            let sent = now_ms();
-            let answer = async {
-                keeper.keep_alive().await?;
-                answers.message().await
-            };
-            match tokio::time::timeout(period, answer).await {
-                Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
-                    valid_until.fetch_max(sent + valid_for(resp.ttl()), SeqCst);
+            Refresh::Redis { conn, key, token } => {
+                let mut conn = conn.clone();
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(REDIS_EXTEND)
+                    .arg(1)
+                    .arg(key)
+                    .arg(token)
+                    .arg(ttl * 1000);
+                let extend = cmd.query_async::<i64>(&mut conn);
+                match tokio::time::timeout(period, extend).await {
+                    Ok(Ok(n)) => Some(n == 1),
+                    _ => None,
                 }
-                Ok(Ok(Some(_))) => {
-                    tracing::warn!("The lease expired on the server: leadership lost.");
-                    lost.cancel();
-                    break;
-                }
-                _ => stream = None, // retried until the watchdog gives up
             }
+        };
+        match refreshed {
+            Some(true) => {
+                valid_until.fetch_max(sent + valid_for(ttl), SeqCst);
+            }
+            Some(false) => {
+                tracing::warn!("The lease expired in the store: leadership lost.");
+                lost.cancel();
+                break;
+            }
+            None => {} // retried until the watchdog gives up
         }
         tokio::time::sleep(period).await;
     }
-    watchdog.abort();
+    dog.abort();
 }
 
 #[cfg(test)]

@@ -320,3 +320,102 @@ async fn sigterm_hands_over_without_waiting_for_the_lease() {
     writer.await.unwrap();
     verify(&log, &received, &etcd).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_source_elects_through_a_redis_lock_and_fails_over() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (seen, received) = Seen::start(&redis).await;
+    let cfg = |name: &str| {
+        format!(
+            "[source]\ntype = \"redis\"\nurl = \"{0}\"\n[backend]\ntype = \"redis\"\nurl = \"{0}\"\n[ha]\nlease_ttl = \"2s\"\ninstance = \"{name}\"\n",
+            redis.url()
+        )
+    };
+    let mut instances: Vec<(String, KillOnDrop)> = ["a", "b"]
+        .iter()
+        .map(|n| (n.to_string(), spawn(dir.path(), n, &cfg(n))))
+        .collect();
+    let mut conn = redis.connection().await;
+    let holder = || {
+        let mut c = conn.clone();
+        async move {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("feedbridge:leader:*")
+                .query_async(&mut c)
+                .await
+                .ok()?;
+            let token: String = redis::cmd("GET")
+                .arg(keys.first()?)
+                .query_async(&mut c)
+                .await
+                .ok()?;
+            Some(token.split(':').next()?.to_owned())
+        }
+    };
+    let first = eventually("a leader", Duration::from_secs(20), holder).await;
+    // probe until the leader publishes
+    let mut n = 0;
+    while seen.last_publisher().is_none() {
+        n += 1;
+        redis::cmd("SET")
+            .arg("{probe.}x")
+            .arg(n)
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(n < 200, "no instance published");
+    }
+    let first_id = seen.last_publisher().unwrap();
+    for i in 0..50 {
+        redis::cmd("SET")
+            .arg(format!("{{lport.}}k{i}"))
+            .arg(format!("v{i}"))
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    }
+    let pos = instances.iter().position(|(n, _)| *n == first).unwrap();
+    instances[pos].1.kill().unwrap();
+    let killed = Instant::now();
+    // written while no one leads: the new leader's reconciliation finds them
+    for i in 25..75 {
+        redis::cmd("SET")
+            .arg(format!("{{lport.}}k{i}"))
+            .arg(format!("w{i}"))
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    }
+    let took_over = seen
+        .first_other_after("the standby to publish", killed, &first_id)
+        .await;
+    eprintln!(
+        "Redis-lock failover: published {:?} after the kill (lease_ttl 2s)",
+        took_over.duration_since(killed)
+    );
+    let mut expected = std::collections::BTreeMap::new();
+    for i in 0..75 {
+        let v = if i < 25 {
+            format!("v{i}")
+        } else {
+            format!("w{i}")
+        };
+        expected.insert(("lport".to_string(), format!("k{i}")), v);
+    }
+    received
+        .wait("the subscriber's view to equal Redis", |g| {
+            view(&lport(g)) == expected
+        })
+        .await;
+    let syncs = received
+        .all()
+        .iter()
+        .filter(|u| u.action == feedbridge::Action::Sync)
+        .count();
+    assert!(
+        syncs >= 1,
+        "the new leader announces it may have missed deletes"
+    );
+}

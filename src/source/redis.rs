@@ -185,6 +185,8 @@ pub struct RedisSource {
     index: HashMap<Vec<u8>, u64>,
     unsupported_logged: HashSet<String>,
     stats: Arc<Stats>,
+    /// Taking over from another leader (HA): what it published is unknown.
+    takeover: bool,
 }
 
 impl RedisSource {
@@ -195,7 +197,16 @@ impl RedisSource {
             index: HashMap::new(),
             unsupported_logged: HashSet::new(),
             stats,
+            takeover: false,
         }
+    }
+
+    /// Marks a start that takes over from another (HA) leader: Redis keeps
+    /// no history, so the first reconciliation publishes every key, after
+    /// a `sync` for what may have been deleted meanwhile.
+    pub fn taking_over(mut self) -> Self {
+        self.takeover = true;
+        self
     }
 
     /// Runs until `shutdown`. Fails at start-up when Redis cannot be reached
@@ -389,7 +400,11 @@ impl RedisSource {
             let mut messages = pubsub.into_on_message();
             reconnect.up();
             // Subscribed first, so nothing that changes during the scan is missed.
-            let emit_diff = !first || self.config.snapshot;
+            let emit_diff = !first || self.config.snapshot || self.takeover;
+            if first && self.takeover {
+                let reason = "a new leader took over; Redis keeps no history of what changed meanwhile";
+                emit(tx, shutdown, SourceEvent::Sync(reason.into())).await?;
+            }
             self.reconcile(&mut conn, &prefix, tx, shutdown, emit_diff).await?;
             loop {
                 let msg = tokio::select! {
