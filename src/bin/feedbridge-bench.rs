@@ -73,6 +73,11 @@ struct Args {
     /// Also write the results as CSV here.
     #[arg(long)]
     csv: Option<PathBuf>,
+    /// Pin the bridge process to this CPU (start the harness itself with
+    /// `taskset -c` on the others), so the bridge does not take CPU from
+    /// the database and the writers it is measured against.
+    #[arg(long)]
+    bridge_cpu: Option<usize>,
     /// Internal: run as the bridge with this config file.
     #[arg(long, hide = true)]
     bridge_child: Option<PathBuf>,
@@ -547,6 +552,16 @@ async fn scenario(args: &Args) -> Row {
             .unwrap(),
     );
     let pid = bridge.0.id();
+    if let Some(cpu) = args.bridge_cpu {
+        let pinned = Command::new("taskset")
+            .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
+            .stdout(Stdio::null())
+            .status();
+        assert!(
+            pinned.is_ok_and(|s| s.success()),
+            "taskset could not pin the bridge to CPU {cpu}"
+        );
+    }
     let pubsub = PubSub::new(subscriber_backend(&db, args.backend, zmq_port));
     let mut subs = Vec::new();
     let mut recorders = Vec::new();
