@@ -141,7 +141,7 @@ pub async fn run(
             Ok(None) => return Ok(()),
             Err(e) if first => {
                 return Err(BridgeError::Ha(format!(
-                    "{e} (check ha.endpoints {:?})",
+                    "{e} (check ha.endpoints {:?} / ha.url)",
                     ha.endpoints
                 )))
             }
