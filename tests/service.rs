@@ -495,3 +495,54 @@ async fn registration_in_redis_is_written_refreshed_and_removed_at_stop() {
         "a graceful stop removes the entry: {keys:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_tails_etcd_and_forwards_local_publishers_at_once() {
+    let etcd = EtcdServer::start().await;
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("p.sock");
+    let cfg = format!(
+        "[source]\ntype = \"etcd\"\nendpoints = [\"{}\"]\n[multiproc]\nsocket = \"{}\"\n[backend]\ntype = \"redis\"\nurl = \"{}\"\n",
+        etcd.endpoint(),
+        socket.display(),
+        redis.url()
+    );
+    let service = Bridge::start(&cfg);
+    let sub = PubSub::new(BackendConfig::Redis(RedisBackendConfig {
+        url: redis.url(),
+        codec: Codec::Msgpack,
+        connect_timeout: Duration::from_secs(5),
+        auth: Default::default(),
+    }))
+    .get_subscriber();
+    sub.register_topic("");
+    let (mut rx, _task) = sub.clone().updates(64);
+    let kv = etcd.client().await;
+    await_flow(&mut rx, |i| {
+        let mut c = kv.clone();
+        async move {
+            c.put(format!("/probe/{i}"), "x", None).await.unwrap();
+        }
+    })
+    .await;
+    let pusher = ZmqPublisher::push(
+        &format!("ipc://{}", socket.display()),
+        Codec::Msgpack,
+        1000,
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    pusher
+        .send_event(&update("from-worker"), None)
+        .await
+        .unwrap();
+    kv.clone().put("/lport/from-etcd", "v", None).await.unwrap();
+    let got = collect_until(&mut rx, "both updates", WAIT, |g| {
+        g.iter().any(|u| u.key == "from-worker") && g.iter().any(|u| u.key == "from-etcd")
+    })
+    .await;
+    assert!(got.iter().all(|u| u.table == "lport"), "{got:?}");
+    pusher.close().await.unwrap();
+    service.stop().await;
+}
