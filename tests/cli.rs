@@ -128,24 +128,7 @@ async fn run_and_tail_binaries_end_to_end_then_sigterm_exits_0() {
             .success());
     }
     for child in [&mut bridge, &mut tail] {
-        let status = wait_with_timeout(child, Duration::from_secs(15));
+        let status = wait_exit(child, Duration::from_secs(15));
         assert_eq!(status.code(), Some(0));
-    }
-}
-
-fn wait_with_timeout(
-    child: &mut std::process::Child,
-    timeout: Duration,
-) -> std::process::ExitStatus {
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "process did not exit within {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -10,34 +10,20 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use std::time::Duration;
 
 use common::*;
-use feedbridge::codec::Codec;
-use feedbridge::config::{BackendConfig, RedisBackendConfig};
 use feedbridge::mapper::Skip;
-use feedbridge::pubsub::PubSub;
 use feedbridge::Action;
 
 const BIN: &str = env!("CARGO_BIN_EXE_feedbridge");
 const WAIT: Duration = Duration::from_secs(30);
 
-fn redis_backend(redis: &RedisServer) -> BackendConfig {
-    BackendConfig::Redis(RedisBackendConfig {
-        url: redis.url(),
-        codec: Codec::Msgpack,
-        connect_timeout: Duration::from_secs(5),
-        auth: Default::default(),
-    })
-}
-
 /// A Redis-backend subscriber of every topic, already receiving.
 async fn subscribe(redis: &RedisServer, etcd: &EtcdServer) -> Received {
-    let sub = PubSub::new(redis_backend(redis)).get_subscriber();
-    sub.register_topic("");
-    let (mut rx, _task) = sub.clone().updates(1024);
+    let mut rx = redis_updates(&redis.url());
     await_flow(&mut rx, |i| {
         let endpoint = etcd.endpoint();
         async move {
@@ -54,7 +40,6 @@ async fn subscribe(redis: &RedisServer, etcd: &EtcdServer) -> Received {
         while let Some(u) = rx.recv().await {
             sink.0.lock().unwrap().push(u);
         }
-        drop(sub);
     });
     received
 }
@@ -86,20 +71,6 @@ fn spawn_bridge(cfg: &Path, log: &Path) -> KillOnDrop {
             .spawn()
             .unwrap(),
     )
-}
-
-fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "bridge did not exit within {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 struct Setup {

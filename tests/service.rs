@@ -11,8 +11,7 @@ use std::time::Duration;
 use common::*;
 use feedbridge::backend::zmq::{ZmqPublisher, ZmqSubscriber};
 use feedbridge::codec::Codec;
-use feedbridge::config::{BackendConfig, RedisBackendConfig};
-use feedbridge::pubsub::{PubSub, Publisher, Subscriber};
+use feedbridge::pubsub::{Publisher, Subscriber};
 use feedbridge::{Action, DbUpdate};
 use tokio::sync::mpsc;
 
@@ -55,15 +54,7 @@ async fn multiproc_forwards_in_order_and_survives_a_service_restart() {
         redis.url()
     );
     let service = Bridge::start(&config);
-    let sub = PubSub::new(BackendConfig::Redis(RedisBackendConfig {
-        url: redis.url(),
-        codec: Codec::Msgpack,
-        connect_timeout: Duration::from_secs(5),
-        auth: Default::default(),
-    }))
-    .get_subscriber();
-    sub.register_topic("");
-    let (mut rx, _task) = sub.clone().updates(1024);
+    let mut rx = redis_updates(&redis.url());
     let pusher = ZmqPublisher::push(
         &format!("ipc://{}", socket.display()),
         Codec::Msgpack,
@@ -509,15 +500,7 @@ async fn a_service_tails_etcd_and_forwards_local_publishers_at_once() {
         redis.url()
     );
     let service = Bridge::start(&cfg);
-    let sub = PubSub::new(BackendConfig::Redis(RedisBackendConfig {
-        url: redis.url(),
-        codec: Codec::Msgpack,
-        connect_timeout: Duration::from_secs(5),
-        auth: Default::default(),
-    }))
-    .get_subscriber();
-    sub.register_topic("");
-    let (mut rx, _task) = sub.clone().updates(64);
+    let mut rx = redis_updates(&redis.url());
     let kv = etcd.client().await;
     await_flow(&mut rx, |i| {
         let mut c = kv.clone();

@@ -361,3 +361,32 @@ pub fn spawn_tail(args: &[String]) -> (KillOnDrop, mpsc::UnboundedReceiver<Strin
     });
     (tail, lines)
 }
+
+/// Waits for a child process to exit, or panics after `timeout`.
+pub fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "process did not exit within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A Redis-backend subscriber of every topic on `url`, already running.
+pub fn redis_updates(url: &str) -> mpsc::Receiver<DbUpdate> {
+    use feedbridge::config::{BackendConfig, RedisBackendConfig};
+    let sub = feedbridge::pubsub::PubSub::new(BackendConfig::Redis(RedisBackendConfig {
+        url: url.to_owned(),
+        codec: feedbridge::codec::Codec::Msgpack,
+        connect_timeout: Duration::from_secs(5),
+        auth: Default::default(),
+    }))
+    .get_subscriber();
+    sub.register_topic("");
+    sub.updates(1024).0
+}
