@@ -215,6 +215,11 @@ impl EtcdServer {
         .await;
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills etcd (SIGKILL) and starts it again on the same data dir and port.
     pub async fn restart(&mut self) {
         self.stop();
@@ -308,6 +313,11 @@ impl RedisServer {
             }
         })
         .await;
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Kills Redis and starts it again on the same data (AOF) and port.

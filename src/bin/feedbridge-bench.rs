@@ -78,6 +78,18 @@ struct Args {
     /// the database and the writers it is measured against.
     #[arg(long)]
     bridge_cpu: Option<usize>,
+    /// Pin the database and the writers to CPU 0, and the bridge, its
+    /// subscribers and the plain watcher to CPU 1, so the ceiling and the
+    /// bridged run give the database the same CPU.
+    #[arg(long)]
+    pin: bool,
+    /// The plain etcd watcher also asks for the previous value of each
+    /// change, as the bridge does (for deletes' values and topics).
+    #[arg(long)]
+    plain_prev_kv: bool,
+    /// Internal: run as the writers against `etcd:URL` or `redis:URL`.
+    #[arg(long, hide = true)]
+    writer_child: Option<String>,
     /// Internal: run as the bridge with this config file.
     #[arg(long, hide = true)]
     bridge_child: Option<PathBuf>,
@@ -246,25 +258,73 @@ async fn preload(db: &Db, n: usize, size: usize) {
     }
 }
 
-/// Writes for `args.duration`; returns how many writes were acknowledged,
-/// sampling the lag (written − least delivered) every 250 ms.
-async fn write_phase(db: &Db, args: &Args, recorders: &[Arc<Recorder>]) -> (u64, Instant, u64) {
-    let written = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let stop_at = start + args.duration;
+/// Where writers write: enough to connect from another process too.
+#[derive(Clone)]
+enum Target {
+    Etcd(String),
+    Redis(String),
+}
+
+impl Target {
+    fn of(db: &Db) -> Target {
+        match db {
+            Db::Etcd(e) => Target::Etcd(e.endpoint()),
+            Db::Redis(r) => Target::Redis(r.url()),
+        }
+    }
+
+    fn parse(spec: &str) -> Target {
+        match spec.split_once(':') {
+            Some(("etcd", url)) => Target::Etcd(url.to_owned()),
+            Some(("redis", url)) => Target::Redis(url.to_owned()),
+            _ => panic!("--writer-child takes etcd:URL or redis:URL, not {spec}"),
+        }
+    }
+
+    fn spec(&self) -> String {
+        match self {
+            Target::Etcd(u) => format!("etcd:{u}"),
+            Target::Redis(u) => format!("redis:{u}"),
+        }
+    }
+
+    fn key(&self, name: &str) -> String {
+        match self {
+            Target::Etcd(_) => format!("/bench/{name}"),
+            Target::Redis(_) => format!("{{bench.}}{name}"),
+        }
+    }
+
+    async fn writer(&self) -> Writer {
+        match self {
+            Target::Etcd(url) => Writer::Etcd(Box::new(
+                etcd_client::Client::connect([url], None).await.unwrap(),
+            )),
+            Target::Redis(url) => Writer::Redis(
+                redis::Client::open(url.as_str())
+                    .unwrap()
+                    .get_multiplexed_async_connection()
+                    .await
+                    .unwrap(),
+            ),
+        }
+    }
+}
+
+/// Runs the writers for `args.duration`, counting acknowledged writes.
+async fn run_writers(target: &Target, args: &Args, written: Arc<AtomicU64>) {
+    let stop_at = Instant::now() + args.duration;
     let mut tasks = Vec::new();
     for w in 0..args.writers {
-        let mut writer = db.writer().await;
+        let mut writer = target.writer().await;
         let (written, size, rate, writers) = (
             written.clone(),
             args.value_size,
             args.rate,
             args.writers as u64,
         );
-        let key = |i: usize| db.key(&format!("w{w}-{i}"));
         let keys_per_writer = args.keys_per_writer;
-        let prefix = key(0);
-        let prefix = prefix[..prefix.len() - 1].to_owned();
+        let prefix = target.key(&format!("w{w}-"));
         tasks.push(tokio::spawn(async move {
             let mut tick = (rate > 0).then(|| {
                 let mut t =
@@ -290,8 +350,51 @@ async fn write_phase(db: &Db, args: &Args, recorders: &[Arc<Recorder>]) -> (u64,
             }
         }));
     }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// Writes for `args.duration` (in this process, or pinned to CPU 0 in a
+/// child with `--pin`); returns how many writes were acknowledged, when
+/// writing started, and the largest lag (written − least delivered)
+/// sampled every 250 ms.
+async fn write_phase(db: &Db, args: &Args, recorders: &[Arc<Recorder>]) -> (u64, Instant, u64) {
+    let written = Arc::new(AtomicU64::new(0));
+    let target = Target::of(db);
+    let start = Instant::now();
+    let writing = if args.pin {
+        let mut child = KillOnDrop(
+            Command::new("taskset")
+                .args(["-c", "0"])
+                .arg(std::env::current_exe().unwrap())
+                .args(["--writer-child", &target.spec()])
+                .args(["--writers", &args.writers.to_string()])
+                .args(["--duration", &format!("{}ms", args.duration.as_millis())])
+                .args(["--rate", &args.rate.to_string()])
+                .args(["--value-size", &args.value_size.to_string()])
+                .args(["--keys-per-writer", &args.keys_per_writer.to_string()])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let out = child.0.stdout.take().unwrap();
+        let w = written.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(n) = line.strip_prefix("written ").and_then(|n| n.parse().ok()) {
+                    w.store(n, Relaxed);
+                }
+            }
+            drop(child);
+        })
+    } else {
+        let (target, args, w) = (target.clone(), args.clone(), written.clone());
+        tokio::spawn(async move { run_writers(&target, &args, w).await })
+    };
     let mut max_lag = 0;
-    while Instant::now() < stop_at {
+    while !writing.is_finished() {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let least = recorders
             .iter()
@@ -300,10 +403,38 @@ async fn write_phase(db: &Db, args: &Args, recorders: &[Arc<Recorder>]) -> (u64,
             .unwrap_or(0);
         max_lag = max_lag.max(written.load(Relaxed).saturating_sub(least));
     }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    writing.await.unwrap();
     (written.load(Relaxed), start, max_lag)
+}
+
+/// `--writer-child`: writes, reporting the count every 100 ms on stdout.
+fn writer_child(spec: &str, args: &Args, runtime: &tokio::runtime::Runtime) {
+    let target = Target::parse(spec);
+    let written = Arc::new(AtomicU64::new(0));
+    runtime.block_on(async {
+        let w = written.clone();
+        let report = tokio::spawn(async move {
+            loop {
+                println!("written {}", w.load(Relaxed));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        run_writers(&target, args, written.clone()).await;
+        report.abort();
+    });
+    println!("written {}", written.load(Relaxed));
+}
+
+/// Pins a process (all its threads) to one CPU.
+fn pin(pid: u32, cpu: usize) {
+    let ok = Command::new("taskset")
+        .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
+        .stdout(Stdio::null())
+        .status();
+    assert!(
+        ok.is_ok_and(|s| s.success()),
+        "taskset could not pin {pid} to CPU {cpu}"
+    );
 }
 
 /// Waits until every recorder has `n` deliveries, or 20 s of no progress.
@@ -348,11 +479,15 @@ async fn plain_watcher(
     db: &Db,
     rec: Arc<Recorder>,
     stop: CancellationToken,
+    prev_kv: bool,
 ) -> tokio::task::JoinHandle<()> {
     match db {
         Db::Etcd(e) => {
             let mut client = e.client().await;
-            let opts = etcd_client::WatchOptions::new().with_prefix();
+            let mut opts = etcd_client::WatchOptions::new().with_prefix();
+            if prev_kv {
+                opts = opts.with_prev_key();
+            }
             let mut stream = client.watch("/bench/", Some(opts)).await.unwrap();
             tokio::spawn(async move {
                 loop {
@@ -518,16 +653,30 @@ impl Drop for KillOnDrop {
     }
 }
 
-async fn scenario(args: &Args) -> Row {
+/// A fresh database for one phase (pinned, preloaded), so both phases
+/// write to a database of the same size and history.
+async fn fresh_db(args: &Args) -> Db {
     let db = Db::start(args.source).await;
+    if args.pin {
+        let db_pid = match &db {
+            Db::Etcd(e) => e.pid(),
+            Db::Redis(r) => r.pid(),
+        };
+        pin(db_pid.expect("the database runs"), 0);
+    }
     if args.preload > 0 {
         preload(&db, args.preload, args.value_size).await;
     }
+    db
+}
+
+async fn scenario(args: &Args) -> Row {
+    let db = fresh_db(args).await;
 
     // 1. The ceiling: the database to one plain consumer.
     let plain = Arc::new(Recorder::default());
     let stop = CancellationToken::new();
-    let watcher = plain_watcher(&db, plain.clone(), stop.clone()).await;
+    let watcher = plain_watcher(&db, plain.clone(), stop.clone(), args.plain_prev_kv).await;
     let recs = vec![plain.clone()];
     await_flow(&db, &recs).await;
     let (written, start, _) = write_phase(&db, args, &recs).await;
@@ -536,8 +685,10 @@ async fn scenario(args: &Args) -> Row {
     let (plain_p50, plain_p99, plain_p999) = latencies(&recs);
     stop.cancel();
     let _ = watcher.await;
+    drop(db);
 
     // 2. Through the bridge, a separate process, to N subscribers.
+    let db = fresh_db(args).await;
     let zmq_port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let cfg_path = dir.path().join("bench.toml");
@@ -604,7 +755,7 @@ async fn scenario(args: &Args) -> Row {
             + if args.keys_per_writer > 0 {
                 (args.writers * args.keys_per_writer) as u64
             } else {
-                written.max(written_b)
+                written_b
             } as usize,
         written: written_b,
         ceiling_per_s: ceiling,
@@ -706,6 +857,14 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if let Some(spec) = &args.writer_child {
+        writer_child(spec, &args, &runtime);
+        return;
+    }
+    if args.pin {
+        // this process (subscribers, plain watcher) and the bridge it spawns
+        pin(std::process::id(), 1);
+    }
     if let Some(cfg) = &args.bridge_child {
         // The bridge under test, in its own process.
         let config = Config::load(cfg).unwrap_or_else(|e| panic!("{e}"));

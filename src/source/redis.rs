@@ -50,8 +50,9 @@ pub const NEEDED_FLAGS: &str = "Kg$hxen";
 /// Keys read per pipelined round trip.
 const BATCH: usize = 512;
 
-/// Reads a key's type and value in one call, so a pipeline of them costs
-/// one round trip and a key that changes type in between cannot confuse us.
+/// Reads a key's type and value in one call, for keys a plain GET cannot
+/// read (hashes, other types), so a key that changes type in between
+/// cannot confuse us.
 const READ_SCRIPT: &str = "local t = redis.call('TYPE', KEYS[1])['ok'] \
 if t == 'string' then return {t, redis.call('GET', KEYS[1])} end \
 if t == 'hash' then return {t, redis.call('HGETALL', KEYS[1])} end \
@@ -136,12 +137,39 @@ async fn read_values(
     if keys.is_empty() {
         return Ok(Vec::new());
     }
+    // Fast path: one pipeline of plain GETs (string keys, the common case,
+    // cost Redis no more than any keyspace consumer). A key of another type
+    // answers WRONGTYPE; only those are read again with the type-aware
+    // script.
     let mut pipe = redis::pipe();
+    pipe.ignore_errors();
     for k in keys {
-        pipe.cmd("EVAL").arg(READ_SCRIPT).arg(1).arg(k);
+        pipe.cmd("GET").arg(k);
     }
-    let values: Vec<Value> = pipe.query_async(conn).await?;
-    Ok(values.into_iter().map(parse_read).collect())
+    let values: Vec<Value> = pipe.query_async(&mut *conn).await?;
+    let mut reads = Vec::with_capacity(keys.len());
+    let mut typed = Vec::new();
+    for (i, v) in values.into_iter().enumerate() {
+        match v {
+            Value::BulkString(b) => reads.push(Read::Value(b)),
+            Value::Nil => reads.push(Read::Gone),
+            _ => {
+                reads.push(Read::Gone);
+                typed.push(i);
+            }
+        }
+    }
+    if !typed.is_empty() {
+        let mut pipe = redis::pipe();
+        for &i in &typed {
+            pipe.cmd("EVAL").arg(READ_SCRIPT).arg(1).arg(&keys[i]);
+        }
+        let values: Vec<Value> = pipe.query_async(conn).await?;
+        for (i, v) in typed.into_iter().zip(values) {
+            reads[i] = parse_read(v);
+        }
+    }
+    Ok(reads)
 }
 
 /// Adds the key a notification names, once per batch.
