@@ -27,17 +27,22 @@ pub enum CheckpointError {
     },
 }
 
+/// A file's text, or `None` when it does not exist (yet).
+fn read_if_exists(path: &Path) -> Result<Option<String>, CheckpointError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(CheckpointError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
 /// Reads the checkpoint; `None` when the file does not exist yet.
 pub fn load(path: &Path) -> Result<Option<i64>, CheckpointError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(CheckpointError::Io {
-                path: path.to_owned(),
-                source,
-            })
-        }
+    let Some(text) = read_if_exists(path)? else {
+        return Ok(None);
     };
     text.trim()
         .parse::<i64>()
@@ -99,15 +104,8 @@ pub fn load_index(
     path: &Path,
     revision: i64,
 ) -> Result<Option<HashMap<Vec<u8>, i64>>, CheckpointError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(CheckpointError::Io {
-                path: path.to_owned(),
-                source,
-            })
-        }
+    let Some(text) = read_if_exists(path)? else {
+        return Ok(None);
     };
     let corrupt = || CheckpointError::Corrupt {
         path: path.to_owned(),

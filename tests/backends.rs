@@ -92,18 +92,7 @@ async fn etcd_subscriber_gets_every_put_of_a_burst_and_resumes_after_restart() {
     let sub = PubSub::new(etcd_backend(&etcd)).get_subscriber();
     let (mut rx, _task) = sub.clone().updates(256);
     // wait until the watch is up: publish until something arrives
-    await_flow(&mut rx, |i| {
-        let p = publisher.clone();
-        async move {
-            p.send_event(
-                &DbUpdate::new("probe", i.to_string(), Action::Set, None),
-                None,
-            )
-            .await
-            .unwrap();
-        }
-    })
-    .await;
+    await_publisher_flow(&mut rx, &publisher).await;
     // 50 puts to the same key /pubsub/D: all must arrive, not only the last
     for i in 0..50 {
         let u = DbUpdate::new("lport", format!("k{i}"), Action::Set, Some(i.to_string()));
@@ -183,18 +172,7 @@ async fn snapshot_emits_existing_rows_then_watches_without_gap() {
         .get_publisher()
         .await
         .unwrap();
-    await_flow(&mut rx, |i| {
-        let p = probe.clone();
-        async move {
-            p.send_event(
-                &DbUpdate::new("probe", i.to_string(), Action::Set, None),
-                None,
-            )
-            .await
-            .unwrap();
-        }
-    })
-    .await;
+    await_publisher_flow(&mut rx, &probe).await;
     let cfg = format!(
         "[source]\ntype = \"etcd\"\nendpoints = [\"{0}\"]\nsnapshot = true\n[backend]\ntype = \"etcd\"\nendpoints = [\"{0}\"]\n",
         etcd.endpoint()

@@ -167,18 +167,7 @@ async fn redis_password_works_and_a_wrong_one_fails_fast() {
     let (mut rx, _task) = sub.clone().updates(64);
     let client = feedbridge::backend::redis::client(&redis.url(), &auth).unwrap();
     let conn = client.get_multiplexed_async_connection().await.unwrap();
-    await_flow(&mut rx, |i| {
-        let mut c = conn.clone();
-        async move {
-            redis::cmd("SET")
-                .arg(format!("{{probe.}}{i}"))
-                .arg("x")
-                .query_async::<()>(&mut c)
-                .await
-                .unwrap();
-        }
-    })
-    .await;
+    await_redis_flow_on(&mut rx, conn.clone()).await;
     let mut c = conn.clone();
     redis::cmd("SET")
         .arg("{lport.t}k")

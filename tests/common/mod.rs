@@ -141,7 +141,14 @@ pub fn view(updates: &[DbUpdate]) -> std::collections::BTreeMap<(String, String)
 
 /// Sets Redis `{probe.}N` keys until one reaches the subscriber.
 pub async fn await_redis_flow(rx: &mut mpsc::Receiver<DbUpdate>, redis: &RedisServer) {
-    let conn = redis.connection().await;
+    await_redis_flow_on(rx, redis.connection().await).await;
+}
+
+/// The same through a given (e.g. authenticated) connection.
+pub async fn await_redis_flow_on(
+    rx: &mut mpsc::Receiver<DbUpdate>,
+    conn: redis::aio::MultiplexedConnection,
+) {
     await_flow(rx, |i| {
         let mut c = conn.clone();
         async move {
@@ -151,6 +158,21 @@ pub async fn await_redis_flow(rx: &mut mpsc::Receiver<DbUpdate>, redis: &RedisSe
                 .query_async::<()>(&mut c)
                 .await
                 .unwrap();
+        }
+    })
+    .await;
+}
+
+/// Publishes `probe` updates through `publisher` until one arrives.
+pub async fn await_publisher_flow(
+    rx: &mut mpsc::Receiver<DbUpdate>,
+    publisher: &Arc<dyn feedbridge::pubsub::Publisher>,
+) {
+    await_flow(rx, |i| {
+        let p = publisher.clone();
+        async move {
+            let probe = DbUpdate::new("probe", i.to_string(), feedbridge::Action::Set, None);
+            p.send_event(&probe, None).await.unwrap();
         }
     })
     .await;
