@@ -23,17 +23,6 @@ fn etcd_backend(etcd: &EtcdServer) -> BackendConfig {
     })
 }
 
-async fn await_etcd_flow(rx: &mut tokio::sync::mpsc::Receiver<DbUpdate>, etcd: &EtcdServer) {
-    let kv = etcd.client().await;
-    await_flow(rx, |i| {
-        let mut c = kv.clone();
-        async move {
-            c.put(format!("/probe/{i}"), "x", None).await.unwrap();
-        }
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_to_etcd_pubsub_keys_without_feedback_loop() {
     let etcd = EtcdServer::start().await;
@@ -45,7 +34,7 @@ async fn etcd_to_etcd_pubsub_keys_without_feedback_loop() {
     let sub = PubSub::new(etcd_backend(&etcd)).get_subscriber();
     sub.register_topic("tenant1");
     let (mut rx, _task) = sub.clone().updates(64);
-    await_etcd_flow(&mut rx, &etcd).await;
+    await_etcd_flow(&mut rx, &etcd.client().await).await;
 
     let mut kv = etcd.client().await;
     kv.put("/lport/p1", r#"{"topic":"tenant1"}"#, None)
@@ -138,7 +127,7 @@ async fn etcd_to_redis_publish() {
     });
     let sub = PubSub::new(backend).get_subscriber();
     let (mut rx, _task) = sub.clone().updates(64);
-    await_etcd_flow(&mut rx, &etcd).await;
+    await_etcd_flow(&mut rx, &etcd.client().await).await;
     let mut kv = etcd.client().await;
     kv.put("/lrouter/r1", "v", None).await.unwrap();
     kv.delete("/lrouter/r1", None).await.unwrap();

@@ -50,14 +50,7 @@ async fn create_set_delete_reach_the_subscriber_in_order() {
     let sub = subscriber(port, &[""]);
     let (mut rx, _task) = sub.clone().updates(64);
     let mut kv = etcd.client().await;
-    let probe_kv = kv.clone();
-    await_flow(&mut rx, |i| {
-        let mut c = probe_kv.clone();
-        async move {
-            c.put(format!("/probe/{i}"), "x", None).await.unwrap();
-        }
-    })
-    .await;
+    await_etcd_flow(&mut rx, &kv).await;
 
     kv.put("/lport/p1", r#"{"id":"p1","topic":"tenant1"}"#, None)
         .await

@@ -24,16 +24,7 @@ const WAIT: Duration = Duration::from_secs(30);
 /// A Redis-backend subscriber of every topic, already receiving.
 async fn subscribe(redis: &RedisServer, etcd: &EtcdServer) -> Received {
     let mut rx = redis_updates(&redis.url());
-    await_flow(&mut rx, |i| {
-        let endpoint = etcd.endpoint();
-        async move {
-            let mut c = etcd_client::Client::connect([endpoint], None)
-                .await
-                .unwrap();
-            c.put(format!("/probe/{i}"), "x", None).await.unwrap();
-        }
-    })
-    .await;
+    await_etcd_flow(&mut rx, &etcd.client().await).await;
     let received = Received::default();
     let sink = received.clone();
     tokio::spawn(async move {

@@ -50,14 +50,7 @@ async fn etcd_over_tls_with_client_certificates() {
         feedbridge::source::etcd::connect(&[etcd.endpoint()], Duration::from_secs(5), &tls)
             .await
             .unwrap();
-    let probe_kv = kv.clone();
-    await_flow(&mut rx, |i| {
-        let mut c = probe_kv.clone();
-        async move {
-            c.put(format!("/probe/{i}"), "x", None).await.unwrap();
-        }
-    })
-    .await;
+    await_etcd_flow(&mut rx, &kv).await;
     kv.put("/lport/secure", "v", None).await.unwrap();
     let got = collect_until(&mut rx, "the update over TLS", WAIT, |g| !g.is_empty()).await;
     assert_eq!(
@@ -116,13 +109,7 @@ async fn etcd_user_and_password_from_a_file() {
     let kv = etcd_client::Client::connect([etcd.endpoint()], Some(options))
         .await
         .unwrap();
-    await_flow(&mut rx, |i| {
-        let mut c = kv.clone();
-        async move {
-            c.put(format!("/probe/{i}"), "x", None).await.unwrap();
-        }
-    })
-    .await;
+    await_etcd_flow(&mut rx, &kv).await;
     bridge.stop().await;
 }
 

@@ -276,6 +276,12 @@ async fn subscriber_reports_gaps_instead_of_missing_data_silently() {
     sub.stop();
 }
 
+/// The rows of etcd's `publisher` table, or `None` if etcd did not answer.
+async fn publisher_rows(mut kv: etcd_client::Client) -> Option<etcd_client::GetResponse> {
+    let opts = etcd_client::GetOptions::new().with_prefix();
+    kv.get("/publisher/", Some(opts)).await.ok()
+}
+
 fn spawn_service(cfg: &str, dir: &std::path::Path, name: &str) -> KillOnDrop {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, cfg).unwrap();
@@ -305,17 +311,11 @@ async fn two_services_are_discovered_and_a_killed_one_expires() {
         services.push(spawn_service(&cfg, dir.path(), name));
         sockets.push(socket);
     }
-    let mut kv = etcd.client().await;
+    let kv = etcd.client().await;
     let rows = eventually("both services registered", WAIT, || {
-        let mut kv = kv.clone();
+        let kv = kv.clone();
         async move {
-            let r = kv
-                .get(
-                    "/publisher/",
-                    Some(etcd_client::GetOptions::new().with_prefix()),
-                )
-                .await
-                .ok()?;
+            let r = publisher_rows(kv).await?;
             (r.kvs().len() == 2).then(|| {
                 r.kvs()
                     .iter()
@@ -383,15 +383,9 @@ async fn two_services_are_discovered_and_a_killed_one_expires() {
     services[0].wait().unwrap();
     let killed = std::time::Instant::now();
     eventually("the killed service's entry to expire", WAIT, || {
-        let mut kv = kv.clone();
+        let kv = kv.clone();
         async move {
-            let r = kv
-                .get(
-                    "/publisher/",
-                    Some(etcd_client::GetOptions::new().with_prefix()),
-                )
-                .await
-                .ok()?;
+            let r = publisher_rows(kv).await?;
             (r.kvs().len() == 1).then_some(())
         }
     })
@@ -412,13 +406,7 @@ async fn two_services_are_discovered_and_a_killed_one_expires() {
         .unwrap()
         .success());
     assert_eq!(services[1].wait().unwrap().code(), Some(0));
-    let r = kv
-        .get(
-            "/publisher/",
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
-        .await
-        .unwrap();
+    let r = publisher_rows(kv.clone()).await.unwrap();
     assert_eq!(r.kvs().len(), 0);
     tail.kill().unwrap();
     tail.wait().unwrap();
@@ -502,13 +490,7 @@ async fn a_service_tails_etcd_and_forwards_local_publishers_at_once() {
     let service = Bridge::start(&cfg);
     let mut rx = redis_updates(&redis.url());
     let kv = etcd.client().await;
-    await_flow(&mut rx, |i| {
-        let mut c = kv.clone();
-        async move {
-            c.put(format!("/probe/{i}"), "x", None).await.unwrap();
-        }
-    })
-    .await;
+    await_etcd_flow(&mut rx, &kv).await;
     let pusher = ZmqPublisher::push(
         &format!("ipc://{}", socket.display()),
         Codec::Msgpack,

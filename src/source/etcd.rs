@@ -424,14 +424,7 @@ impl EtcdSource {
             };
             emit(tx, shutdown, SourceEvent::Change(change)).await?;
         }
-        let gone: Vec<Vec<u8>> = self
-            .index
-            .keys()
-            .filter(|k| !seen.contains(*k))
-            .cloned()
-            .collect();
-        for key in gone {
-            self.index.remove(&key);
+        for key in super::remove_unseen(&mut self.index, &seen) {
             deleted += 1;
             let change = Change {
                 key,

@@ -42,6 +42,23 @@ pub(crate) async fn emit(
     }
 }
 
+/// Removes from `index` every key a re-list did not `seen`, and returns
+/// them: the keys deleted while the source was not watching.
+pub(crate) fn remove_unseen<V>(
+    index: &mut std::collections::HashMap<Vec<u8>, V>,
+    seen: &std::collections::HashSet<Vec<u8>>,
+) -> Vec<Vec<u8>> {
+    let mut gone = Vec::new();
+    index.retain(|key, _| {
+        let keep = seen.contains(key);
+        if !keep {
+            gone.push(key.clone());
+        }
+        keep
+    });
+    gone
+}
+
 /// A source that cannot start; the message says what to check.
 #[derive(Debug, thiserror::Error)]
 #[error("{source_name} source: {message}")]
@@ -50,4 +67,20 @@ pub struct SourceError {
     pub source_name: &'static str,
     /// What failed and what to do.
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{HashMap, HashSet};
+
+    #[test]
+    fn remove_unseen_returns_exactly_the_missing_keys() {
+        let mut index: HashMap<Vec<u8>, i64> =
+            [(b"a".to_vec(), 1), (b"b".to_vec(), 2), (b"c".to_vec(), 3)].into();
+        let seen: HashSet<Vec<u8>> = [b"b".to_vec()].into();
+        let mut gone = super::remove_unseen(&mut index, &seen);
+        gone.sort();
+        assert_eq!(gone, vec![b"a".to_vec(), b"c".to_vec()]);
+        assert_eq!(index.keys().collect::<Vec<_>>(), vec![&b"b".to_vec()]);
+    }
 }

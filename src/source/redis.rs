@@ -505,14 +505,7 @@ impl RedisSource {
                 break;
             }
         }
-        let gone: Vec<Vec<u8>> = self
-            .index
-            .keys()
-            .filter(|k| !seen.contains(*k))
-            .cloned()
-            .collect();
-        for key in gone {
-            self.index.remove(&key);
+        for key in super::remove_unseen(&mut self.index, &seen) {
             if emit_diff {
                 emitted += 1;
                 let change = Change {

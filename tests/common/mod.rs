@@ -163,6 +163,17 @@ pub async fn await_redis_flow_on(
     .await;
 }
 
+/// Puts etcd `/probe/N` keys through `kv` until one reaches the subscriber.
+pub async fn await_etcd_flow(rx: &mut mpsc::Receiver<DbUpdate>, kv: &etcd_client::Client) {
+    await_flow(rx, |i| {
+        let mut c = kv.clone();
+        async move {
+            c.put(format!("/probe/{i}"), "x", None).await.unwrap();
+        }
+    })
+    .await;
+}
+
 /// Publishes `probe` updates through `publisher` until one arrives.
 pub async fn await_publisher_flow(
     rx: &mut mpsc::Receiver<DbUpdate>,
