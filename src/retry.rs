@@ -102,9 +102,4 @@ impl Reconnect {
             _ = tokio::time::sleep(delay) => true,
         }
     }
-
-    /// Whether the connection is currently considered down.
-    pub fn is_down(&self) -> bool {
-        self.down
-    }
 }

@@ -6,7 +6,6 @@
 //! [`ZmqPublisher::push`](crate::backend::zmq::ZmqPublisher::push).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -108,8 +107,3 @@ impl MultiprocListener {
             .map_err(|e| e.to_string())
     }
 }
-
-/// The default high-water mark and linger of a multiproc publisher.
-pub const PUSH_SEND_HWM: i32 = 10_000;
-/// How long a closing multiproc publisher keeps trying to hand over.
-pub const PUSH_LINGER: Duration = Duration::from_secs(1);

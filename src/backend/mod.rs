@@ -66,11 +66,6 @@ impl Registry {
     pub fn watch(&self) -> watch::Receiver<Registration> {
         self.0.subscribe()
     }
-
-    /// The current registration.
-    pub fn current(&self) -> Registration {
-        self.0.borrow().clone()
-    }
 }
 
 /// Stamps outgoing messages with the publisher's id, the epoch of this run

@@ -40,7 +40,6 @@ enum Outgoing {
 /// connected to the publisher service's multiproc channel.
 #[derive(Debug)]
 pub struct ZmqPublisher {
-    endpoint: String,
     linger: Duration,
     queue: Mutex<Option<mpsc::Sender<Outgoing>>>,
     thread: Mutex<Option<thread::JoinHandle<()>>>,
@@ -119,7 +118,7 @@ impl ZmqPublisher {
         linger: Duration,
     ) -> Result<Self, PublishError> {
         let (tx, mut rx) = mpsc::channel::<Outgoing>(1024);
-        let name = endpoint.clone();
+        let name = endpoint;
         let closing = Arc::new(AtomicBool::new(false));
         let stop_retrying = closing.clone();
         let thread = thread::Builder::new()
@@ -157,17 +156,11 @@ impl ZmqPublisher {
                 message: format!("cannot start the socket thread: {e}"),
             })?;
         Ok(ZmqPublisher {
-            endpoint,
             linger,
             queue: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
             closing,
         })
-    }
-
-    /// The endpoint bound (PUB) or connected to (PUSH).
-    pub fn endpoint(&self) -> &str {
-        &self.endpoint
     }
 
     fn sender(&self) -> Result<mpsc::Sender<Outgoing>, PublishError> {
