@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Installs what feedbridge needs, when it is missing.
-#   scripts/setup.sh --build   only what building needs: protoc (etcd-client's
-#                              build script). The Dockerfile uses this.
+# Installs what feedbridge needs, when it is missing, and verifies that what
+# is installed actually works (a command on PATH is not enough: Debian's
+# protobuf-compiler without libprotobuf-dev has no well-known types, and
+# etcd-client's build then fails on google/protobuf/descriptor.proto).
+#   scripts/setup.sh --build   only what building needs: protoc with the
+#                              well-known types (etcd-client's build script)
+#                              and a C++ toolchain (libzmq is built from
+#                              source by zmq-sys). The Dockerfile uses this.
 #   scripts/setup.sh           also what running and testing need: etcd +
 #                              etcdctl, redis-server + redis-cli, openssl (TLS
 #                              test certificates), docker-compose (validates
@@ -10,8 +15,26 @@
 # Idempotent: a machine that has everything installs nothing.
 set -euo pipefail
 
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# protoc must compile a file that imports a well-known type: that is what
+# etcd-client's build script asks of it.
+protoc_works() {
+    command -v protoc >/dev/null || return 1
+    local d
+    d=$(mktemp -d)
+    printf 'syntax = "proto3";\nimport "google/protobuf/descriptor.proto";\nmessage M { google.protobuf.FileDescriptorProto f = 1; }\n' >"$d/probe.proto"
+    local ok=0
+    protoc --proto_path="$d" --descriptor_set_out="$d/out.pb" "$d/probe.proto" 2>/dev/null || ok=1
+    rm -rf "$d"
+    return $ok
+}
+
 need_apt=()
-command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+protoc_works || need_apt+=(protobuf-compiler libprotobuf-dev)
+command -v c++ >/dev/null || need_apt+=(g++)
 if [ "${1:-}" != "--build" ]; then
     command -v etcd >/dev/null || need_apt+=(etcd-server)
     command -v etcdctl >/dev/null || need_apt+=(etcd-client)
@@ -22,14 +45,16 @@ if [ "${1:-}" != "--build" ]; then
     command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
 fi
 
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
-}
-
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]} with apt-get" >&2
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+if ! protoc_works; then
+    echo "setup: protoc cannot compile a file importing google/protobuf/descriptor.proto;" >&2
+    echo "setup: install the protobuf well-known types (Debian: libprotobuf-dev)" >&2
+    exit 1
 fi
 
 if [ "${1:-}" = "--build" ]; then
