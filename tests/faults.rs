@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use common::*;
 use feedbridge::mapper::Skip;
-use feedbridge::Action;
+use feedbridge::{Action, DbUpdate};
 
 const BIN: &str = env!("CARGO_BIN_EXE_feedbridge");
 const WAIT: Duration = Duration::from_secs(30);
@@ -389,5 +389,105 @@ async fn progress_notifications_advance_the_checkpoint_of_an_idle_prefix() {
         async move { (saved >= Some(last)).then_some(()) }
     })
     .await;
+    bridge.stop().await;
+}
+
+// ---- Responses larger than gRPC's default 4 MiB (issue 11, item 1) ----
+
+/// How many `table` updates with `action` the subscriber holds.
+fn count(got: &[DbUpdate], action: Action, key_prefix: &str) -> usize {
+    lport(got)
+        .iter()
+        .filter(|u| u.action == action && u.key.starts_with(key_prefix))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault8_a_delete_range_over_4_mib_with_previous_values_passes() {
+    let s = setup().await;
+    let bridge = Bridge::start(&config_text(&s.etcd, &s.redis, &s.checkpoint));
+    let received = subscribe(&s.redis, &s.etcd).await;
+    let mut kv = s.etcd.client().await;
+    let value = "x".repeat(8192);
+    for i in 0..600 {
+        kv.put(format!("/lport/big{i:03}"), value.clone(), None)
+            .await
+            .unwrap();
+    }
+    received
+        .wait("600 creates", |g| count(g, Action::Create, "big") == 600)
+        .await;
+    // One revision, 600 events with 8 KiB previous values: ~4.9 MB.
+    kv.delete(
+        "/lport/big",
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    )
+    .await
+    .unwrap();
+    kv.put("/lport/after", "ok", None).await.unwrap();
+    received
+        .wait("600 deletes, then the next change", |g| {
+            count(g, Action::Delete, "big") == 600 && count(g, Action::Create, "after") == 1
+        })
+        .await;
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault9_a_backlog_over_4_mib_after_a_restart_is_delivered() {
+    let s = setup().await;
+    let config = config_text(&s.etcd, &s.redis, &s.checkpoint);
+    let bridge = Bridge::start(&config);
+    let received = subscribe(&s.redis, &s.etcd).await;
+    bridge.stop().await;
+    // While the bridge is down: 1000 puts of 3 KiB over 100 keys, so the
+    // catch-up carries previous values too (~6 MB in one watch response).
+    let mut kv = s.etcd.client().await;
+    let mut revisions = Vec::new();
+    for i in 0..1000 {
+        let value = format!("{i:04}{}", "y".repeat(3068));
+        let put = kv
+            .put(format!("/lport/backlog{:02}", i % 100), value, None)
+            .await
+            .unwrap();
+        revisions.push(put.header().unwrap().revision());
+    }
+    let bridge = Bridge::start(&config);
+    received
+        .wait("every revision of the backlog", |g| {
+            let got: std::collections::HashSet<i64> = g.iter().filter_map(|u| u.revision).collect();
+            revisions.iter().all(|r| got.contains(r))
+        })
+        .await;
+    let expected = etcd_state(&s.etcd).await;
+    received
+        .wait("the database's state", |g| view(&lport(g)) == expected)
+        .await;
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault10_a_snapshot_of_large_values_is_listed_in_pages_bounded_by_bytes() {
+    let s = setup().await;
+    let mut kv = s.etcd.client().await;
+    let value = "z".repeat(1_200_000);
+    for i in 0..4 {
+        kv.put(format!("/lport/huge{i}"), value.clone(), None)
+            .await
+            .unwrap();
+    }
+    let mut rx = redis_updates(&s.redis.url());
+    await_pattern_subscriber(&s.redis).await;
+    let config = config_text(&s.etcd, &s.redis, &s.checkpoint)
+        .replace("[source]\n", "[source]\nsnapshot = true\n")
+        + "[bridge]\nmax_value_bytes = 2000000\n";
+    let bridge = Bridge::start(&config);
+    let got = collect_until(&mut rx, "4 large creates", WAIT, |g| {
+        count(g, Action::Create, "huge") == 4
+    })
+    .await;
+    assert!(lport(&got)
+        .iter()
+        .all(|u| u.value.as_deref().map(str::len) == Some(1_200_000)));
     bridge.stop().await;
 }

@@ -114,20 +114,25 @@ impl EtcdSubscriber {
     ) -> (i64, Option<String>) {
         let mut next = from;
         let result: Result<(), etcd_client::Error> = async {
-            let mut client = connect(
+            let client = connect(
                 &self.config.endpoints,
                 self.config.connect_timeout,
                 &self.config.auth,
             )
             .await?;
             let prefix = self.config.prefix.as_bytes();
+            // A catch-up after downtime batches many revisions in one
+            // response: fragmented, and decoded whatever its size.
             let mut opts = WatchOptions::new()
                 .with_range(prefix_end(prefix))
-                .with_progress_notify();
+                .with_progress_notify()
+                .with_fragment();
             if from > 0 {
                 opts = opts.with_start_revision(from);
             }
-            let mut stream = client.watch(prefix.to_vec(), Some(opts)).await?;
+            let mut stream = crate::source::etcd::watch_client(&client)
+                .watch(prefix.to_vec(), Some(opts))
+                .await?;
             let registration = self.registry.watch();
             loop {
                 let message = tokio::select! {

@@ -26,8 +26,45 @@ use crate::mapper::{Change, ChangeKind};
 use crate::retry::Reconnect;
 use crate::stats::Stats;
 
-/// Keys per page when listing, so no response approaches gRPC's 4 MiB limit.
-const LIST_PAGE: i64 = 500;
+/// The largest response the client decodes: what etcd's gRPC server may
+/// send (its send limit is `math.MaxInt32`). tonic's default of 4 MiB
+/// refuses legal responses (a delete-range with previous values, a
+/// catch-up after downtime), and a refused watch response is sent again on
+/// every re-watch: the source would never get past it.
+pub const MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
+
+/// Bytes a list page aims at: pages are bounded by bytes as well as keys,
+/// sized from the average key-value size of the page before.
+const LIST_PAGE_BYTES: usize = 2 << 20;
+
+/// Keys in a list page at most, and in the first page that reads values
+/// (its size is not known yet).
+const LIST_PAGE_MAX_KEYS: i64 = 1000;
+const LIST_FIRST_VALUE_PAGE: i64 = 16;
+
+/// A KV client of `client` that accepts every response etcd may send.
+pub fn kv_client(client: &Client) -> etcd_client::KvClient {
+    client
+        .kv_client()
+        .max_decoding_message_size(MAX_RESPONSE_BYTES)
+}
+
+/// A watch client of `client` that accepts every response etcd may send.
+pub fn watch_client(client: &Client) -> etcd_client::WatchClient {
+    client
+        .watch_client()
+        .max_decoding_message_size(MAX_RESPONSE_BYTES)
+}
+
+/// The size of the next list page: as many keys as fit [`LIST_PAGE_BYTES`]
+/// at the average size of the page just read.
+fn next_page_limit(bytes: usize, keys: usize) -> i64 {
+    if keys == 0 {
+        return LIST_PAGE_MAX_KEYS;
+    }
+    let average = (bytes / keys).max(1);
+    ((LIST_PAGE_BYTES / average) as i64).clamp(1, LIST_PAGE_MAX_KEYS)
+}
 
 /// Connects an etcd client with keep-alive and require-leader, so a
 /// partitioned member is noticed instead of silently serving nothing; with
@@ -96,10 +133,14 @@ async fn list(
     let mut start = prefix.to_vec();
     let mut at = revision;
     let mut out = Vec::new();
+    let mut kv = kv_client(client);
+    let mut limit = if values {
+        LIST_FIRST_VALUE_PAGE
+    } else {
+        LIST_PAGE_MAX_KEYS
+    };
     loop {
-        let mut opts = GetOptions::new()
-            .with_range(end.clone())
-            .with_limit(LIST_PAGE);
+        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(limit);
         if !values {
             // Only the index is wanted: keys and revisions, not the values.
             opts = opts.with_keys_only();
@@ -107,7 +148,7 @@ async fn list(
         if at > 0 {
             opts = opts.with_revision(at);
         }
-        let mut resp = tokio::time::timeout(page_timeout, client.get(start.clone(), Some(opts)))
+        let mut resp = tokio::time::timeout(page_timeout, kv.get(start.clone(), Some(opts)))
             .await
             .map_err(|_| {
                 etcd_client::Error::WatchError(format!(
@@ -122,6 +163,8 @@ async fn list(
         let Some(last) = kvs.last() else { break };
         start = last.key().to_vec();
         start.push(0);
+        let bytes: usize = kvs.iter().map(|kv| kv.key().len() + kv.value().len()).sum();
+        limit = next_page_limit(bytes, kvs.len());
         out.extend(kvs.into_iter().map(|kv| {
             let (mod_revision, version) = (kv.mod_revision(), kv.version());
             let (key, value) = kv.into_key_value();
@@ -459,15 +502,20 @@ impl EtcdSource {
         reconnect: &mut Reconnect,
     ) -> Result<WatchEnd, (i64, etcd_client::Error)> {
         let mut next = from;
+        // Fragmented: etcd splits a response larger than its request
+        // limit (a delete-range of many large values with their previous
+        // values) into several; a revision is complete at the last one.
         let opts = WatchOptions::new()
             .with_range(prefix_end(prefix))
             .with_start_revision(from)
             .with_prev_key()
-            .with_progress_notify();
+            .with_progress_notify()
+            .with_fragment();
+        let mut watcher = watch_client(client);
         let mut stream = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(WatchEnd::Stopped),
-            s = client.watch(prefix.to_vec(), Some(opts)) => s.map_err(|e| (next, e))?,
+            s = watcher.watch(prefix.to_vec(), Some(opts)) => s.map_err(|e| (next, e))?,
         };
         loop {
             let message = tokio::select! {
@@ -550,6 +598,12 @@ impl EtcdSource {
                     return Ok(WatchEnd::Stopped);
                 }
             }
+            if resp.0.fragment {
+                // More of this revision follows: not a checkpoint yet, and a
+                // re-watch must start at this revision again.
+                next = last;
+                continue;
+            }
             next = last + 1;
             if tx.send(SourceEvent::Checkpoint(last)).await.is_err() {
                 return Ok(WatchEnd::Stopped);
@@ -590,5 +644,18 @@ mod tests {
         assert_eq!(prefix_end(b"/a"), b"/b");
         assert_eq!(prefix_end(b"a\xff"), b"b");
         assert_eq!(prefix_end(b""), b"\0");
+    }
+
+    #[test]
+    fn list_pages_are_bounded_by_bytes() {
+        use super::{next_page_limit, LIST_PAGE_MAX_KEYS};
+        assert_eq!(next_page_limit(0, 0), LIST_PAGE_MAX_KEYS);
+        assert_eq!(next_page_limit(100 * 16, 100), LIST_PAGE_MAX_KEYS);
+        assert_eq!(
+            next_page_limit(4 * 1_200_000, 4),
+            1,
+            "1.2 MB values: one a page"
+        );
+        assert_eq!(next_page_limit(10 * 8192, 10), 256);
     }
 }

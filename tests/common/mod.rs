@@ -423,3 +423,21 @@ pub fn redis_updates(url: &str) -> mpsc::Receiver<DbUpdate> {
     sub.register_topic("");
     sub.updates(1024).0
 }
+
+/// Waits until Redis counts a pattern subscription (what `redis_updates`
+/// makes), so nothing published after it is missed.
+pub async fn await_pattern_subscriber(redis: &RedisServer) {
+    let conn = redis.connection().await;
+    eventually("a pattern subscriber on Redis", STREAM_WAIT, || {
+        let mut c = conn.clone();
+        async move {
+            let n: i64 = redis::cmd("PUBSUB")
+                .arg("NUMPAT")
+                .query_async(&mut c)
+                .await
+                .ok()?;
+            (n > 0).then_some(())
+        }
+    })
+    .await;
+}
