@@ -19,7 +19,7 @@ use crate::config::{BackendConfig, Config, SourceConfig};
 use crate::discovery::{advertised_uri, Registration};
 use crate::ha::Leadership;
 use crate::keymap::KeyLayout;
-use crate::mapper::Mapper;
+use crate::mapper::{Mapped, Mapper};
 use crate::pubsub::{PubSub, PublishError, Publisher};
 use crate::retry::Reconnect;
 use crate::service::MultiprocListener;
@@ -390,11 +390,16 @@ impl Pipeline {
             while let Some(event) = next.take() {
                 match event {
                     SourceEvent::Change(change) => match self.mapper.map(&change) {
-                        Ok(update) => {
+                        Mapped::Update(update) => {
                             self.stats.read(self.source_name, &update);
                             batch.push(update);
                         }
-                        Err(skip) => self.stats.skip(skip, &change.key),
+                        Mapped::Resync(update, skip) => {
+                            self.stats.skip(skip, &change.key);
+                            self.stats.syncs_published.inc();
+                            batch.push(update);
+                        }
+                        Mapped::Skip(skip) => self.stats.skip(skip, &change.key),
                     },
                     SourceEvent::Update(update) => {
                         self.stats.read("multiproc", &update);

@@ -72,6 +72,30 @@ impl Skip {
     }
 }
 
+/// What one change becomes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mapped {
+    /// The update to publish.
+    Update(DbUpdate),
+    /// The row changed but its new value cannot be carried (oversize, not
+    /// UTF-8): a `sync` for that row (table, key, topic set; the value says
+    /// why), published instead, and the reason counted.
+    Resync(DbUpdate, Skip),
+    /// Not a row (key not UTF-8, outside the layout, the bridge's own key):
+    /// counted and dropped.
+    Skip(Skip),
+}
+
+impl Mapped {
+    /// The update, if the change is published in any form.
+    pub fn update(self) -> Option<DbUpdate> {
+        match self {
+            Mapped::Update(u) | Mapped::Resync(u, _) => Some(u),
+            Mapped::Skip(_) => None,
+        }
+    }
+}
+
 /// Turns changes into updates for one layout.
 #[derive(Debug, Clone)]
 pub struct Mapper {
@@ -99,37 +123,73 @@ impl Mapper {
         }
     }
 
-    /// Maps one change.
-    pub fn map(&self, change: &Change) -> Result<DbUpdate, Skip> {
-        let key = std::str::from_utf8(&change.key).map_err(|_| Skip::NonUtf8Key)?;
+    /// Maps one change. A key that is no row is skipped; a row whose value
+    /// cannot be carried is never silently dropped: a delete goes out
+    /// without its previous value, and a create / set becomes a `sync` for
+    /// that row, so subscribers know to re-read it.
+    pub fn map(&self, change: &Change) -> Mapped {
+        let Ok(key) = std::str::from_utf8(&change.key) else {
+            return Mapped::Skip(Skip::NonUtf8Key);
+        };
         if self
             .excluded_prefixes
             .iter()
             .any(|p| key.starts_with(p.as_str()))
         {
-            return Err(Skip::OwnKey);
+            return Mapped::Skip(Skip::OwnKey);
         }
-        let row = self.layout.parse_key(key).ok_or(Skip::OutsideLayout)?;
-        let value = match &change.value {
-            Some(v) if v.len() > self.max_value_bytes => return Err(Skip::Oversize),
-            Some(v) => Some(String::from_utf8(v.clone()).map_err(|_| Skip::NonUtf8Value)?),
-            None => None,
+        let Some(row) = self.layout.parse_key(key) else {
+            return Mapped::Skip(Skip::OutsideLayout);
+        };
+        let (value, uncarried) = match change.value.as_deref().map(|v| self.check_value(v)) {
+            None => (None, None),
+            Some(Ok(v)) => (Some(v.to_owned()), None),
+            Some(Err(skip)) => (None, Some(skip)),
         };
         let topic = match row.topic {
             Some(t) => t.to_owned(),
-            None => value
-                .as_deref()
-                .and_then(|v| self.topic_from_value(v))
-                .unwrap_or_else(|| SEND_ALL_TOPIC.to_owned()),
+            None => match (&value, uncarried) {
+                (Some(v), _) => self.topic_from_value(v),
+                // An oversize value is still read for its topic, so the
+                // row's own subscribers get the notice.
+                (None, Some(Skip::Oversize)) => change
+                    .value
+                    .as_deref()
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .and_then(|v| self.topic_from_value(v)),
+                (None, _) => None,
+            }
+            .unwrap_or_else(|| SEND_ALL_TOPIC.to_owned()),
         };
-        let action = match change.kind {
-            ChangeKind::Create => Action::Create,
-            ChangeKind::Set => Action::Set,
-            ChangeKind::Delete => Action::Delete,
+        let action = match (change.kind, uncarried) {
+            (ChangeKind::Delete, _) => Action::Delete,
+            (_, Some(_)) => Action::Sync,
+            (ChangeKind::Create, None) => Action::Create,
+            (ChangeKind::Set, None) => Action::Set,
+        };
+        let value = match (&action, uncarried) {
+            (Action::Sync, Some(skip)) => Some(format!(
+                "the value of {}/{} is not carried ({}): re-read the row",
+                row.table,
+                row.key,
+                skip.as_str()
+            )),
+            _ => value,
         };
         let mut update = DbUpdate::new(row.table, row.key, action, value).with_topic(topic);
         update.revision = change.revision;
-        Ok(update)
+        match uncarried {
+            Some(skip) if change.kind != ChangeKind::Delete => Mapped::Resync(update, skip),
+            _ => Mapped::Update(update),
+        }
+    }
+
+    /// The value as text, or why it cannot be carried.
+    fn check_value<'v>(&self, value: &'v [u8]) -> Result<&'v str, Skip> {
+        if value.len() > self.max_value_bytes {
+            return Err(Skip::Oversize);
+        }
+        std::str::from_utf8(value).map_err(|_| Skip::NonUtf8Value)
     }
 
     /// The topic named by the value's topic field, when the value is a JSON
@@ -163,6 +223,13 @@ mod tests {
         )
     }
 
+    fn update(m: &Mapper, c: &Change) -> DbUpdate {
+        match m.map(c) {
+            Mapped::Update(u) => u,
+            other => panic!("expected an update, got {other:?}"),
+        }
+    }
+
     fn change(key: &[u8], value: Option<&[u8]>, kind: ChangeKind) -> Change {
         Change {
             key: key.to_vec(),
@@ -175,13 +242,14 @@ mod tests {
     #[test]
     fn maps_actions_tables_and_topics() {
         let m = mapper("/{table}/{key}");
-        let u = m
-            .map(&change(
+        let u = update(
+            &m,
+            &change(
                 b"/lport/p1",
                 Some(br#"{"topic": "t1"}"#),
                 ChangeKind::Create,
-            ))
-            .unwrap();
+            ),
+        );
         assert_eq!(
             (
                 u.table.as_str(),
@@ -192,13 +260,9 @@ mod tests {
             ),
             ("lport", "p1", &Action::Create, "t1", Some(9))
         );
-        let u = m
-            .map(&change(b"/lport/p1", Some(b"plain"), ChangeKind::Set))
-            .unwrap();
+        let u = update(&m, &change(b"/lport/p1", Some(b"plain"), ChangeKind::Set));
         assert_eq!((u.action, u.topic.as_str()), (Action::Set, "D"));
-        let u = m
-            .map(&change(b"/lport/p1", None, ChangeKind::Delete))
-            .unwrap();
+        let u = update(&m, &change(b"/lport/p1", None, ChangeKind::Delete));
         assert_eq!(
             (u.action, u.value, u.topic.as_str()),
             (Action::Delete, None, "D")
@@ -210,9 +274,7 @@ mod tests {
             b"[1]",
         ] {
             assert_eq!(
-                m.map(&change(b"/a/b", Some(v), ChangeKind::Set))
-                    .unwrap()
-                    .topic,
+                update(&m, &change(b"/a/b", Some(v), ChangeKind::Set)).topic,
                 "D"
             );
         }
@@ -221,40 +283,69 @@ mod tests {
     #[test]
     fn layout_topic_wins() {
         let m = mapper("{{table}.{topic}}{key}");
-        let u = m
-            .map(&change(
+        let u = update(
+            &m,
+            &change(
                 b"{lport.ten}p1",
                 Some(br#"{"topic":"other"}"#),
                 ChangeKind::Set,
-            ))
-            .unwrap();
+            ),
+        );
         assert_eq!(u.topic, "ten");
-        let u = m
-            .map(&change(
+        let u = update(
+            &m,
+            &change(
                 b"{lport.}p1",
                 Some(br#"{"topic":"other"}"#),
                 ChangeKind::Set,
-            ))
-            .unwrap();
+            ),
+        );
         assert_eq!(u.topic, "other");
     }
 
     #[test]
-    fn skips_bad_input() {
+    fn skips_keys_that_are_no_row() {
         let m = mapper("/{table}/{key}");
-        type Case<'a> = (&'a [u8], Option<&'a [u8]>, Skip);
-        let cases: [Case; 5] = [
-            (b"/a/\xff", None, Skip::NonUtf8Key),
-            (b"nolayout", None, Skip::OutsideLayout),
-            (b"/pubsub/D", Some(b"x"), Skip::OwnKey),
-            (b"/a/b", Some(b"\xc3\x28"), Skip::NonUtf8Value),
-            (b"/a/b", Some(&[b'x'; 65]), Skip::Oversize),
+        type Case<'a> = (&'a [u8], Skip);
+        let cases: [Case; 3] = [
+            (b"/a/\xff", Skip::NonUtf8Key),
+            (b"nolayout", Skip::OutsideLayout),
+            (b"/pubsub/D", Skip::OwnKey),
         ];
-        for (k, v, skip) in cases {
-            assert_eq!(m.map(&change(k, v, ChangeKind::Set)), Err(skip));
+        for (k, skip) in cases {
+            for kind in [ChangeKind::Set, ChangeKind::Delete] {
+                assert_eq!(m.map(&change(k, Some(b"x"), kind)), Mapped::Skip(skip));
+            }
         }
-        assert!(m
-            .map(&change(b"/a/b", Some(&[b'x'; 64]), ChangeKind::Set))
-            .is_ok());
+    }
+
+    #[test]
+    fn a_value_that_cannot_be_carried_becomes_a_sync_of_the_row() {
+        let m = mapper("/{table}/{key}");
+        let big = format!(r#"{{"topic":"t9","pad":"{}"}}"#, "x".repeat(64));
+        for (value, skip, topic) in [
+            (&b"\xc3\x28"[..], Skip::NonUtf8Value, "D"),
+            (big.as_bytes(), Skip::Oversize, "t9"),
+        ] {
+            for kind in [ChangeKind::Create, ChangeKind::Set] {
+                let Mapped::Resync(u, why) = m.map(&change(b"/a/b", Some(value), kind)) else {
+                    panic!("expected a resync");
+                };
+                assert_eq!(why, skip);
+                assert_eq!(
+                    (u.action, u.table.as_str(), u.key.as_str(), u.topic.as_str()),
+                    (Action::Sync, "a", "b", topic)
+                );
+                assert!(u.value.unwrap().contains(skip.as_str()));
+            }
+            // A delete is always delivered; the previous value is left out.
+            let u = update(&m, &change(b"/a/b", Some(value), ChangeKind::Delete));
+            assert_eq!(
+                (u.action, u.value, u.topic.as_str()),
+                (Action::Delete, None, topic)
+            );
+        }
+        let u = update(&m, &change(b"/a/b", Some(&[b'x'; 64]), ChangeKind::Set));
+        assert_eq!(u.value.as_deref(), Some(&"x".repeat(64)[..]));
     }
 }

@@ -291,9 +291,22 @@ async fn fault6_bad_keys_and_values_are_counted_and_good_ones_all_arrive() {
         .await;
     let got: Vec<_> = lport(&received.all())
         .iter()
+        .filter(|u| u.action != Action::Sync)
         .map(|u| u.key.clone())
         .collect();
     assert_eq!(got, ["good0", "good1", "good2", "good3", "good4", "last"]);
+    // Rows whose value cannot be carried are signalled, row by row.
+    let mut resynced: Vec<_> = lport(&received.all())
+        .iter()
+        .filter(|u| u.action == Action::Sync)
+        .map(|u| u.key.clone())
+        .collect();
+    resynced.sort();
+    let mut expected: Vec<String> = (0..5)
+        .flat_map(|i| [format!("big{i}"), format!("binary{i}")])
+        .collect();
+    expected.sort();
+    assert_eq!(resynced, expected);
     for (kind, n) in [
         (Skip::OutsideLayout, 5),
         (Skip::NonUtf8Key, 5),
@@ -489,5 +502,58 @@ async fn fault10_a_snapshot_of_large_values_is_listed_in_pages_bounded_by_bytes(
     assert!(lport(&got)
         .iter()
         .all(|u| u.value.as_deref().map(str::len) == Some(1_200_000)));
+    bridge.stop().await;
+}
+
+// ---- Values the bridge will not carry (issue 11, item 2) ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault11_deletes_are_always_delivered_and_uncarried_values_are_signalled() {
+    let s = setup().await;
+    let config =
+        config_text(&s.etcd, &s.redis, &s.checkpoint) + "[bridge]\nmax_value_bytes = 100\n";
+    let bridge = Bridge::start(&config);
+    let received = subscribe(&s.redis, &s.etcd).await;
+    let mut kv = s.etcd.client().await;
+    kv.put("/lport/big", r#"{"topic":"t1"}"#, None)
+        .await
+        .unwrap();
+    let oversize = format!(r#"{{"topic":"t1","pad":"{}"}}"#, "x".repeat(200));
+    kv.put("/lport/big", oversize, None).await.unwrap();
+    kv.delete("/lport/big", None).await.unwrap();
+    kv.put("/lport/bin", "text", None).await.unwrap();
+    kv.put("/lport/bin", b"\xff\xfe".to_vec(), None)
+        .await
+        .unwrap();
+    kv.delete("/lport/bin", None).await.unwrap();
+    kv.put("/lport/end", "ok", None).await.unwrap();
+    received
+        .wait("the last change", |g| count(g, Action::Create, "end") == 1)
+        .await;
+    let rows: Vec<_> = lport(&received.all())
+        .into_iter()
+        .map(|u| (u.key, u.action, u.topic))
+        .collect();
+    let row = |k: &str, a: Action, t: &str| (k.to_string(), a, t.to_string());
+    assert_eq!(
+        rows,
+        [
+            row("big", Action::Create, "t1"),
+            row("big", Action::Sync, "t1"), // the oversize value, on the row's topic
+            row("big", Action::Delete, "t1"),
+            row("bin", Action::Create, "D"),
+            row("bin", Action::Sync, "D"),
+            row("bin", Action::Delete, "D"),
+            row("end", Action::Create, "D"),
+        ]
+    );
+    assert!(
+        view(&lport(&received.all()))
+            .keys()
+            .all(|(_, k)| k == "end"),
+        "the subscriber ends equal to etcd"
+    );
+    assert_eq!(bridge.stats.skipped(Skip::Oversize), 1);
+    assert_eq!(bridge.stats.skipped(Skip::NonUtf8Value), 1);
     bridge.stop().await;
 }

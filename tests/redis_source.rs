@@ -313,3 +313,47 @@ async fn redis_to_redis_publish_and_subscribe() {
     assert_eq!(keys, vec![("p1", "tenant1"), ("p3", "D")]);
     bridge.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_values_are_signalled_never_altered() {
+    let redis = RedisServer::start().await;
+    let port = free_port();
+    let bridge = Bridge::start(&redis_to_zmq(&redis, port));
+    let mut rx = zmq_updates(port).await;
+    await_redis_flow(&mut rx, &redis).await;
+    let mut c = redis.connection().await;
+    for (key, args) in [
+        ("h", &["HSET", "{lport.t1}h", "f", "ok"][..]),
+        ("s", &["SET", "{lport.t1}s", "ok"][..]),
+    ] {
+        cmd(&mut c, args).await;
+        collect_until(&mut rx, key, WAIT, |g| g.iter().any(|u| u.key == key)).await;
+    }
+    // A hash field and a string that are not UTF-8.
+    redis::cmd("HSET")
+        .arg("{lport.t1}h")
+        .arg("f")
+        .arg(&b"\xffbad"[..])
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    redis::cmd("SET")
+        .arg("{lport.t1}s")
+        .arg(&b"\xfe"[..])
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    let got = collect_until(&mut rx, "two syncs", WAIT, |g| {
+        g.iter().filter(|u| u.action == Action::Sync).count() == 2
+    })
+    .await;
+    for u in &got {
+        assert_eq!(
+            (u.table.as_str(), u.action.clone()),
+            ("lport", Action::Sync),
+            "{u:?}"
+        );
+        assert!(!u.value.as_deref().unwrap_or_default().contains('\u{fffd}'));
+    }
+    bridge.stop().await;
+}

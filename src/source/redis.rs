@@ -111,23 +111,50 @@ fn parse_read(v: Value) -> Read {
             _ => Read::Gone,
         },
         ("hash", 2) => match parts.pop() {
-            Some(Value::Array(fields)) => {
-                let map: BTreeMap<String, String> = fields
-                    .chunks(2)
-                    .filter(|c| c.len() == 2)
-                    .map(|c| (text(&c[0]), text(&c[1])))
-                    .collect();
-                if map.is_empty() {
-                    Read::Gone
-                } else {
-                    Read::Value(serde_json::to_vec(&map).expect("strings serialize"))
-                }
-            }
+            Some(Value::Array(fields)) => hash_value(&fields),
             _ => Read::Gone,
         },
         ("none", _) | ("", _) => Read::Gone,
         (other, _) => Read::Unsupported(other.to_owned()),
     }
+}
+
+/// A hash as the JSON object of its fields. A field or value that is not
+/// UTF-8 is never altered: the raw bytes are returned instead (not UTF-8
+/// either), so the mapper treats the hash like any undecodable value.
+fn hash_value(fields: &[Value]) -> Read {
+    let bytes = |v: &Value| match v {
+        Value::BulkString(b) => b.clone(),
+        Value::SimpleString(s) => s.clone().into_bytes(),
+        _ => Vec::new(),
+    };
+    let pairs: Vec<(Vec<u8>, Vec<u8>)> = fields
+        .chunks(2)
+        .filter(|c| c.len() == 2)
+        .map(|c| (bytes(&c[0]), bytes(&c[1])))
+        .collect();
+    if pairs.is_empty() {
+        return Read::Gone;
+    }
+    let mut map = BTreeMap::new();
+    for (field, value) in &pairs {
+        match (std::str::from_utf8(field), std::str::from_utf8(value)) {
+            (Ok(f), Ok(v)) => {
+                map.insert(f, v);
+            }
+            _ => {
+                return Read::Value(
+                    pairs
+                        .iter()
+                        .flat_map(|(f, v)| [f, v])
+                        .flatten()
+                        .copied()
+                        .collect(),
+                )
+            }
+        }
+    }
+    Read::Value(serde_json::to_vec(&map).expect("strings serialize"))
 }
 
 async fn read_values(
@@ -632,6 +659,17 @@ mod tests {
         assert_eq!(
             parse_read(hash),
             Read::Value(br#"{"a":"1","b":"2"}"#.to_vec())
+        );
+        let raw = Value::Array(vec![
+            bulk("hash"),
+            Value::Array(vec![bulk("f"), Value::BulkString(b"\xff".to_vec())]),
+        ]);
+        let Read::Value(v) = parse_read(raw) else {
+            panic!("a hash is a value")
+        };
+        assert!(
+            std::str::from_utf8(&v).is_err(),
+            "non-UTF-8 bytes are kept, never replaced"
         );
     }
 }
