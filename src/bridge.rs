@@ -38,7 +38,12 @@ const MAX_BATCH: usize = 256;
 
 /// Keys the bridge writes itself and must never republish: the etcd
 /// backend's topics and the `publisher` table (etcd and Redis layouts).
-pub const OWN_PREFIXES: [&str; 3] = ["/pubsub/", "/publisher/", "{publisher."];
+pub const OWN_PREFIXES: [&str; 4] = [
+    "/pubsub/",
+    "/publisher/",
+    "{publisher.",
+    checkpoint::ETCD_CHECKPOINT_PREFIX,
+];
 
 /// Why the bridge stopped other than by shutdown.
 #[derive(Debug, thiserror::Error)]
@@ -233,14 +238,39 @@ async fn run_once(
             )
             .collect(),
     );
-    let resume = match (&lead, &checkpoint_file) {
-        (Some(lead), file) => match lead.load_checkpoint().await {
+    // Without a file (and outside HA, which keeps it under the leader key)
+    // an etcd source keeps its checkpoint in etcd: the config as shipped
+    // resumes where it stopped.
+    let mut checkpoint_etcd = match (&config.source, &lead, &checkpoint_file) {
+        (Some(SourceConfig::Etcd(c)), None, None) => {
+            let client = crate::source::etcd::connect(&c.endpoints, c.connect_timeout, &c.auth)
+                .await
+                .map_err(|e| {
+                    SourceError {
+                        source_name: "etcd",
+                        message: format!(
+                            "cannot connect to read the checkpoint: {e} (endpoints {}; is etcd running? check source.endpoints)",
+                            crate::config::redact_endpoints(&c.endpoints)
+                        ),
+                    }
+                })?;
+            Some(checkpoint::EtcdStore::new(&client, &service_id(config)))
+        }
+        _ => None,
+    };
+    let resume = match (&lead, &checkpoint_file, &mut checkpoint_etcd) {
+        (Some(lead), file, _) => match lead.load_checkpoint().await {
             Ok(Some(r)) => Some(r),
             Ok(None) => file.as_deref().map(checkpoint::load).transpose()?.flatten(),
             Err(e) => return Err(BridgeError::Ha(format!("cannot read the checkpoint: {e}"))),
         },
-        (None, Some(p)) => checkpoint::load(p)?,
-        (None, None) => None,
+        (None, Some(p), _) => checkpoint::load(p)?,
+        (None, None, Some(store)) => {
+            let r = store.load().await?;
+            tracing::info!(key = store.key(), revision = ?r, "Checkpoint kept in etcd.");
+            r
+        }
+        (None, None, None) => None,
     };
 
     // Everything stops with `shutdown`, or when a producer fails.
@@ -259,7 +289,9 @@ async fn run_once(
     }
     match config.source.clone() {
         Some(SourceConfig::Etcd(c)) => {
-            let source = EtcdSource::new(c, resume, stats.clone()).run(tx.clone(), stop.clone());
+            let source = EtcdSource::new(c, resume, stats.clone())
+                .with_own_prefixes(mapper.excluded_prefixes())
+                .run(tx.clone(), stop.clone());
             producers.push(spawn_producer(&stop, async move { Ok(source.await?) }));
         }
         Some(SourceConfig::Redis(c)) => {
@@ -310,6 +342,7 @@ async fn run_once(
         publisher: publisher.clone(),
         mapper,
         checkpoint_file,
+        checkpoint_etcd,
         published_revision: None,
         saved_revision: resume,
         last_save: Instant::now(),
@@ -354,6 +387,7 @@ struct Pipeline {
     mapper: Mapper,
     stats: Arc<Stats>,
     checkpoint_file: Option<std::path::PathBuf>,
+    checkpoint_etcd: Option<checkpoint::EtcdStore>,
     published_revision: Option<i64>,
     saved_revision: Option<i64>,
     last_save: Instant,
@@ -471,7 +505,7 @@ impl Pipeline {
             return Ok(());
         };
         self.stats.checkpoint_revision.set(revision);
-        if self.checkpoint_file.is_none() && self.lead.is_none() {
+        if self.checkpoint_file.is_none() && self.lead.is_none() && self.checkpoint_etcd.is_none() {
             return Ok(());
         }
         // The first checkpoint is saved at once: until a file exists, a
@@ -486,6 +520,10 @@ impl Pipeline {
         }
         if let Some(path) = &self.checkpoint_file {
             checkpoint::save(path, revision)?;
+        }
+        if let Some(store) = &mut self.checkpoint_etcd {
+            // Retried at the next tick; a replay from the older one is safe.
+            store.save(revision).await?;
         }
         if let Some(lead) = self.lead.as_ref().filter(|l| l.is_valid()) {
             match lead.save_checkpoint(revision).await {

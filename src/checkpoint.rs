@@ -1,5 +1,8 @@
 //! The persisted checkpoint: the last source revision whose updates were all
-//! published. Written atomically (temp file, fsync, rename), so a crash
+//! published. By default it is kept in the source's own etcd under
+//! `/feedbridge/checkpoint/<service id>` ([`EtcdStore`]), so a restart
+//! resumes with no setting at all; `checkpoint_file` keeps it in a file
+//! instead, written atomically (temp file, fsync, rename), so a crash
 //! leaves either the old or the new revision, never a torn file.
 
 use std::collections::HashMap;
@@ -16,6 +19,14 @@ pub enum CheckpointError {
         path: PathBuf,
         /// Why.
         source: std::io::Error,
+    },
+    /// The etcd key could not be read or written.
+    #[error("checkpoint key {key} in etcd: {message}")]
+    Etcd {
+        /// The key.
+        key: String,
+        /// Why.
+        message: String,
     },
     /// The file holds something other than a revision.
     #[error("checkpoint file {path} holds {content:?}, not a revision; delete it to start from the current revision")]
@@ -74,6 +85,80 @@ fn write_atomic(path: &Path, content: &[u8]) -> Result<(), CheckpointError> {
     file.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
     Ok(())
+}
+
+/// Where the checkpoint of a service lives in etcd when no file is set.
+pub const ETCD_CHECKPOINT_PREFIX: &str = "/feedbridge/checkpoint/";
+
+/// The checkpoint kept in the source's etcd.
+pub struct EtcdStore {
+    kv: etcd_client::KvClient,
+    key: String,
+    /// The revision of this store's own last write: a checkpoint at that
+    /// revision says nothing new (only the write itself happened since),
+    /// so it is not written again, and an idle bridge writes nothing.
+    own_write: Option<i64>,
+}
+
+impl EtcdStore {
+    /// The store of service `id` on `client`.
+    pub fn new(client: &etcd_client::Client, id: &str) -> Self {
+        EtcdStore {
+            kv: client.kv_client(),
+            key: format!("{ETCD_CHECKPOINT_PREFIX}{id}"),
+            own_write: None,
+        }
+    }
+
+    /// The key it is kept under.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> CheckpointError {
+        CheckpointError::Etcd {
+            key: self.key.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// The stored revision; `None` when there is none yet.
+    pub async fn load(&mut self) -> Result<Option<i64>, CheckpointError> {
+        let resp = self
+            .kv
+            .get(self.key.clone(), None)
+            .await
+            .map_err(|e| self.error(e))?;
+        let Some(kv) = resp.kvs().first() else {
+            return Ok(None);
+        };
+        let text = String::from_utf8_lossy(kv.value());
+        text.trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|r| *r >= 0)
+            .map(Some)
+            .ok_or_else(|| {
+                self.error(format!(
+                    "holds {text:?}, not a revision; delete the key to start from the current revision"
+                ))
+            })
+    }
+
+    /// Stores `revision`, unless it is the revision of this store's own
+    /// last write.
+    pub async fn save(&mut self, revision: i64) -> Result<(), CheckpointError> {
+        if self.own_write == Some(revision) {
+            return Ok(());
+        }
+        let resp = self
+            .kv
+            .put(self.key.clone(), revision.to_string(), None)
+            .await
+            .map_err(|e| self.error(e))?;
+        self.own_write = resp.header().map(|h| h.revision());
+        Ok(())
+    }
 }
 
 const INDEX_HEADER: &str = "feedbridge-index-v1";

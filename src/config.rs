@@ -305,6 +305,13 @@ pub struct ZmqBackendConfig {
     /// How long unsent messages are kept when the socket closes.
     #[serde(default = "default_linger", with = "humantime_serde")]
     pub linger: Duration,
+    /// At start, how long publishing may wait for subscribers to rejoin.
+    /// ZeroMQ drops what is published before a subscription arrives, and
+    /// subscribers that stayed up through a restart reconnect within about
+    /// 100 ms: the replay waits for them (ending early once their
+    /// subscriptions have arrived and gone quiet), so it reaches them.
+    #[serde(default = "default_rejoin_wait", with = "humantime_serde")]
+    pub rejoin_wait: Duration,
 }
 
 /// The Redis PUBLISH backend.
@@ -410,6 +417,9 @@ fn default_zmq_bind() -> String {
 }
 fn default_send_hwm() -> i32 {
     10_000
+}
+fn default_rejoin_wait() -> Duration {
+    Duration::from_secs(1)
 }
 fn default_linger() -> Duration {
     Duration::from_secs(1)
@@ -811,6 +821,29 @@ fn typed<T: serde::de::DeserializeOwned>(table: toml::Table, section: &str) -> R
             format!("field `{section}.{field}`: {}", e.inner())
         }
     })
+}
+
+/// `url` with any credentials in it replaced by `***`, for logs and
+/// errors. Textual, so it also hides them in a URL that does not parse.
+pub fn redact_url(url: &str) -> String {
+    let Some(at) = url.rfind('@') else {
+        return url.to_owned();
+    };
+    let scheme = url
+        .find("://")
+        .filter(|&i| i < at)
+        .map(|i| &url[..i + 3])
+        .unwrap_or("");
+    format!("{scheme}***@{}", &url[at + 1..])
+}
+
+/// Endpoints joined with commas, credentials redacted.
+pub fn redact_endpoints(endpoints: &[String]) -> String {
+    endpoints
+        .iter()
+        .map(|e| redact_url(e))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn check_etcd_endpoints(endpoints: &[String]) -> Result<(), String> {

@@ -144,6 +144,7 @@ fn main() -> ExitCode {
                     codec,
                     send_hwm: 1,
                     linger: Default::default(),
+                    rejoin_wait: std::time::Duration::ZERO,
                 }),
                 TailBackend::Redis => BackendConfig::Redis(RedisBackendConfig {
                     url: redis_url,

@@ -123,6 +123,11 @@ impl Mapper {
         }
     }
 
+    /// The key prefixes of the bridge's own keys, which are never rows.
+    pub fn excluded_prefixes(&self) -> Vec<String> {
+        self.excluded_prefixes.clone()
+    }
+
     /// Maps one change. A key that is no row is skipped; a row whose value
     /// cannot be carried is never silently dropped: a delete goes out
     /// without its previous value, and a create / set becomes a `sync` for

@@ -557,3 +557,121 @@ async fn fault11_deletes_are_always_delivered_and_uncarried_values_are_signalled
     assert_eq!(bridge.stats.skipped(Skip::NonUtf8Value), 1);
     bridge.stop().await;
 }
+
+// ---- Restarts with the config as shipped, ZeroMQ subscribers staying up
+// (issue 11, items 5 and 6) ----
+
+/// The shipped default config, pointed at the test's etcd and port.
+fn spawn_shipped_bridge(etcd: &EtcdServer, bind: &str, log: &Path) -> KillOnDrop {
+    KillOnDrop(
+        Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(workspace_path("config/feedbridge.toml"))
+            .env("FEEDBRIDGE_ETCD_ENDPOINTS", etcd.endpoint())
+            .env("FEEDBRIDGE_ZMQ_BIND", bind)
+            .stderr(std::fs::File::create(log).unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// What a `feedbridge tail` has printed, applied as a subscriber would.
+#[derive(Default)]
+struct TailView {
+    rows: std::collections::BTreeMap<String, String>,
+    lines: usize,
+}
+
+impl TailView {
+    fn apply(&mut self, line: &str) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        self.lines += 1;
+        if v["table"] != "lport" {
+            return;
+        }
+        let key = v["key"].as_str().unwrap().to_string();
+        match v["action"].as_str().unwrap() {
+            "create" | "set" => {
+                self.rows
+                    .insert(key, v["value"].as_str().unwrap_or_default().into());
+            }
+            "delete" => {
+                self.rows.remove(&key);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault12_kill_9_twice_with_the_shipped_config_a_zmq_subscriber_that_stays_up_holds_every_final_value(
+) {
+    let etcd = EtcdServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let bind = format!("tcp://127.0.0.1:{}", free_port());
+    let mut bridge = spawn_shipped_bridge(&etcd, &bind, &dir.path().join("bridge0.log"));
+    let (_tail, mut lines) = spawn_tail(&["--connect".into(), bind.clone()]);
+    let mut kv = etcd.client().await;
+    let mut view = TailView::default();
+    // The subscriber is up once a probe reaches it.
+    for i in 0.. {
+        kv.put(format!("/probe/{i}"), "x", None).await.unwrap();
+        if let Ok(Some(line)) = tokio::time::timeout(Duration::from_millis(300), lines.recv()).await
+        {
+            view.apply(&line);
+            break;
+        }
+        assert!(i < 100, "the tail never received anything");
+    }
+    const KEYS: usize = 3000;
+    let endpoint = etcd.endpoint();
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writer = {
+        let written = written.clone();
+        tokio::spawn(async move {
+            let mut kv = etcd_client::Client::connect([endpoint], None)
+                .await
+                .unwrap();
+            for i in 0..KEYS {
+                kv.put(format!("/lport/k{i:04}"), format!("v{i}"), None)
+                    .await
+                    .unwrap();
+                written.store(i + 1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
+    for (n, at) in [(1, KEYS / 4), (2, KEYS / 2)] {
+        eventually("the writer under way", WAIT, || {
+            let done = written.load(std::sync::atomic::Ordering::Relaxed) >= at;
+            async move { done.then_some(()) }
+        })
+        .await;
+        bridge.kill().unwrap(); // SIGKILL: no final checkpoint, no goodbye
+        bridge.wait().unwrap();
+        bridge = spawn_shipped_bridge(&etcd, &bind, &dir.path().join(format!("bridge{n}.log")));
+    }
+    writer.await.unwrap();
+    let expected: std::collections::BTreeMap<String, String> = etcd_state(&etcd)
+        .await
+        .into_iter()
+        .map(|((_, k), v)| (k, v))
+        .collect();
+    assert_eq!(expected.len(), KEYS);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while view.rows != expected {
+        match tokio::time::timeout_at(deadline, lines.recv()).await {
+            Ok(Some(line)) => view.apply(&line),
+            _ => {
+                let missing = expected
+                    .iter()
+                    .filter(|(k, v)| view.rows.get(*k) != Some(v))
+                    .count();
+                panic!(
+                    "{missing} of {KEYS} keys lack their final value at the subscriber after {} lines",
+                    view.lines
+                );
+            }
+        }
+    }
+}

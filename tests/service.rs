@@ -219,6 +219,7 @@ async fn subscriber_reports_gaps_instead_of_missing_data_silently() {
         codec: Codec::Msgpack,
         send_hwm: 1,
         linger: Duration::from_millis(100),
+        rejoin_wait: Duration::ZERO,
     };
     let publisher = ZmqPublisher::bind(
         &cfg,

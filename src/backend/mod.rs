@@ -10,6 +10,8 @@ use std::collections::BTreeSet;
 
 use tokio::sync::watch;
 
+use crate::update::DbUpdate;
+
 /// What a subscriber currently listens to.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Registration {
@@ -112,7 +114,40 @@ impl Sequencer {
     }
 }
 
+/// The topic of heartbeats: a publisher announces the last sequence number
+/// of each topic on it about once a second, so a subscriber that lost the
+/// end of a burst learns of it even when nothing else is published. No
+/// Dragonflow subscription matches it (they subscribe to `D` and tenant
+/// ids; ZeroMQ matches by prefix), and it is a valid `log` update for any
+/// consumer that subscribes to everything.
+pub const HEARTBEAT_TOPIC: &str = "__feedbridge_heartbeat__";
+
+/// How often publishers send a heartbeat.
+pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
 impl Sequencer {
+    /// The heartbeat: a `log` update on [`HEARTBEAT_TOPIC`] whose value is
+    /// the JSON object `{topic: last sequence number}`, and its envelope
+    /// (publisher and epoch, no sequence number of its own). `None` before
+    /// anything was published.
+    pub fn heartbeat(&self) -> Option<(DbUpdate, crate::codec::Envelope)> {
+        let next = self.next.lock().expect("sequencer lock");
+        if next.is_empty() {
+            return None;
+        }
+        let seqs: std::collections::BTreeMap<&str, u64> =
+            next.iter().map(|(t, s)| (t.as_str(), *s)).collect();
+        let value = serde_json::to_string(&seqs).expect("plain map");
+        let update = DbUpdate::new("feedbridge", "heartbeat", crate::Action::Log, Some(value))
+            .with_topic(HEARTBEAT_TOPIC);
+        let envelope = crate::codec::Envelope {
+            publisher: Some(self.id.clone()),
+            epoch: Some(self.epoch),
+            seq: None,
+        };
+        Some((update, envelope))
+    }
+
     /// Takes back the last number stamped on `topic`, after a send that
     /// failed: the retry reuses it, so subscribers see no false gap.
     pub fn rollback(&self, topic: &str) {
@@ -138,6 +173,47 @@ impl GapTracker {
             last: Default::default(),
             gaps,
         }
+    }
+
+    /// Checks a heartbeat against what was received on the topics `wants`
+    /// selects; returns why the subscriber should re-sync, if it should.
+    pub fn heartbeat(
+        &mut self,
+        heartbeat: &DbUpdate,
+        envelope: &crate::codec::Envelope,
+        wants: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        let (Some(publisher), Some(epoch)) = (&envelope.publisher, envelope.epoch) else {
+            return None;
+        };
+        let seqs: std::collections::BTreeMap<String, u64> =
+            serde_json::from_str(heartbeat.value.as_deref()?).ok()?;
+        let mut reasons = Vec::new();
+        for (topic, seq) in seqs.into_iter().filter(|(t, _)| wants(t)) {
+            let key = (publisher.clone(), topic);
+            match self.last.get(&key).copied() {
+                None => {
+                    // First news of this topic: nothing to compare yet.
+                    self.last.insert(key, (epoch, seq));
+                }
+                Some((last_epoch, _)) if last_epoch != epoch => {
+                    reasons.push(format!("publisher {publisher} restarted"));
+                    self.last.insert(key, (epoch, seq));
+                }
+                Some((_, last)) if seq > last => {
+                    self.gaps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    reasons.push(format!(
+                        "missed {} messages from publisher {publisher} on topic {:?} (announced by its heartbeat)",
+                        seq - last,
+                        key.1
+                    ));
+                    self.last.insert(key, (epoch, seq));
+                }
+                Some(_) => {}
+            }
+        }
+        reasons.dedup();
+        (!reasons.is_empty()).then(|| reasons.join("; "))
     }
 
     /// Checks one received message; returns why the subscriber should
@@ -200,5 +276,33 @@ mod tests {
         let r1 = restarted.stamp("a");
         assert!(tracker.check("a", &r1).unwrap().contains("restarted"));
         assert_eq!(tracker.check("a", &crate::codec::Envelope::default()), None);
+    }
+
+    #[test]
+    fn heartbeats_reveal_a_lost_tail() {
+        let publisher = Sequencer::new("p");
+        assert!(publisher.heartbeat().is_none(), "nothing to announce yet");
+        let mut tracker = GapTracker::new(Arc::new(AtomicU64::new(0)));
+        let a1 = publisher.stamp("a");
+        let _b1 = publisher.stamp("b");
+        assert_eq!(tracker.check("a", &a1), None);
+        let (hb, env) = publisher.heartbeat().unwrap();
+        assert_eq!(hb.topic, HEARTBEAT_TOPIC);
+        assert_eq!(hb.action, crate::Action::Log);
+        let only_a = |t: &str| t == "a";
+        assert_eq!(
+            tracker.heartbeat(&hb, &env, only_a),
+            None,
+            "b is not wanted"
+        );
+        let _a2 = publisher.stamp("a"); // lost on the way
+        let (hb, env) = publisher.heartbeat().unwrap();
+        assert!(tracker
+            .heartbeat(&hb, &env, only_a)
+            .unwrap()
+            .contains("missed 1"));
+        assert_eq!(tracker.heartbeat(&hb, &env, only_a), None, "reported once");
+        let a3 = publisher.stamp("a");
+        assert_eq!(tracker.check("a", &a3), None, "in order after the report");
     }
 }

@@ -22,13 +22,7 @@ use crate::update::DbUpdate;
 
 /// The URL without its password, for messages and logs.
 pub fn redacted(url: &str) -> String {
-    match redis::parse_redis_url(url) {
-        Some(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_owned(),
-    }
+    crate::config::redact_url(url)
 }
 
 /// A client for `url` with the user, password and TLS files of `auth`

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{GapTracker, Registration, Registry, Sequencer};
+use super::{GapTracker, Registration, Registry, Sequencer, HEARTBEAT_INTERVAL, HEARTBEAT_TOPIC};
 use crate::codec::Codec;
 use crate::config::ZmqBackendConfig;
 use crate::pubsub::{PublishError, SubscribeError, Subscriber};
@@ -34,6 +34,48 @@ enum Outgoing {
     Update { update: DbUpdate, topic: String },
     /// Answered once everything queued before it went to the socket.
     Flush(oneshot::Sender<()>),
+    /// Time to announce the last sequence numbers (see [`HEARTBEAT_TOPIC`]).
+    Heartbeat,
+}
+
+/// Subscriptions are taken as complete once none arrived for this long...
+const REJOIN_QUIET: Duration = Duration::from_millis(150);
+/// ...and at least this long after binding (libzmq's default reconnect
+/// interval is 100 ms, plus the handshake).
+const REJOIN_MIN: Duration = Duration::from_millis(250);
+
+/// Reads the subscription messages an XPUB socket has queued; returns how
+/// many arrived.
+fn take_subscriptions(socket: &zmq::Socket) -> usize {
+    let mut n = 0;
+    while socket.recv_bytes(zmq::DONTWAIT).is_ok() {
+        n += 1;
+    }
+    n
+}
+
+/// Holds publishing back after a (re)start until the subscribers that stayed
+/// up have rejoined: until their subscriptions have arrived and gone quiet
+/// (at least [`REJOIN_MIN`]), or `max` at most when none arrive.
+fn wait_for_rejoin(socket: &zmq::Socket, max: Duration, endpoint: &str) {
+    let start = std::time::Instant::now();
+    let mut last = None;
+    let mut subscriptions = 0;
+    while start.elapsed() < max {
+        if let Some(t) = last {
+            if start.elapsed() >= REJOIN_MIN && std::time::Instant::elapsed(&t) >= REJOIN_QUIET {
+                break;
+            }
+        }
+        if socket.poll(zmq::POLLIN, 20).unwrap_or(0) > 0 {
+            let n = take_subscriptions(socket);
+            if n > 0 {
+                subscriptions += n;
+                last = Some(std::time::Instant::now());
+            }
+        }
+    }
+    tracing::info!(%endpoint, subscriptions, waited_ms = start.elapsed().as_millis() as u64, "Publishing: subscribers had the chance to rejoin.");
 }
 
 /// A ZeroMQ publisher: a PUB socket bound for subscribers, or a PUSH socket
@@ -65,12 +107,15 @@ impl ZmqPublisher {
         sequencer: Arc<Sequencer>,
     ) -> Result<Self, PublishError> {
         let endpoint = config.bind.clone();
+        // XPUB: a PUB socket that also shows subscriptions arriving
+        // (verbose: every one, not only the first of each topic).
         let socket = CONTEXT
-            .socket(zmq::PUB)
+            .socket(zmq::XPUB)
             .map_err(|e| setup_error(&endpoint, "cannot create a PUB socket for", e))?;
         socket
             .set_sndhwm(config.send_hwm)
             .and_then(|()| socket.set_linger(millis(config.linger)))
+            .and_then(|()| socket.set_xpub_verbose(true))
             .map_err(|e| setup_error(&endpoint, "cannot set options on", e))?;
         bind(&socket, &endpoint).map_err(|message| PublishError::Setup {
             backend: "zmq",
@@ -81,7 +126,7 @@ impl ZmqPublisher {
             socket,
             endpoint,
             config.codec,
-            Some(sequencer),
+            Some((sequencer, config.rejoin_wait)),
             config.linger,
         )
     }
@@ -114,18 +159,35 @@ impl ZmqPublisher {
         socket: zmq::Socket,
         endpoint: String,
         codec: Codec,
-        sequencer: Option<Arc<Sequencer>>,
+        publisher: Option<(Arc<Sequencer>, Duration)>,
         linger: Duration,
     ) -> Result<Self, PublishError> {
         let (tx, mut rx) = mpsc::channel::<Outgoing>(1024);
         let name = endpoint;
         let closing = Arc::new(AtomicBool::new(false));
         let stop_retrying = closing.clone();
+        let (sequencer, rejoin_wait) = match publisher {
+            Some((s, wait)) => (Some(s), Some(wait)),
+            None => (None, None),
+        };
+        if sequencer.is_some() {
+            spawn_heartbeat(tx.downgrade());
+        }
         let thread = thread::Builder::new()
             .name("zmq-publisher".into())
             .spawn(move || {
+                if let Some(wait) = rejoin_wait {
+                    wait_for_rejoin(&socket, wait, &name);
+                }
                 while let Some(cmd) = rx.blocking_recv() {
                     match cmd {
+                        Outgoing::Heartbeat => {
+                            take_subscriptions(&socket);
+                            if let Some((update, envelope)) = sequencer.as_ref().and_then(|s| s.heartbeat()) {
+                                let payload = codec.encode(&update, &envelope);
+                                let _ = socket.send_multipart([HEARTBEAT_TOPIC.as_bytes(), &payload], zmq::DONTWAIT);
+                            }
+                        }
                         Outgoing::Update { update, topic } => {
                             let envelope = sequencer.as_ref().map(|s| s.stamp(&topic)).unwrap_or_default();
                             let payload = codec.encode(&update, &envelope);
@@ -180,6 +242,24 @@ impl ZmqPublisher {
             .map_err(|_| PublishError::Closed)?;
         wait.await.map_err(|_| PublishError::Closed)
     }
+}
+
+/// Queues a heartbeat every [`HEARTBEAT_INTERVAL`] while the publisher is
+/// open (it holds only a weak sender, so it never keeps the queue open).
+/// Skipped when the queue is full: then data, with its numbers, is flowing.
+fn spawn_heartbeat(queue: mpsc::WeakSender<Outgoing>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(queue) = queue.upgrade() else { return };
+            let _ = queue.try_send(Outgoing::Heartbeat);
+        }
+    });
 }
 
 /// Binds `endpoint`. For `ipc://PATH`, a socket file left by a crashed run
@@ -270,8 +350,15 @@ fn sub_error(message: String) -> SubscribeError {
     }
 }
 
-/// Brings a SUB socket from the `applied` registration to `wanted`.
+/// Brings a SUB socket from the `applied` registration to `wanted`. A
+/// subscriber of any topic also takes the publishers' heartbeats.
 fn apply(socket: &zmq::Socket, applied: &mut Registration, wanted: &Registration) {
+    let heartbeats = |r: &Registration| !r.topics.is_empty() && !r.topics.contains("");
+    if heartbeats(wanted) && !heartbeats(applied) {
+        let _ = socket.set_subscribe(HEARTBEAT_TOPIC.as_bytes());
+    } else if !heartbeats(wanted) && heartbeats(applied) {
+        let _ = socket.set_unsubscribe(HEARTBEAT_TOPIC.as_bytes());
+    }
     for t in wanted.topics.difference(&applied.topics) {
         if let Err(e) = socket.set_subscribe(t.as_bytes()) {
             tracing::warn!(topic = %t, error = %e, "ZeroMQ subscribe failed.");
@@ -358,6 +445,20 @@ impl Subscriber for ZmqSubscriber {
                         continue;
                     };
                     let topic = String::from_utf8_lossy(topic);
+                    if topic == HEARTBEAT_TOPIC {
+                        let Ok((heartbeat, envelope)) = codec.decode(payload) else {
+                            continue;
+                        };
+                        if let Some(reason) =
+                            tracker.heartbeat(&heartbeat, &envelope, |t| wanted.wants(t))
+                        {
+                            tracing::warn!(%reason, "Delivering a sync: updates may have been missed.");
+                            if sink.blocking_send(DbUpdate::sync(reason)).is_err() {
+                                return Ok(());
+                            }
+                        }
+                        continue;
+                    }
                     if !wanted.wants(&topic) {
                         continue;
                     }

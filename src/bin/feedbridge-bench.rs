@@ -603,6 +603,7 @@ fn subscriber_backend(db: &Db, backend: Backend, zmq_port: u16) -> BackendConfig
             codec: Codec::Msgpack,
             send_hwm: 10_000,
             linger: Duration::ZERO,
+            rejoin_wait: Duration::ZERO,
         }),
         (Backend::Redis, Db::Redis(r)) => BackendConfig::Redis(RedisBackendConfig {
             url: r.url(),

@@ -199,9 +199,19 @@ pub struct EtcdSource {
     /// The revision `index` reflects.
     indexed_revision: i64,
     stats: Arc<Stats>,
+    /// Prefixes of the bridge's own keys (checkpoint, pub/sub, election):
+    /// a response holding only those is no reason for a new checkpoint,
+    /// else saving one would wake the source to save another.
+    own_prefixes: Vec<Vec<u8>>,
 }
 
 impl EtcdSource {
+    /// Tells the source which keys are the bridge's own.
+    pub fn with_own_prefixes(mut self, prefixes: Vec<String>) -> Self {
+        self.own_prefixes = prefixes.into_iter().map(String::into_bytes).collect();
+        self
+    }
+
     /// A source that starts fresh, or resumes after `checkpoint`.
     pub fn new(config: EtcdSourceConfig, checkpoint: Option<i64>, stats: Arc<Stats>) -> Self {
         EtcdSource {
@@ -211,6 +221,7 @@ impl EtcdSource {
             index_complete: true,
             indexed_revision: 0,
             stats,
+            own_prefixes: Vec::new(),
         }
     }
 
@@ -561,6 +572,10 @@ impl EtcdSource {
                 continue;
             }
             let mut last = next - 1;
+            let only_own_keys = events.iter().all(|e| {
+                e.kv()
+                    .is_some_and(|kv| self.own_prefixes.iter().any(|p| kv.key().starts_with(p)))
+            });
             for event in events {
                 let Some(kv) = event.kv() else { continue };
                 let revision = kv.mod_revision();
@@ -605,6 +620,9 @@ impl EtcdSource {
                 continue;
             }
             next = last + 1;
+            if only_own_keys {
+                continue;
+            }
             if tx.send(SourceEvent::Checkpoint(last)).await.is_err() {
                 return Ok(WatchEnd::Stopped);
             }
