@@ -266,7 +266,16 @@ async fn run_once(
         },
         (None, Some(p), _) => checkpoint::load(p)?,
         (None, None, Some(store)) => {
-            let r = store.load().await?;
+            let endpoints = match &config.source {
+                Some(SourceConfig::Etcd(c)) => crate::config::redact_endpoints(&c.endpoints),
+                _ => String::new(),
+            };
+            let r = store.load().await.map_err(|e| SourceError {
+                source_name: "etcd",
+                message: format!(
+                    "{e} (endpoints {endpoints}; is etcd running? check source.endpoints and source.auth)"
+                ),
+            })?;
             tracing::info!(key = store.key(), revision = ?r, "Checkpoint kept in etcd.");
             r
         }

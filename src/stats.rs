@@ -72,6 +72,9 @@ pub struct Stats {
     pub publish_errors: Counter,
     /// `sync` notices published (the source lost track, e.g. compaction).
     pub syncs_published: Counter,
+    /// Redis FLUSHDB / FLUSHALL / SWAPDB detected (each answered by a full
+    /// reconciliation).
+    pub flushes_detected: Counter,
     skipped: Family<ReasonLabels, Counter>,
     reconnects: Family<ConnectionLabels, Counter>,
     /// The source database's latest revision seen (etcd).
@@ -111,6 +114,7 @@ impl Default for Stats {
             published_by: Family::default(),
             publish_errors: Counter::default(),
             syncs_published: Counter::default(),
+            flushes_detected: Counter::default(),
             skipped: Family::default(),
             reconnects,
             source_revision: Gauge::default(),
@@ -144,6 +148,11 @@ impl Default for Stats {
             "syncs_published",
             "Sync notices published",
             s.syncs_published.clone(),
+        );
+        registry.register(
+            "flushes_detected",
+            "Redis FLUSHDB / FLUSHALL / SWAPDB detected and reconciled",
+            s.flushes_detected.clone(),
         );
         registry.register(
             "reconnects",

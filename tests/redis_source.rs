@@ -357,3 +357,82 @@ async fn undecodable_values_are_signalled_never_altered() {
     }
     bridge.stop().await;
 }
+
+/// Rows (table lport) a subscriber holds after `updates`.
+fn lport_rows(updates: &[DbUpdate]) -> std::collections::BTreeSet<String> {
+    view(updates)
+        .into_keys()
+        .filter(|(t, _)| t == "lport")
+        .map(|(_, k)| k)
+        .collect()
+}
+
+/// Receives until the subscriber's rows (all of `seen` and what arrives)
+/// are exactly `rows`; keeps what arrived in `seen`.
+async fn expect_rows(
+    rx: &mut mpsc::Receiver<DbUpdate>,
+    seen: &mut Vec<DbUpdate>,
+    what: &str,
+    rows: &[&str],
+    timeout: Duration,
+) {
+    let want: std::collections::BTreeSet<String> = rows.iter().map(|s| s.to_string()).collect();
+    let start = std::time::Instant::now();
+    let more = collect_until(rx, what, timeout, |g| {
+        let mut all = seen.clone();
+        all.extend_from_slice(g);
+        lport_rows(&all) == want
+    })
+    .await;
+    seen.extend(more);
+    eprintln!("{what}: after {:?}", start.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushdb_flushall_and_swapdb_are_answered_with_deletes() {
+    let redis = RedisServer::start().await;
+    let port = free_port();
+    let bridge = Bridge::start(&redis_to_zmq(&redis, port));
+    let mut rx = zmq_updates(port).await;
+    await_redis_flow(&mut rx, &redis).await;
+    let mut c = redis.connection().await;
+    let mut seen: Vec<DbUpdate> = Vec::new();
+    // Redis promises no per-key notification for these: the bridge must
+    // notice within its bound (about 1 s; 5 s promised).
+    const BOUND: Duration = Duration::from_secs(5);
+    async fn set_keys(c: &mut redis::aio::MultiplexedConnection, names: &[&str]) {
+        for k in names {
+            cmd(c, &["SET", &format!("{{lport.t1}}{k}"), "v"]).await;
+        }
+    }
+    set_keys(&mut c, &["a1", "a2", "a3", "a4", "a5", "a6", "a7"]).await;
+    expect_rows(
+        &mut rx,
+        &mut seen,
+        "seven rows",
+        &["a1", "a2", "a3", "a4", "a5", "a6", "a7"],
+        WAIT,
+    )
+    .await;
+    cmd(&mut c, &["FLUSHDB"]).await;
+    expect_rows(&mut rx, &mut seen, "deletes after FLUSHDB", &[], BOUND).await;
+
+    set_keys(&mut c, &["b1", "b2", "b3"]).await;
+    expect_rows(&mut rx, &mut seen, "three rows", &["b1", "b2", "b3"], WAIT).await;
+    cmd(&mut c, &["FLUSHALL"]).await;
+    expect_rows(&mut rx, &mut seen, "deletes after FLUSHALL", &[], BOUND).await;
+
+    set_keys(&mut c, &["c1", "c2"]).await;
+    expect_rows(&mut rx, &mut seen, "two rows", &["c1", "c2"], WAIT).await;
+    // Database 1 holds other rows; SWAPDB brings them into database 0.
+    let mut one = redis::Client::open(format!("{}1", redis.url().trim_end_matches('0')))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    set_keys(&mut one, &["d1"]).await;
+    cmd(&mut c, &["SWAPDB", "0", "1"]).await;
+    expect_rows(&mut rx, &mut seen, "the swapped-in rows", &["d1"], BOUND).await;
+    assert_eq!(bridge.stats.flushes_detected.get(), 3);
+    bridge.stop().await;
+}

@@ -50,6 +50,19 @@ pub const NEEDED_FLAGS: &str = "Kg$hxen";
 /// Keys read per pipelined round trip.
 const BATCH: usize = 512;
 
+/// FLUSHDB, FLUSHALL and SWAPDB emit no per-key notification. The source
+/// keeps a sentinel key of its own in the database and checks it this
+/// often (one GET + SET round trip); when it is gone or not its own, the
+/// database was flushed or swapped, and a full reconciliation emits the
+/// deletes (and creates) that followed.
+const SENTINEL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The sentinel outlives a dead bridge by this long at most.
+const SENTINEL_TTL_SECONDS: u64 = 30;
+
+/// Prefix of the sentinel keys (one per running source).
+pub const SENTINEL_PREFIX: &str = "__feedbridge_sentinel__:";
+
 /// Reads a key's type and value in one call, for keys a plain GET cannot
 /// read (hashes, other types), so a key that changes type in between
 /// cannot confuse us.
@@ -208,6 +221,9 @@ fn add_key(
 ) {
     if let Ok(channel) = m.get_channel::<Vec<u8>>() {
         if let Some(key) = channel.strip_prefix(channel_prefix) {
+            if key.starts_with(SENTINEL_PREFIX.as_bytes()) {
+                return;
+            }
             if unique.insert(key.to_vec()) {
                 keys.push(key.to_vec());
             }
@@ -242,6 +258,11 @@ pub struct RedisSource {
     stats: Arc<Stats>,
     /// Taking over from another leader (HA): what it published is unknown.
     takeover: bool,
+    /// This source's sentinel key and its value (see [`SENTINEL_INTERVAL`]).
+    sentinel: (String, String),
+    /// The sentinel cannot be written (read-only user): flushes are
+    /// detected by the key count instead.
+    sentinel_refused: bool,
 }
 
 impl RedisSource {
@@ -253,7 +274,50 @@ impl RedisSource {
             unsupported_logged: HashSet::new(),
             stats,
             takeover: false,
+            sentinel: {
+                let token = format!(
+                    "{}-{}-{}",
+                    crate::discovery::hostname(),
+                    std::process::id(),
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos())
+                        .unwrap_or_default()
+                );
+                (format!("{SENTINEL_PREFIX}{token}"), token)
+            },
+            sentinel_refused: false,
         }
+    }
+
+    /// Refreshes the sentinel; `true` when it had vanished or been replaced
+    /// since the last check: the database was flushed or swapped. Without
+    /// write permission, a key count below the keys known to exist says
+    /// the same (weaker: a refill before the check hides it).
+    async fn flushed(&mut self, conn: &mut MultiplexedConnection) -> redis::RedisResult<bool> {
+        let (key, token) = &self.sentinel;
+        if !self.sentinel_refused {
+            let result: redis::RedisResult<(Option<String>, ())> = redis::pipe()
+                .cmd("GET")
+                .arg(key)
+                .cmd("SET")
+                .arg(key)
+                .arg(token)
+                .arg("EX")
+                .arg(SENTINEL_TTL_SECONDS)
+                .query_async(conn)
+                .await;
+            match result {
+                Ok((found, ())) => return Ok(found.as_deref() != Some(token.as_str())),
+                Err(e) if e.is_io_error() || e.is_connection_dropped() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot write the sentinel key that reveals FLUSHDB / FLUSHALL / SWAPDB; falling back to the key count, which a quick refill can hide. Allow SET on keys {SENTINEL_PREFIX}* for this user.");
+                    self.sentinel_refused = true;
+                }
+            }
+        }
+        let size: usize = redis::cmd("DBSIZE").query_async(conn).await?;
+        Ok(size < self.index.len())
     }
 
     /// Marks a start that takes over from another (HA) leader: Redis keeps
@@ -460,12 +524,24 @@ impl RedisSource {
                 let reason = "a new leader took over; Redis keeps no history of what changed meanwhile";
                 emit(tx, shutdown, SourceEvent::Sync(reason.into())).await?;
             }
+            self.flushed(&mut conn).await?; // places the sentinel
             self.reconcile(&mut conn, &prefix, tx, shutdown, emit_diff).await?;
+            let mut check = tokio::time::interval(SENTINEL_INTERVAL);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            check.tick().await;
             loop {
                 let msg = tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => return Err(Ended::Stopped),
                     m = messages.next() => m.ok_or_else(|| Ended::Lost("notification connection closed".into()))?,
+                    _ = check.tick() => {
+                        if self.flushed(&mut conn).await? {
+                            tracing::warn!(db = Self::db(client), "The database was flushed or swapped (FLUSHDB / FLUSHALL / SWAPDB send no per-key notification); reconciling every key.");
+                            self.stats.flushes_detected.inc();
+                            self.reconcile(&mut conn, &prefix, tx, shutdown, true).await?;
+                        }
+                        continue;
+                    }
                 };
                 let mut keys = Vec::new();
                 let mut unique = HashSet::new();
