@@ -289,9 +289,10 @@ async fn run_once(
     if let Some(multiproc) = &config.multiproc {
         let listener = MultiprocListener::bind(multiproc).map_err(BridgeError::Multiproc)?;
         let (tx, stop, stats) = (tx.clone(), stop.clone(), stats.clone());
+        let max_value_bytes = config.bridge.max_value_bytes;
         producers.push(spawn_producer(&stop.clone(), async move {
             listener
-                .run(tx, stop, stats)
+                .run(tx, stop, stats, max_value_bytes)
                 .await
                 .map_err(BridgeError::Multiproc)
         }));

@@ -13,12 +13,54 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::zmq::{bind, CONTEXT};
 use crate::codec::Codec;
 use crate::config::MultiprocConfig;
-use crate::mapper::Skip;
+use crate::mapper::{Mapped, Skip};
 use crate::source::SourceEvent;
 use crate::stats::Stats;
+use crate::update::{Action, DbUpdate};
 
 /// How often the receive loop looks at the stop request while idle.
 const POLL_INTERVAL_MS: i64 = 50;
+
+/// Checks one multiproc message as a source change is checked: exactly
+/// `[topic, payload]`, a UTF-8 topic, a decodable payload with a known
+/// action, a value within `max_value_bytes` (else a `sync` of that row, as
+/// [`Mapped::Resync`]). Anything else is [`Mapped::Skip`] of a bad message.
+fn validate(frames: &[Vec<u8>], codec: Codec, max_value_bytes: usize) -> Result<DbUpdate, Mapped> {
+    let bad = Mapped::Skip(Skip::BadMessage);
+    let [topic, payload] = frames else {
+        return Err(bad);
+    };
+    let topic = std::str::from_utf8(topic).map_err(|_| Mapped::Skip(Skip::BadMessage))?;
+    let (mut update, _) = codec
+        .decode(payload)
+        .map_err(|_| Mapped::Skip(Skip::BadMessage))?;
+    if matches!(update.action, Action::Other(_)) {
+        return Err(bad);
+    }
+    if !topic.is_empty() {
+        update.topic = topic.to_owned();
+    }
+    if update
+        .value
+        .as_ref()
+        .is_some_and(|v| v.len() > max_value_bytes)
+    {
+        if update.action == Action::Delete {
+            update.value = None; // a delete is always delivered
+            return Ok(update);
+        }
+        let reason = format!(
+            "the value of {}/{} is not carried ({}): re-read the row",
+            update.table,
+            update.key,
+            Skip::Oversize.as_str()
+        );
+        let sync = DbUpdate::new(update.table, update.key, Action::Sync, Some(reason))
+            .with_topic(update.topic);
+        return Err(Mapped::Resync(sync, Skip::Oversize));
+    }
+    Ok(update)
+}
 
 /// The bound PULL socket.
 pub struct MultiprocListener {
@@ -54,12 +96,15 @@ impl MultiprocListener {
 
     /// Receives until `stop`, handing each update to the pipeline with the
     /// topic of its topic frame. At stop it still reads what already
-    /// arrived. Malformed messages are logged, counted, and skipped.
+    /// arrived. Malformed messages are logged, counted, and skipped; a
+    /// value over `max_value_bytes` becomes a `sync` of its row, as from a
+    /// source.
     pub async fn run(
         self,
         tx: mpsc::Sender<SourceEvent>,
         stop: CancellationToken,
         stats: Arc<Stats>,
+        max_value_bytes: usize,
     ) -> Result<(), String> {
         let MultiprocListener {
             socket,
@@ -79,23 +124,22 @@ impl MultiprocListener {
                     continue;
                 }
                 while let Ok(frames) = socket.recv_multipart(zmq::DONTWAIT) {
-                    let update = match frames.as_slice() {
-                        [topic, payload] => codec.decode(payload).ok().map(|(mut u, _)| {
-                            if !topic.is_empty() {
-                                u.topic = String::from_utf8_lossy(topic).into_owned();
-                            }
-                            u
-                        }),
-                        _ => None,
+                    let event = match validate(&frames, codec, max_value_bytes) {
+                        Ok(update) => SourceEvent::Update(update),
+                        Err(Mapped::Resync(sync, skip)) => {
+                            stats.uncarried(skip, sync.key.as_bytes());
+                            stats.syncs_published.inc();
+                            SourceEvent::Update(sync)
+                        }
+                        Err(_) => {
+                            stats.skip(
+                                Skip::BadMessage,
+                                frames.first().map(Vec::as_slice).unwrap_or_default(),
+                            );
+                            continue;
+                        }
                     };
-                    let Some(update) = update else {
-                        stats.skip(
-                            Skip::BadMessage,
-                            frames.first().map(Vec::as_slice).unwrap_or_default(),
-                        );
-                        continue;
-                    };
-                    if tx.blocking_send(SourceEvent::Update(update)).is_err() {
+                    if tx.blocking_send(event).is_err() {
                         return;
                     }
                 }
@@ -105,5 +149,49 @@ impl MultiprocListener {
         tokio::task::spawn_blocking(receive)
             .await
             .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multiproc_messages_are_checked_like_source_changes() {
+        let codec = Codec::Msgpack;
+        let payload = |u: &DbUpdate| codec.encode(u, &Default::default());
+        let ok = DbUpdate::new("lport", "p1", Action::Set, Some("v".into()));
+        let frames = |t: &[u8], u: &DbUpdate| vec![t.to_vec(), payload(u)];
+        assert_eq!(validate(&frames(b"t", &ok), codec, 10).unwrap().topic, "t");
+        let explode = DbUpdate::new("lport", "p1", Action::from("explode"), None);
+        for bad in [
+            frames(b"t\xff", &ok),
+            frames(b"t", &explode),
+            vec![b"t".to_vec()],
+            vec![b"t".to_vec(), b"junk".to_vec()],
+        ] {
+            assert_eq!(
+                validate(&bad, codec, 10),
+                Err(Mapped::Skip(Skip::BadMessage))
+            );
+        }
+        let big = DbUpdate::new("lport", "p1", Action::Set, Some("x".repeat(11)));
+        let Err(Mapped::Resync(sync, Skip::Oversize)) = validate(&frames(b"t", &big), codec, 10)
+        else {
+            panic!("an oversize value becomes a sync of its row");
+        };
+        assert_eq!(
+            (
+                sync.action,
+                sync.table.as_str(),
+                sync.key.as_str(),
+                sync.topic.as_str()
+            ),
+            (Action::Sync, "lport", "p1", "t")
+        );
+        let mut gone = big.clone();
+        gone.action = Action::Delete;
+        let delete = validate(&frames(b"t", &gone), codec, 10).unwrap();
+        assert_eq!((delete.action, delete.value), (Action::Delete, None));
     }
 }

@@ -227,6 +227,12 @@ impl Stats {
     /// flood the log.
     pub fn skip(&self, kind: Skip, key: &[u8]) {
         self.changes_read.inc();
+        self.uncarried(kind, key);
+    }
+
+    /// Counts (and logs, the first time) a value not carried for `kind`,
+    /// when the change itself is counted as read elsewhere.
+    pub fn uncarried(&self, kind: Skip, key: &[u8]) {
         let n = self
             .skipped
             .get_or_create(&ReasonLabels {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::*;
 use feedbridge::backend::zmq::{ZmqPublisher, ZmqSubscriber};
 use feedbridge::codec::Codec;
+use feedbridge::mapper::Skip;
 use feedbridge::pubsub::{Publisher, Subscriber};
 use feedbridge::{Action, DbUpdate};
 use tokio::sync::mpsc;
@@ -510,5 +511,63 @@ async fn a_service_tails_etcd_and_forwards_local_publishers_at_once() {
     .await;
     assert!(got.iter().all(|u| u.table == "lport"), "{got:?}");
     pusher.close().await.unwrap();
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multiproc_input_is_validated_like_source_changes() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("publisher.sock");
+    let config = format!(
+        "[multiproc]\nsocket = \"{}\"\n[backend]\ntype = \"redis\"\nurl = \"{}\"\n[bridge]\nmax_value_bytes = 1000\n",
+        socket.display(),
+        redis.url()
+    );
+    let service = Bridge::start(&config);
+    let mut rx = redis_updates(&redis.url());
+    // A raw PUSH socket, to send what a well-behaved publisher never would.
+    let context = zmq::Context::new();
+    let push = context.socket(zmq::PUSH).unwrap();
+    push.connect(&format!("ipc://{}", socket.display()))
+        .unwrap();
+    let send = |topic: &[u8], u: &DbUpdate| {
+        let payload = Codec::Msgpack.encode(u, &Default::default());
+        push.send_multipart([topic, &payload[..]], 0).unwrap();
+    };
+    for i in 0.. {
+        send(
+            b"D",
+            &DbUpdate::new("probe", i.to_string(), Action::Log, None),
+        );
+        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            break;
+        }
+        assert!(i < 100, "nothing forwarded");
+    }
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {}
+    let big = DbUpdate::new("lport", "big", Action::Set, Some("x".repeat(50 << 20)));
+    send(b"t1", &big);
+    send(
+        b"t1",
+        &DbUpdate::new("lport", "x", Action::from("explode"), None),
+    );
+    send(b"t\xff", &update("bad-topic"));
+    send(b"t1", &update("last"));
+    let got = collect_until(&mut rx, "the last update", WAIT, |g| {
+        g.iter().any(|u| u.key == "last")
+    })
+    .await;
+    let rows: Vec<_> = got
+        .iter()
+        .map(|u| (u.key.as_str(), u.action.clone(), u.topic.as_str()))
+        .collect();
+    assert_eq!(
+        rows,
+        [("big", Action::Sync, "t1"), ("last", Action::Set, "t1")],
+        "the oversize value is signalled, the bad messages are dropped"
+    );
+    assert_eq!(service.stats.skipped(Skip::BadMessage), 2);
+    assert_eq!(service.stats.skipped(Skip::Oversize), 1);
     service.stop().await;
 }
