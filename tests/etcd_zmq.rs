@@ -239,6 +239,36 @@ async fn dragonflow_python_subscriber_decodes_the_wire() {
     assert_eq!(seen[0]["topic"], "tenant1");
     assert_eq!(seen[0]["value_type"], "str");
     assert_eq!(seen[1]["action"], "delete");
+
+    // Heartbeats go out all the while; Dragonflow's subscriber must never
+    // see one (its topic matches no subscription prefix of D / tenants).
+    let context = zmq::Context::new();
+    let beats = context.socket(zmq::SUB).unwrap();
+    beats.connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
+    beats
+        .set_subscribe(feedbridge::backend::HEARTBEAT_TOPIC.as_bytes())
+        .unwrap();
+    beats.set_rcvtimeo(5000).unwrap();
+    for _ in 0..2 {
+        let frames = beats.recv_multipart(0).expect("a heartbeat");
+        assert_eq!(frames[0], feedbridge::backend::HEARTBEAT_TOPIC.as_bytes());
+    }
+    kv.put("/lport/marker", "{}", None).await.unwrap();
+    loop {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("the python subscriber is still running");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert!(
+            v["topic"] == "D" || v["topic"] == "tenant1",
+            "unexpected message at the Dragonflow subscriber: {line}"
+        );
+        if v["key"] == "marker" {
+            break;
+        }
+    }
     bridge.stop().await;
 }
 
