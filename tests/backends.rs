@@ -184,3 +184,122 @@ async fn snapshot_emits_existing_rows_then_watches_without_gap() {
     );
     bridge.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_heartbeats_reveal_a_lost_tail() {
+    use feedbridge::pubsub::Publisher;
+    let redis = RedisServer::start().await;
+    let config = RedisBackendConfig {
+        url: redis.url(),
+        codec: Codec::Msgpack,
+        connect_timeout: Duration::from_secs(5),
+        auth: Default::default(),
+    };
+    let sequencer = std::sync::Arc::new(feedbridge::backend::Sequencer::new("redis-tail"));
+    let publisher = feedbridge::backend::redis::RedisPublisher::connect(&config, sequencer.clone())
+        .await
+        .unwrap();
+    let sub = PubSub::new(BackendConfig::Redis(config)).get_subscriber();
+    sub.register_topic("tenant1");
+    let (mut rx, _task) = sub.clone().updates(64);
+    let row = |k: &str| DbUpdate::new("lport", k, Action::Set, None).with_topic("tenant1");
+    // Redis delivers only once the SUBSCRIBE is in: publish until one arrives.
+    for i in 0.. {
+        publisher.send_event(&row("probe"), None).await.unwrap();
+        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            break;
+        }
+        assert!(i < 100, "the subscriber never received anything");
+    }
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {}
+    publisher.send_event(&row("k1"), None).await.unwrap();
+    let got = collect_until(&mut rx, "k1", WAIT, |g| !g.is_empty()).await;
+    assert_eq!(got[0].key, "k1");
+    sequencer.stamp("tenant1"); // lost on the way; nothing follows
+    let start = std::time::Instant::now();
+    let sync = collect_until(&mut rx, "a sync from a heartbeat", WAIT, |g| !g.is_empty()).await;
+    eprintln!("the lost tail was reported after {:?}", start.elapsed());
+    assert_eq!(sync[0].action, Action::Sync, "{sync:?}");
+    assert!(sync[0].value.as_deref().unwrap().contains("missed 1"));
+    sub.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_on_a_shared_redis_ignores_its_keyspace_notifications() {
+    use std::io::BufRead;
+    let redis = RedisServer::start().await;
+    let mut c = redis.connection().await;
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("KEA")
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let stderr = dir.path().join("tail.err");
+    let mut tail = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_feedbridge"))
+            .args(["tail", "--backend", "redis", "--redis-url", &redis.url()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let out = tail.stdout.take().unwrap();
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    await_pattern_subscriber(&redis).await;
+    for i in 0..500 {
+        redis::cmd("SET")
+            .arg(format!("k{i}"))
+            .arg("v")
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+    }
+    // Something that is not an update at all, on an ordinary channel.
+    redis::cmd("PUBLISH")
+        .arg("chatter")
+        .arg("not msgpack")
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    let publisher = PubSub::new(BackendConfig::Redis(RedisBackendConfig {
+        url: redis.url(),
+        codec: Codec::Msgpack,
+        connect_timeout: Duration::from_secs(5),
+        auth: Default::default(),
+    }))
+    .get_publisher()
+    .await
+    .unwrap();
+    publisher
+        .send_event(
+            &DbUpdate::new("lport", "real", Action::Set, Some("v".into())),
+            None,
+        )
+        .await
+        .unwrap();
+    let line = tokio::time::timeout(WAIT, lines.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        line.contains("\"real\""),
+        "only the update is printed: {line}"
+    );
+    drop(tail);
+    let log = std::fs::read_to_string(&stderr).unwrap();
+    let warnings = log.lines().filter(|l| l.contains("WARN")).count();
+    assert!(
+        warnings <= 2,
+        "{warnings} warnings for 500 notifications:\n{log}"
+    );
+}

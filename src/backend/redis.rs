@@ -13,7 +13,7 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
-use super::{GapTracker, Registration, Registry, Sequencer};
+use super::{GapTracker, Registration, Registry, Sequencer, HEARTBEAT_INTERVAL, HEARTBEAT_TOPIC};
 use crate::codec::Codec;
 use crate::config::{AuthConfig, RedisBackendConfig};
 use crate::pubsub::{PublishError, Publisher, SubscribeError, Subscriber};
@@ -94,7 +94,43 @@ pub struct RedisPublisher {
     codec: Codec,
     sequencer: Arc<Sequencer>,
     timeout: Duration,
-    connection: Mutex<Option<MultiplexedConnection>>,
+    connection: Arc<Mutex<Option<MultiplexedConnection>>>,
+    /// Stops the heartbeat task when the publisher goes away.
+    _heartbeat: tokio_util::sync::DropGuard,
+}
+
+/// PUBLISHes a heartbeat on [`HEARTBEAT_TOPIC`] every
+/// [`HEARTBEAT_INTERVAL`] (under the connection lock, so it follows the
+/// numbers it announces), until `stop`. Not while the connection is down:
+/// the next publish reconnects.
+fn spawn_heartbeat(
+    connection: Arc<Mutex<Option<MultiplexedConnection>>>,
+    sequencer: Arc<Sequencer>,
+    codec: Codec,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let Some((update, envelope)) = sequencer.heartbeat() else {
+                continue;
+            };
+            let mut guard = connection.lock().await;
+            if let Some(conn) = guard.as_mut() {
+                let mut publish = redis::cmd("PUBLISH");
+                publish
+                    .arg(HEARTBEAT_TOPIC)
+                    .arg(codec.encode(&update, &envelope));
+                let sent = publish.query_async::<()>(conn);
+                let _ = tokio::time::timeout(HEARTBEAT_INTERVAL, sent).await;
+            }
+        }
+    });
 }
 
 impl RedisPublisher {
@@ -112,12 +148,21 @@ impl RedisPublisher {
             .await
             .map_err(|e| setup(format!("cannot connect: {e}")))?;
         tracing::info!(url = %redacted(&config.url), codec = %config.codec, "Redis publisher connected.");
+        let connection = Arc::new(Mutex::new(Some(conn)));
+        let stop = CancellationToken::new();
+        spawn_heartbeat(
+            connection.clone(),
+            sequencer.clone(),
+            config.codec,
+            stop.clone(),
+        );
         Ok(RedisPublisher {
             client,
             codec: config.codec,
             sequencer,
             timeout: config.connect_timeout,
-            connection: Mutex::new(Some(conn)),
+            connection,
+            _heartbeat: stop.drop_guard(),
         })
     }
 }
@@ -232,11 +277,16 @@ impl RedisSubscriber {
         // With the empty topic (all) registered, one PSUBSCRIBE * covers
         // everything: also subscribing to single channels would deliver
         // their messages twice.
+        // Heartbeats come with any topic (and with PSUBSCRIBE * anyway).
         let channels = |r: &Registration| -> BTreeSet<String> {
             if r.topics.contains("") {
                 BTreeSet::from([String::new()])
+            } else if r.topics.is_empty() {
+                BTreeSet::new()
             } else {
-                r.topics.clone()
+                let mut channels = r.topics.clone();
+                channels.insert(HEARTBEAT_TOPIC.to_owned());
+                channels
             }
         };
         let mut applied: BTreeSet<String> = BTreeSet::new();
@@ -268,6 +318,7 @@ impl RedisSubscriber {
             };
         }
         apply!();
+        let mut undecodable = 0u64;
         reconnect.up();
         tracing::info!(url = %self.url, topics = ?wanted.topics, "Redis subscriber subscribed.");
         if !first
@@ -291,7 +342,22 @@ impl RedisSubscriber {
                 msg = messages.next() => {
                     let Some(msg) = msg else { return Ended::Lost("connection closed".into()) };
                     let channel = msg.get_channel_name();
-                    if !wanted.wants(channel) {
+                    if channel == HEARTBEAT_TOPIC {
+                        let Ok((heartbeat, envelope)) = self.codec.decode(msg.get_payload_bytes()) else {
+                            continue;
+                        };
+                        if let Some(reason) = tracker.heartbeat(&heartbeat, &envelope, |t| wanted.wants(t)) {
+                            tracing::warn!(%reason, "Delivering a sync: updates may have been missed.");
+                            if sink.send(DbUpdate::sync(reason)).await.is_err() {
+                                return Ended::Stopped;
+                            }
+                        }
+                        continue;
+                    }
+                    // Redis' own keyspace / keyevent channels (seen with
+                    // PSUBSCRIBE * on a Redis that also serves data) are no
+                    // publisher's messages.
+                    if !wanted.wants(channel) || channel.starts_with("__keyspace@") || channel.starts_with("__keyevent@") {
                         continue;
                     }
                     match self.codec.decode(msg.get_payload_bytes()) {
@@ -305,7 +371,14 @@ impl RedisSubscriber {
                                 return Ended::Stopped;
                             }
                         }
-                        Err(e) => tracing::warn!(%channel, error = %e, "Dropped an undecodable message."),
+                        Err(e) => {
+                            undecodable += 1;
+                            // Once per power of two: a shared Redis full of
+                            // foreign channels must not flood the log.
+                            if undecodable.is_power_of_two() {
+                                tracing::warn!(%channel, error = %e, undecodable, "Dropped an undecodable message (logged at 1, 2, 4, 8... of them).");
+                            }
+                        }
                     }
                 }
             }
