@@ -69,6 +69,15 @@ pub enum BridgeError {
     /// The publisher table could not be written.
     #[error("publisher discovery: {0}")]
     Discovery(String),
+    /// Stopped at the shutdown deadline with updates the backend did not
+    /// take (it was down).
+    #[error("stopped after bridge.shutdown_timeout with {unpublished} updates unpublished (the backend did not take them); {replay}")]
+    Unpublished {
+        /// Updates read but not published.
+        unpublished: usize,
+        /// What becomes of them.
+        replay: &'static str,
+    },
 }
 
 type Producer = JoinHandle<Result<(), BridgeError>>;
@@ -324,7 +333,16 @@ async fn run_once(
                 Ok(r) => r,
                 Err(e) => {
                     stop.cancel();
-                    return Err(BridgeError::Discovery(e));
+                    let target = match &d.url {
+                        Some(url) => format!("discovery.url {}", crate::config::redact_url(url)),
+                        None => format!(
+                            "discovery.endpoints {}",
+                            crate::config::redact_endpoints(&d.endpoints)
+                        ),
+                    };
+                    return Err(BridgeError::Discovery(format!(
+                        "cannot register in the publisher table: {e} (check {target})"
+                    )));
                 }
             };
             Some(tokio::spawn(registration.run(stop.clone())))
@@ -365,7 +383,7 @@ async fn run_once(
         },
         give_up: give_up.clone(),
     };
-    let drained = pipeline.drain(rx).await;
+    let unpublished = pipeline.drain(rx).await.err();
     stop.cancel();
     let mut result = Ok(());
     for producer in producers {
@@ -379,10 +397,26 @@ async fn run_once(
     if let Some(r) = registration {
         let _ = r.await;
     }
-    if drained {
-        pipeline.save_checkpoint(true).await?;
-    } else {
-        tracing::warn!("Shutdown timeout reached with updates unpublished; they will be replayed from the last checkpoint.");
+    let deposed = lead.as_ref().is_some_and(|l| !l.is_valid());
+    match unpublished {
+        None => pipeline.save_checkpoint(true).await?,
+        Some(n) if result.is_ok() && !deposed && shutdown.is_cancelled() => {
+            result = Err(BridgeError::Unpublished {
+                unpublished: n,
+                replay: match &config.source {
+                    Some(SourceConfig::Etcd(_)) => {
+                        "they are replayed from the last checkpoint at the next start"
+                    }
+                    Some(SourceConfig::Redis(_)) => {
+                        "Redis keeps no history: the next start reconciles every key and subscribers get a sync"
+                    }
+                    None => "the multiproc publishers' updates are lost; subscribers see the gap",
+                },
+            });
+        }
+        Some(n) => {
+            tracing::warn!(unpublished = n, "Stopped publishing with updates unpublished; they are replayed from the last checkpoint.");
+        }
     }
     let _ = publisher.close().await;
     give_up.cancel();
@@ -406,14 +440,30 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    /// Publishes every event until the source ends; `false` when it had to
-    /// give up at the shutdown deadline.
-    async fn drain(&mut self, mut rx: mpsc::Receiver<SourceEvent>) -> bool {
+    /// Publishes every event until the source ends; when it had to give up
+    /// (the shutdown deadline, or leadership lost), how many updates were
+    /// left unpublished.
+    async fn drain(&mut self, mut rx: mpsc::Receiver<SourceEvent>) -> Result<(), usize> {
+        let mut batch: Vec<DbUpdate> = Vec::with_capacity(MAX_BATCH);
+        if self.drain_into(&mut rx, &mut batch).await {
+            return Ok(());
+        }
+        let queued = std::iter::from_fn(|| rx.try_recv().ok())
+            .filter(|e| matches!(e, SourceEvent::Change(_) | SourceEvent::Update(_)))
+            .count();
+        Err(batch.len() + queued)
+    }
+
+    /// The loop of [`Pipeline::drain`]; `false` when it gave up.
+    async fn drain_into(
+        &mut self,
+        rx: &mut mpsc::Receiver<SourceEvent>,
+        batch: &mut Vec<DbUpdate>,
+    ) -> bool {
         // Saves a pending checkpoint when the stream goes quiet, so the
         // replay after a crash stays bounded by the interval.
         let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut batch: Vec<DbUpdate> = Vec::with_capacity(MAX_BATCH);
         loop {
             let event = tokio::select! {
                 biased;
@@ -455,7 +505,7 @@ impl Pipeline {
                         batch.push(DbUpdate::sync(reason));
                     }
                     SourceEvent::Checkpoint(revision) => {
-                        if !self.publish(&mut batch).await {
+                        if !self.publish(batch).await {
                             return false;
                         }
                         self.published_revision = Some(revision);
@@ -471,7 +521,7 @@ impl Pipeline {
             self.stats
                 .queue_depth
                 .set((rx.max_capacity() - rx.capacity()) as i64);
-            if !self.publish(&mut batch).await {
+            if !self.publish(batch).await {
                 return false;
             }
         }

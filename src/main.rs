@@ -258,6 +258,14 @@ async fn run(config: Config) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Err(e @ feedbridge::bridge::BridgeError::Unpublished { .. }) => {
+            tracing::error!(
+                read = stats.changes_read.get(),
+                published = stats.updates_published.get(),
+                "{e}"
+            );
+            ExitCode::from(EXIT_UNPUBLISHED)
+        }
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("error: {e}");
@@ -265,6 +273,10 @@ async fn run(config: Config) -> ExitCode {
         }
     }
 }
+
+/// `run`'s exit code when it stopped with updates unpublished (the backend
+/// was down through the whole shutdown timeout): 0 would claim a clean stop.
+const EXIT_UNPUBLISHED: u8 = 3;
 
 #[derive(serde::Serialize)]
 struct Line<'a> {

@@ -240,7 +240,9 @@ impl Stats {
             })
             .inc();
         let key = String::from_utf8_lossy(key);
-        if n == 0 {
+        // The bridge's own keys (checkpoint, pub/sub, publisher table) are
+        // expected: counted, never a warning.
+        if n == 0 && kind != Skip::OwnKey {
             tracing::warn!(reason = kind.as_str(), %key, "Skipped a change; later skips of this kind are logged at debug level.");
         } else {
             tracing::debug!(reason = kind.as_str(), %key, "Skipped a change.");

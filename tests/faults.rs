@@ -675,3 +675,44 @@ async fn fault12_kill_9_twice_with_the_shipped_config_a_zmq_subscriber_that_stay
         }
     }
 }
+
+// ---- Honest exits and logs (issue 11, item 8) ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault13_sigterm_while_the_backend_is_down_exits_3_and_says_what_is_left() {
+    let mut s = setup().await;
+    let cfg =
+        config_text(&s.etcd, &s.redis, &s.checkpoint) + "[bridge]\nshutdown_timeout = \"1s\"\n";
+    std::fs::write(&s.cfg, cfg).unwrap();
+    let log = s.dir.path().join("bridge.log");
+    let mut bridge = spawn_bridge(&s.cfg, &log);
+    let _received = subscribe(&s.redis, &s.etcd).await;
+    s.redis.stop();
+    let mut kv = s.etcd.client().await;
+    for i in 0..5 {
+        kv.put(format!("/lport/down{i}"), "v", None).await.unwrap();
+    }
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually("several failed retries", WAIT, || {
+        let retries = read_log().matches("Retry failed").count();
+        async move { (retries >= 4).then_some(()) }
+    })
+    .await;
+    let pid = bridge.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = wait_exit(&mut bridge, Duration::from_secs(15));
+    let text = read_log();
+    assert_eq!(status.code(), Some(3), "{text}");
+    assert!(text.contains("5 updates unpublished"), "{text}");
+    assert!(text.contains("replayed from the last checkpoint"), "{text}");
+    assert!(!text.contains("Stopped cleanly"), "{text}");
+    let lost = text
+        .lines()
+        .filter(|l| l.contains("Connection lost") && l.contains("publisher"))
+        .count();
+    assert_eq!(lost, 1, "one warning per outage:\n{text}");
+}

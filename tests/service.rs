@@ -618,3 +618,17 @@ async fn a_gap_at_the_end_of_a_burst_is_reported_by_heartbeats() {
     assert_eq!(sub.gaps(), 1);
     sub.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discovery_failure_names_the_field_and_the_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = free_port();
+    let config = service_config(&dir.path().join("p.sock"), free_port())
+        + &format!("[discovery]\nurl = \"redis://:hunter2@127.0.0.1:{dead}/0\"\n");
+    let err = Bridge::start(&config).failure().await;
+    assert!(
+        err.contains("discovery.url") && err.contains(&format!("127.0.0.1:{dead}")),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "the secret leaked: {err}");
+}

@@ -72,6 +72,23 @@ pub(crate) fn install_tls_provider() {
     });
 }
 
+/// A connection error with what to check: the credentials when Redis
+/// refused them, the address when nothing answered.
+pub fn explain(e: &redis::RedisError) -> String {
+    let text = e.to_string();
+    if e.kind() == redis::ErrorKind::AuthenticationFailed
+        || ["WRONGPASS", "NOAUTH", "NOPERM"]
+            .iter()
+            .any(|code| text.contains(code))
+    {
+        format!("{text}: Redis refused the credentials; check the user and password (in the URL, or auth.user with auth.password_env / auth.password_file)")
+    } else if e.is_io_error() || e.is_connection_refusal() {
+        format!("{text}; is Redis running at this address?")
+    } else {
+        text
+    }
+}
+
 /// Opens a multiplexed connection within `timeout`.
 pub async fn connect(
     client: &redis::Client,
@@ -79,7 +96,7 @@ pub async fn connect(
 ) -> Result<MultiplexedConnection, String> {
     match tokio::time::timeout(timeout, client.get_multiplexed_async_connection()).await {
         Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Err(e)) => Err(explain(&e)),
         Err(_) => Err(format!(
             "no answer within {}",
             humantime::format_duration(timeout)

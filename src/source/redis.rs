@@ -345,7 +345,7 @@ impl RedisSource {
             crate::backend::redis::client(&self.config.url, &self.config.auth).map_err(fail)?;
         let mut conn = connect(&client, self.config.connect_timeout)
             .await
-            .map_err(|e| fail(format!("cannot connect: {e}; is redis running?")))?;
+            .map_err(|e| fail(format!("cannot connect: {e}")))?;
         self.ensure_notifications(&client, &mut conn)
             .await
             .map_err(|message| SourceError {
@@ -517,7 +517,6 @@ impl RedisSource {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.psubscribe(format!("{channel_prefix}{prefix}*")).await?;
             let mut messages = pubsub.into_on_message();
-            reconnect.up();
             // Subscribed first, so nothing that changes during the scan is missed.
             let emit_diff = !first || self.config.snapshot || self.takeover;
             if first && self.takeover {
@@ -526,6 +525,10 @@ impl RedisSource {
             }
             self.flushed(&mut conn).await?; // places the sentinel
             self.reconcile(&mut conn, &prefix, tx, shutdown, emit_diff).await?;
+            // Up only once reconciled: a Redis that accepts connections
+            // but fails the SCAN (still loading its data after a restart)
+            // is one outage, logged once, not one per attempt.
+            reconnect.up();
             let mut check = tokio::time::interval(SENTINEL_INTERVAL);
             check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             check.tick().await;
