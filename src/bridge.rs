@@ -155,8 +155,8 @@ pub async fn run(
             Ok(None) => return Ok(()),
             Err(e) if first => {
                 return Err(BridgeError::Ha(format!(
-                    "{e} (check ha.endpoints {:?} / ha.url)",
-                    ha.endpoints
+                    "{e} (check ha.endpoints {} / ha.url)",
+                    crate::config::redact_endpoints(&ha.endpoints)
                 )))
             }
             Err(e) => {

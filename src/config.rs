@@ -851,9 +851,40 @@ fn check_etcd_endpoints(endpoints: &[String]) -> Result<(), String> {
         return Err("needs at least one endpoint, e.g. \"http://127.0.0.1:2379\"".into());
     }
     for e in endpoints {
-        if e.trim().is_empty() || e.contains(char::is_whitespace) {
-            return Err(format!("{e:?} is not an endpoint"));
-        }
+        check_etcd_endpoint(e)?;
+    }
+    Ok(())
+}
+
+/// An etcd endpoint is `http(s)://HOST:PORT` (or `HOST:PORT`) and nothing
+/// more: what would fail later as a DNS error is refused here.
+fn check_etcd_endpoint(endpoint: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        format!(
+            "{:?} is not an etcd endpoint ({why}); expected http://HOST:PORT or https://HOST:PORT",
+            redact_url(endpoint)
+        )
+    };
+    if endpoint.trim().is_empty() || endpoint.contains(char::is_whitespace) {
+        return Err(bad("empty or has spaces"));
+    }
+    let full = if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else {
+        format!("http://{endpoint}")
+    };
+    let url = url::Url::parse(&full).map_err(|e| bad(&e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(bad("the scheme must be http or https"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
+    }
+    if url.port().is_none() {
+        return Err(bad("no port"));
+    }
+    if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+        return Err(bad("a path, query or fragment is not allowed"));
     }
     Ok(())
 }
@@ -861,7 +892,44 @@ fn check_etcd_endpoints(endpoints: &[String]) -> Result<(), String> {
 fn check_redis_url(url: &str) -> Result<(), String> {
     redis::parse_redis_url(url)
         .map(|_| ())
-        .ok_or_else(|| format!("{url:?} is not a redis://HOST:PORT/DB URL"))
+        .ok_or_else(|| format!("{:?} is not a redis://HOST:PORT/DB URL", redact_url(url)))
+}
+
+/// Whether `host` is a wildcard address: every interface of the machine.
+fn binds_everything(host: &str) -> bool {
+    matches!(
+        host.trim_start_matches('[').trim_end_matches(']'),
+        "0.0.0.0" | "*" | "::" | ""
+    )
+}
+
+impl Config {
+    /// What is valid but risky: listeners without authentication bound to
+    /// every address. `check` prints these; `run` logs them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let BackendConfig::Zmq(z) = &self.backend {
+            if let Some(addr) = z.bind.strip_prefix("tcp://") {
+                let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+                if binds_everything(host) {
+                    out.push(format!(
+                        "backend.bind {:?} listens on every address without authentication: anyone who can reach it reads every update; bind a specific address or firewall it",
+                        z.bind
+                    ));
+                }
+            }
+        }
+        if let Some(listen) = &self.admin.listen {
+            if let Ok(addr) = listen.parse::<std::net::SocketAddr>() {
+                if addr.ip().is_unspecified() {
+                    out.push(format!(
+                        "admin.listen {listen:?} serves metrics on every address without authentication; bind a specific address or firewall it"
+                    ));
+                }
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]

@@ -154,8 +154,14 @@ impl PublisherTable {
                 };
                 match tokio::time::timeout(timeout, probe).await {
                     Ok(Ok(c)) => Ok(PublisherTable::Etcd(Box::new(c))),
-                    Ok(Err(e)) => Err(format!("etcd {endpoints:?}: {e}")),
-                    Err(_) => Err(format!("etcd {endpoints:?}: connect timed out")),
+                    Ok(Err(e)) => Err(format!(
+                        "etcd {}: {e}",
+                        crate::config::redact_endpoints(endpoints)
+                    )),
+                    Err(_) => Err(format!(
+                        "etcd {}: connect timed out",
+                        crate::config::redact_endpoints(endpoints)
+                    )),
                 }
             }
             Target::Redis(url, auth) => {

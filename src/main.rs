@@ -106,6 +106,9 @@ fn main() -> ExitCode {
         },
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
+                for warning in c.warnings() {
+                    eprintln!("warning: {warning}");
+                }
                 println!("{}: OK ({})", config.display(), describe(&c));
                 ExitCode::SUCCESS
             }
@@ -193,7 +196,11 @@ fn runtime() -> tokio::runtime::Runtime {
 
 fn describe(c: &Config) -> String {
     let mut source = match &c.source {
-        Some(SourceConfig::Etcd(s)) => format!("etcd {:?} prefix {:?}", s.endpoints, s.prefix),
+        Some(SourceConfig::Etcd(s)) => format!(
+            "etcd {} prefix {:?}",
+            feedbridge::config::redact_endpoints(&s.endpoints),
+            s.prefix
+        ),
         Some(SourceConfig::Redis(s)) => {
             format!("redis {}", feedbridge::backend::redis::redacted(&s.url))
         }
@@ -212,13 +219,18 @@ fn describe(c: &Config) -> String {
             feedbridge::backend::redis::redacted(&b.url),
             b.codec
         ),
-        BackendConfig::Etcd(b) => format!("etcd {:?} {} ({})", b.endpoints, b.prefix, b.codec),
+        BackendConfig::Etcd(b) => format!(
+            "etcd {} {} ({})",
+            feedbridge::config::redact_endpoints(&b.endpoints),
+            b.prefix,
+            b.codec
+        ),
     };
     match &c.discovery {
         Some(d) => {
             let table = match &d.url {
                 Some(url) => feedbridge::backend::redis::redacted(url),
-                None => format!("{:?}", d.endpoints),
+                None => feedbridge::config::redact_endpoints(&d.endpoints),
             };
             format!("{source} -> {backend}, registered in the publisher table of {table}")
         }
@@ -246,6 +258,9 @@ async fn run(config: Config) -> ExitCode {
         env!("CARGO_PKG_VERSION"),
         describe(&config)
     );
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     let stats = Arc::new(Stats::default());

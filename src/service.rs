@@ -25,17 +25,19 @@ const POLL_INTERVAL_MS: i64 = 50;
 /// `[topic, payload]`, a UTF-8 topic, a decodable payload with a known
 /// action, a value within `max_value_bytes` (else a `sync` of that row, as
 /// [`Mapped::Resync`]). Anything else is [`Mapped::Skip`] of a bad message.
-fn validate(frames: &[Vec<u8>], codec: Codec, max_value_bytes: usize) -> Result<DbUpdate, Mapped> {
+fn validate(frames: &[Vec<u8>], codec: Codec, max_value_bytes: usize) -> Mapped {
     let bad = Mapped::Skip(Skip::BadMessage);
     let [topic, payload] = frames else {
-        return Err(bad);
+        return bad;
     };
-    let topic = std::str::from_utf8(topic).map_err(|_| Mapped::Skip(Skip::BadMessage))?;
-    let (mut update, _) = codec
-        .decode(payload)
-        .map_err(|_| Mapped::Skip(Skip::BadMessage))?;
+    let Ok(topic) = std::str::from_utf8(topic) else {
+        return bad;
+    };
+    let Ok((mut update, _)) = codec.decode(payload) else {
+        return bad;
+    };
     if matches!(update.action, Action::Other(_)) {
-        return Err(bad);
+        return bad;
     }
     if !topic.is_empty() {
         update.topic = topic.to_owned();
@@ -47,7 +49,7 @@ fn validate(frames: &[Vec<u8>], codec: Codec, max_value_bytes: usize) -> Result<
     {
         if update.action == Action::Delete {
             update.value = None; // a delete is always delivered
-            return Ok(update);
+            return Mapped::Update(update);
         }
         let reason = format!(
             "the value of {}/{} is not carried ({}): re-read the row",
@@ -57,9 +59,9 @@ fn validate(frames: &[Vec<u8>], codec: Codec, max_value_bytes: usize) -> Result<
         );
         let sync = DbUpdate::new(update.table, update.key, Action::Sync, Some(reason))
             .with_topic(update.topic);
-        return Err(Mapped::Resync(sync, Skip::Oversize));
+        return Mapped::Resync(sync, Skip::Oversize);
     }
-    Ok(update)
+    Mapped::Update(update)
 }
 
 /// The bound PULL socket.
@@ -125,13 +127,13 @@ impl MultiprocListener {
                 }
                 while let Ok(frames) = socket.recv_multipart(zmq::DONTWAIT) {
                     let event = match validate(&frames, codec, max_value_bytes) {
-                        Ok(update) => SourceEvent::Update(update),
-                        Err(Mapped::Resync(sync, skip)) => {
+                        Mapped::Update(update) => SourceEvent::Update(update),
+                        Mapped::Resync(sync, skip) => {
                             stats.uncarried(skip, sync.key.as_bytes());
                             stats.syncs_published.inc();
                             SourceEvent::Update(sync)
                         }
-                        Err(_) => {
+                        Mapped::Skip(_) => {
                             stats.skip(
                                 Skip::BadMessage,
                                 frames.first().map(Vec::as_slice).unwrap_or_default(),
@@ -162,7 +164,10 @@ mod tests {
         let payload = |u: &DbUpdate| codec.encode(u, &Default::default());
         let ok = DbUpdate::new("lport", "p1", Action::Set, Some("v".into()));
         let frames = |t: &[u8], u: &DbUpdate| vec![t.to_vec(), payload(u)];
-        assert_eq!(validate(&frames(b"t", &ok), codec, 10).unwrap().topic, "t");
+        let Mapped::Update(forwarded) = validate(&frames(b"t", &ok), codec, 10) else {
+            panic!("a good message is forwarded");
+        };
+        assert_eq!(forwarded.topic, "t");
         let explode = DbUpdate::new("lport", "p1", Action::from("explode"), None);
         for bad in [
             frames(b"t\xff", &ok),
@@ -170,14 +175,10 @@ mod tests {
             vec![b"t".to_vec()],
             vec![b"t".to_vec(), b"junk".to_vec()],
         ] {
-            assert_eq!(
-                validate(&bad, codec, 10),
-                Err(Mapped::Skip(Skip::BadMessage))
-            );
+            assert_eq!(validate(&bad, codec, 10), Mapped::Skip(Skip::BadMessage));
         }
         let big = DbUpdate::new("lport", "p1", Action::Set, Some("x".repeat(11)));
-        let Err(Mapped::Resync(sync, Skip::Oversize)) = validate(&frames(b"t", &big), codec, 10)
-        else {
+        let Mapped::Resync(sync, Skip::Oversize) = validate(&frames(b"t", &big), codec, 10) else {
             panic!("an oversize value becomes a sync of its row");
         };
         assert_eq!(
@@ -191,7 +192,9 @@ mod tests {
         );
         let mut gone = big.clone();
         gone.action = Action::Delete;
-        let delete = validate(&frames(b"t", &gone), codec, 10).unwrap();
+        let Mapped::Update(delete) = validate(&frames(b"t", &gone), codec, 10) else {
+            panic!("a delete is always forwarded");
+        };
         assert_eq!((delete.action, delete.value), (Action::Delete, None));
     }
 }

@@ -132,3 +132,67 @@ async fn run_and_tail_binaries_end_to_end_then_sigterm_exits_0() {
         assert_eq!(status.code(), Some(0));
     }
 }
+
+/// Runs `feedbridge check` on `text`: exit code, stdout and stderr.
+fn check(text: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), text)
+}
+
+#[test]
+fn check_never_prints_a_secret_and_refuses_malformed_endpoints() {
+    // A malformed Redis URL with a password, and an etcd endpoint with one.
+    let (code, out) = check(
+        "[source]\ntype = \"redis\"\nurl = \"redis//:secretpw@127.0.0.1:6379/0\"\n[backend]\ntype = \"zmq\"\n",
+    );
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("source.url") && !out.contains("secretpw"),
+        "{out}"
+    );
+    let (code, out) = check(
+        "[source]\ntype = \"etcd\"\nendpoints = [\"http://root:secretpw@127.0.0.1:2379\"]\n[backend]\ntype = \"zmq\"\n",
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("secretpw"), "{out}");
+    for endpoint in [
+        "htp:/127.0.0.1::99999",
+        "http://127.0.0.1:99999",
+        "ftp://127.0.0.1:2379",
+        "http://127.0.0.1",
+        "http://127.0.0.1:2379/v3",
+    ] {
+        let (code, out) = check(&format!(
+            "[source]\ntype = \"etcd\"\nendpoints = [\"{endpoint}\"]\n[backend]\ntype = \"zmq\"\n"
+        ));
+        assert_eq!(code, Some(2), "{endpoint} accepted: {out}");
+        assert!(out.contains("source.endpoints"), "{out}");
+    }
+    let (code, out) = check(
+        "[source]\ntype = \"etcd\"\nendpoints = [\"127.0.0.1:2379\", \"https://etcd-1:2379\"]\n[backend]\ntype = \"zmq\"\n",
+    );
+    assert_eq!(code, Some(0), "{out}");
+}
+
+#[test]
+fn check_warns_about_unauthenticated_listeners_on_every_address() {
+    let (code, out) = check(
+        "[source]\ntype = \"etcd\"\n[backend]\ntype = \"zmq\"\nbind = \"tcp://0.0.0.0:8866\"\n[admin]\nlisten = \"0.0.0.0:9095\"\n",
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("warning: backend.bind"), "{out}");
+    assert!(out.contains("warning: admin.listen"), "{out}");
+    let (_, out) = check(
+        "[source]\ntype = \"etcd\"\n[backend]\ntype = \"zmq\"\nbind = \"tcp://127.0.0.1:8866\"\n",
+    );
+    assert!(!out.contains("warning"), "{out}");
+}

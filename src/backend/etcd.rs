@@ -39,7 +39,10 @@ impl EtcdPublisher {
     ) -> Result<Self, PublishError> {
         let setup = |message: String| PublishError::Setup {
             backend: "etcd",
-            message: format!("{message} (check backend.endpoints {:?})", config.endpoints),
+            message: format!(
+                "{message} (check backend.endpoints {})",
+                crate::config::redact_endpoints(&config.endpoints)
+            ),
         };
         let probe = async {
             let mut client =
@@ -51,7 +54,7 @@ impl EtcdPublisher {
             .await
             .map_err(|_| setup("connect timed out".into()))?
             .map_err(|e| setup(format!("cannot connect: {e}")))?;
-        tracing::info!(endpoints = ?config.endpoints, prefix = %config.prefix, codec = %config.codec, "etcd publisher connected.");
+        tracing::info!(endpoints = %crate::config::redact_endpoints(&config.endpoints), prefix = %config.prefix, codec = %config.codec, "etcd publisher connected.");
         Ok(EtcdPublisher {
             client,
             prefix: config.prefix.clone(),

@@ -232,11 +232,11 @@ impl EtcdSource {
         tx: mpsc::Sender<SourceEvent>,
         shutdown: CancellationToken,
     ) -> Result<(), SourceError> {
-        let endpoints = self.config.endpoints.clone();
+        let endpoints = crate::config::redact_endpoints(&self.config.endpoints);
         let fail = |message: String| SourceError {
             source_name: "etcd",
             message: format!(
-                "{message} (endpoints {endpoints:?}; is etcd running? check source.endpoints)"
+                "{message} (endpoints {endpoints}; is etcd running? check source.endpoints)"
             ),
         };
         let mut client = tokio::time::timeout(
