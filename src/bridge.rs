@@ -213,7 +213,10 @@ async fn run_once(
             None => service_id(config),
         });
     let lead = lead.map(|(l, _)| l);
-    let pubsub = PubSub::new(config.backend.clone()).with_publisher_id(id);
+    let mut pubsub = PubSub::new(config.backend.clone()).with_publisher_id(id);
+    if let Some(lead) = lead.clone() {
+        pubsub = pubsub.with_heartbeat_gate(move || lead.is_valid());
+    }
     let publisher_id = pubsub.publisher_id();
     let publisher = pubsub.get_publisher().await?;
     let backend_name = match &config.backend {
@@ -279,14 +282,26 @@ async fn run_once(
                 Some(SourceConfig::Etcd(c)) => crate::config::redact_endpoints(&c.endpoints),
                 _ => String::new(),
             };
-            let r = store.load().await.map_err(|e| SourceError {
-                source_name: "etcd",
-                message: format!(
-                    "{e} (endpoints {endpoints}; is etcd running? check source.endpoints and source.auth)"
-                ),
-            })?;
-            tracing::info!(key = store.key(), revision = ?r, "Checkpoint kept in etcd.");
-            r
+            match store.load().await {
+                Ok(r) => {
+                    tracing::info!(key = store.key(), revision = ?r, "Checkpoint kept in etcd.");
+                    r
+                }
+                Err(e) if e.to_string().contains("permission denied") => {
+                    tracing::warn!(error = %e, "This etcd user may not keep the checkpoint in etcd: a restart starts from the current revision and loses what changed meanwhile. Set source.checkpoint_file, or grant the user read-write on /feedbridge/checkpoint/.");
+                    checkpoint_etcd = None;
+                    None
+                }
+                Err(e) => {
+                    return Err(SourceError {
+                        source_name: "etcd",
+                        message: format!(
+                            "{e} (endpoints {endpoints}; is etcd running? check source.endpoints and source.auth)"
+                        ),
+                    }
+                    .into())
+                }
+            }
         }
         (None, None, None) => None,
     };
@@ -371,6 +386,7 @@ async fn run_once(
         mapper,
         checkpoint_file,
         checkpoint_etcd,
+        checkpoint_failing: false,
         published_revision: None,
         saved_revision: resume,
         last_save: Instant::now(),
@@ -432,6 +448,8 @@ struct Pipeline {
     stats: Arc<Stats>,
     checkpoint_file: Option<std::path::PathBuf>,
     checkpoint_etcd: Option<checkpoint::EtcdStore>,
+    /// The last attempt to save the checkpoint failed (logged once).
+    checkpoint_failing: bool,
     published_revision: Option<i64>,
     saved_revision: Option<i64>,
     last_save: Instant,
@@ -470,9 +488,7 @@ impl Pipeline {
                 _ = self.give_up.cancelled() => return false,
                 e = rx.recv() => e,
                 _ = tick.tick() => {
-                    if let Err(e) = self.save_checkpoint(false).await {
-                        tracing::error!(error = %e, "Cannot save the checkpoint; will retry.");
-                    }
+                    self.try_checkpoint().await;
                     continue;
                 }
             };
@@ -509,9 +525,7 @@ impl Pipeline {
                             return false;
                         }
                         self.published_revision = Some(revision);
-                        if let Err(e) = self.save_checkpoint(false).await {
-                            tracing::error!(error = %e, "Cannot save the checkpoint; will retry.");
-                        }
+                        self.try_checkpoint().await;
                     }
                 }
                 if batch.len() < MAX_BATCH {
@@ -555,6 +569,23 @@ impl Pipeline {
                     }
                 }
             }
+        }
+    }
+
+    /// Saves the checkpoint when due; a failure is retried at the next
+    /// tick and logged once until it succeeds again.
+    async fn try_checkpoint(&mut self) {
+        match self.save_checkpoint(false).await {
+            Ok(()) => {
+                if std::mem::take(&mut self.checkpoint_failing) {
+                    tracing::info!("The checkpoint is saved again.");
+                }
+            }
+            Err(e) if !self.checkpoint_failing => {
+                self.checkpoint_failing = true;
+                tracing::error!(error = %e, "Cannot save the checkpoint; retrying every second (a restart meanwhile replays from the last saved one).");
+            }
+            Err(e) => tracing::debug!(error = %e, "Cannot save the checkpoint."),
         }
     }
 

@@ -135,10 +135,20 @@ pub trait Subscriber: Send + Sync + 'static {
 
 /// The manager: one backend config gives a publisher and subscribers
 /// (Dragonflow's `PubSubApi.get_publisher / get_subscriber`).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PubSub {
     config: BackendConfig,
     publisher_id: String,
+    heartbeat_gate: Option<backend::Gate>,
+}
+
+impl std::fmt::Debug for PubSub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PubSub")
+            .field("config", &self.config)
+            .field("publisher_id", &self.publisher_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PubSub {
@@ -153,12 +163,21 @@ impl PubSub {
         PubSub {
             config,
             publisher_id: crate::discovery::publisher_id(&name),
+            heartbeat_gate: None,
         }
     }
 
     /// Sets the id publishers stamp on their messages.
     pub fn with_publisher_id(mut self, id: impl Into<String>) -> Self {
         self.publisher_id = id.into();
+        self
+    }
+
+    /// Heartbeats go out only while `gate` says so (checked right before
+    /// each one): an HA leader's publisher falls silent the moment its
+    /// leadership is in doubt, heartbeats included.
+    pub fn with_heartbeat_gate(mut self, gate: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        self.heartbeat_gate = Some(Arc::new(gate));
         self
     }
 
@@ -169,7 +188,11 @@ impl PubSub {
 
     /// Connects a publisher; fails fast when the backend cannot be set up.
     pub async fn get_publisher(&self) -> Result<Arc<dyn Publisher>, PublishError> {
-        let sequencer = Arc::new(backend::Sequencer::new(self.publisher_id()));
+        let mut sequencer = backend::Sequencer::new(self.publisher_id());
+        if let Some(gate) = &self.heartbeat_gate {
+            sequencer = sequencer.with_heartbeat_gate(gate.clone());
+        }
+        let sequencer = Arc::new(sequencer);
         Ok(match &self.config {
             BackendConfig::Zmq(c) => Arc::new(backend::zmq::ZmqPublisher::bind(c, sequencer)?),
             BackendConfig::Redis(c) => {

@@ -73,11 +73,24 @@ impl Registry {
 /// Stamps outgoing messages with the publisher's id, the epoch of this run
 /// and a sequence number per topic. Per topic, because a subscriber only
 /// sees the topics it registered: a single counter would look like gaps.
-#[derive(Debug)]
 pub struct Sequencer {
     id: String,
     epoch: u64,
     next: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    heartbeat_gate: Option<Gate>,
+}
+
+/// A condition checked before each heartbeat (see
+/// [`PubSub::with_heartbeat_gate`](crate::pubsub::PubSub::with_heartbeat_gate)).
+pub type Gate = std::sync::Arc<dyn Fn() -> bool + Send + Sync>;
+
+impl std::fmt::Debug for Sequencer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sequencer")
+            .field("id", &self.id)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Sequencer {
@@ -92,7 +105,14 @@ impl Sequencer {
             id: id.into(),
             epoch,
             next: Default::default(),
+            heartbeat_gate: None,
         }
+    }
+
+    /// Heartbeats only while `gate` holds.
+    pub fn with_heartbeat_gate(mut self, gate: Gate) -> Self {
+        self.heartbeat_gate = Some(gate);
+        self
     }
 
     /// The publisher id.
@@ -129,8 +149,11 @@ impl Sequencer {
     /// The heartbeat: a `log` update on [`HEARTBEAT_TOPIC`] whose value is
     /// the JSON object `{topic: last sequence number}`, and its envelope
     /// (publisher and epoch, no sequence number of its own). `None` before
-    /// anything was published.
+    /// anything was published, and while the gate is closed.
     pub fn heartbeat(&self) -> Option<(DbUpdate, crate::codec::Envelope)> {
+        if self.heartbeat_gate.as_ref().is_some_and(|open| !open()) {
+            return None;
+        }
         let next = self.next.lock().expect("sequencer lock");
         if next.is_empty() {
             return None;
