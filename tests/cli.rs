@@ -20,19 +20,9 @@ fn check_accepts_examples_and_rejects_bad_configs_with_exit_2() {
         "publisher-service",
         "ha",
     ] {
-        let path = workspace_path(&format!("config/{example}.toml"));
-        let out = Command::new(BIN)
-            .args(["check", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{example}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (code, out) = check_file(&workspace_path(&format!("config/{example}.toml")));
+        assert_eq!(code, Some(0), "{example}: {out}");
     }
-    let dir = tempfile::tempdir().unwrap();
     let cases = [
         (
             "[source]\ntype = \"etcd\"\nprefx = \"/\"\n[backend]\ntype = \"zmq\"\n",
@@ -49,18 +39,11 @@ fn check_accepts_examples_and_rejects_bad_configs_with_exit_2() {
         ("[source]\ntype = \"etcd\"\n", "[backend]"),
     ];
     for (text, needle) in cases {
-        let path = dir.path().join("bad.toml");
-        std::fs::write(&path, text).unwrap();
-        let out = Command::new(BIN)
-            .args(["check", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        let (code, out) = check(text);
+        assert_eq!(code, Some(2), "{out}");
         assert!(
-            stderr.contains(needle) && stderr.contains("bad.toml"),
-            "{needle} not in: {stderr}"
+            out.contains(needle) && out.contains("c.toml"),
+            "{needle} not in: {out}"
         );
     }
     let out = Command::new(BIN)
@@ -133,19 +116,24 @@ async fn run_and_tail_binaries_end_to_end_then_sigterm_exits_0() {
     }
 }
 
-/// Runs `feedbridge check` on `text`: exit code, stdout and stderr.
-fn check(text: &str) -> (Option<i32>, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.toml");
-    std::fs::write(&path, text).unwrap();
+/// Runs `feedbridge check` on the file: exit code, stdout and stderr.
+fn check_file(path: &std::path::Path) -> (Option<i32>, String) {
     let out = Command::new(BIN)
         .args(["check", "--config"])
-        .arg(&path)
+        .arg(path)
         .output()
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code(), text)
+}
+
+/// The same for a config `text` (written to `c.toml`).
+fn check(text: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, text).unwrap();
+    check_file(&path)
 }
 
 #[test]

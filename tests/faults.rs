@@ -52,6 +52,16 @@ async fn compact_all(kv: &mut etcd_client::Client, value: &str) {
     kv.compact(rev, None).await.unwrap();
 }
 
+/// A bridge in this process with `extra` config, a subscriber whose flow
+/// is up, and an etcd client to write with.
+async fn running(extra: &str) -> (Setup, Bridge, Received, etcd_client::Client) {
+    let s = setup().await;
+    let bridge = Bridge::start(&(config_text(&s.etcd, &s.redis, &s.checkpoint) + extra));
+    let received = subscribe(&s.redis, &s.etcd).await;
+    let kv = s.etcd.client().await;
+    (s, bridge, received, kv)
+}
+
 fn spawn_bridge(cfg: &Path, log: &Path) -> KillOnDrop {
     KillOnDrop(
         Command::new(BIN)
@@ -244,12 +254,7 @@ async fn fault5_backend_outage_loses_nothing_the_bridge_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault6_bad_keys_and_values_are_counted_and_good_ones_all_arrive() {
-    let s = setup().await;
-    let config =
-        config_text(&s.etcd, &s.redis, &s.checkpoint) + "[bridge]\nmax_value_bytes = 100\n";
-    let bridge = Bridge::start(&config);
-    let received = subscribe(&s.redis, &s.etcd).await;
-    let mut kv = s.etcd.client().await;
+    let (_servers, bridge, received, mut kv) = running("[bridge]\nmax_value_bytes = 100\n").await;
     let mut good = Vec::new();
     for i in 0..5 {
         good.push(
@@ -417,10 +422,7 @@ fn count(got: &[DbUpdate], action: Action, key_prefix: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault8_a_delete_range_over_4_mib_with_previous_values_passes() {
-    let s = setup().await;
-    let bridge = Bridge::start(&config_text(&s.etcd, &s.redis, &s.checkpoint));
-    let received = subscribe(&s.redis, &s.etcd).await;
-    let mut kv = s.etcd.client().await;
+    let (_servers, bridge, received, mut kv) = running("").await;
     let value = "x".repeat(8192);
     for i in 0..600 {
         kv.put(format!("/lport/big{i:03}"), value.clone(), None)
@@ -509,12 +511,7 @@ async fn fault10_a_snapshot_of_large_values_is_listed_in_pages_bounded_by_bytes(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault11_deletes_are_always_delivered_and_uncarried_values_are_signalled() {
-    let s = setup().await;
-    let config =
-        config_text(&s.etcd, &s.redis, &s.checkpoint) + "[bridge]\nmax_value_bytes = 100\n";
-    let bridge = Bridge::start(&config);
-    let received = subscribe(&s.redis, &s.etcd).await;
-    let mut kv = s.etcd.client().await;
+    let (_servers, bridge, received, mut kv) = running("[bridge]\nmax_value_bytes = 100\n").await;
     kv.put("/lport/big", r#"{"topic":"t1"}"#, None)
         .await
         .unwrap();

@@ -31,6 +31,22 @@ async fn zmq_updates(port: u16) -> mpsc::Receiver<DbUpdate> {
     sub.updates(256).0
 }
 
+/// A Redis → ZeroMQ bridge on `redis`, a subscriber of every topic whose
+/// flow is up, and a connection to write with.
+async fn bridged(
+    redis: &RedisServer,
+) -> (
+    Bridge,
+    mpsc::Receiver<DbUpdate>,
+    redis::aio::MultiplexedConnection,
+) {
+    let port = free_port();
+    let bridge = Bridge::start(&redis_to_zmq(redis, port));
+    let mut rx = zmq_updates(port).await;
+    await_redis_flow(&mut rx, redis).await;
+    (bridge, rx, redis.connection().await)
+}
+
 async fn cmd(conn: &mut redis::aio::MultiplexedConnection, args: &[&str]) {
     let mut c = redis::cmd(args[0]);
     for a in &args[1..] {
@@ -50,11 +66,7 @@ fn without_probes(updates: Vec<DbUpdate>) -> Vec<(String, String, Action, Option
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_events_map_to_actions_with_values() {
     let redis = RedisServer::start().await;
-    let port = free_port();
-    let bridge = Bridge::start(&redis_to_zmq(&redis, port));
-    let mut rx = zmq_updates(port).await;
-    await_redis_flow(&mut rx, &redis).await;
-    let mut c = redis.connection().await;
+    let (bridge, mut rx, mut c) = bridged(&redis).await;
     let s = |x: &str| x.to_string();
 
     // Redis keeps no history: a value is read after its notification, so
@@ -198,11 +210,7 @@ async fn redis_events_map_to_actions_with_values() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_ends_with_the_real_state() {
     let mut redis = RedisServer::start().await;
-    let port = free_port();
-    let bridge = Bridge::start(&redis_to_zmq(&redis, port));
-    let mut rx = zmq_updates(port).await;
-    await_redis_flow(&mut rx, &redis).await;
-    let mut c = redis.connection().await;
+    let (bridge, mut rx, mut c) = bridged(&redis).await;
     for i in 0..20 {
         cmd(
             &mut c,
@@ -317,11 +325,7 @@ async fn redis_to_redis_publish_and_subscribe() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_values_are_signalled_never_altered() {
     let redis = RedisServer::start().await;
-    let port = free_port();
-    let bridge = Bridge::start(&redis_to_zmq(&redis, port));
-    let mut rx = zmq_updates(port).await;
-    await_redis_flow(&mut rx, &redis).await;
-    let mut c = redis.connection().await;
+    let (bridge, mut rx, mut c) = bridged(&redis).await;
     for (key, args) in [
         ("h", &["HSET", "{lport.t1}h", "f", "ok"][..]),
         ("s", &["SET", "{lport.t1}s", "ok"][..]),
@@ -391,11 +395,7 @@ async fn expect_rows(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flushdb_flushall_and_swapdb_are_answered_with_deletes() {
     let redis = RedisServer::start().await;
-    let port = free_port();
-    let bridge = Bridge::start(&redis_to_zmq(&redis, port));
-    let mut rx = zmq_updates(port).await;
-    await_redis_flow(&mut rx, &redis).await;
-    let mut c = redis.connection().await;
+    let (bridge, mut rx, mut c) = bridged(&redis).await;
     let mut seen: Vec<DbUpdate> = Vec::new();
     // Redis promises no per-key notification for these: the bridge must
     // notice within its bound (about 1 s; 5 s promised).
