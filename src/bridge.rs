@@ -14,13 +14,15 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::PubSub;
 use crate::checkpoint::{self, CheckpointError};
+use crate::config::advertised_uri;
 use crate::config::{BackendConfig, Config, SourceConfig};
-use crate::discovery::{advertised_uri, Registration};
+use crate::discovery::Registration;
 use crate::ha::Leadership;
 use crate::keymap::KeyLayout;
 use crate::mapper::{Mapped, Mapper};
-use crate::pubsub::{PubSub, PublishError, Publisher};
+use crate::pubsub::{PublishError, Publisher};
 use crate::retry::Reconnect;
 use crate::service::MultiprocListener;
 use crate::source::etcd::EtcdSource;
@@ -104,13 +106,13 @@ where
 fn service_id(config: &Config) -> String {
     let backend = match &config.backend {
         BackendConfig::Zmq(c) => c.bind.clone(),
-        BackendConfig::Redis(c) => crate::backend::redis::redacted(&c.url),
+        BackendConfig::Redis(c) => crate::db::redis::redacted(&c.url),
         BackendConfig::Etcd(c) => c.endpoints.join(","),
     };
     let source = match &config.source {
         Some(SourceConfig::Etcd(c)) => format!("etcd:{}{}", c.endpoints.join(","), c.prefix),
         Some(SourceConfig::Redis(c)) => {
-            format!("redis:{}", crate::backend::redis::redacted(&c.url))
+            format!("redis:{}", crate::db::redis::redacted(&c.url))
         }
         None => String::new(),
     };
@@ -255,7 +257,7 @@ async fn run_once(
     // resumes where it stopped.
     let mut checkpoint_etcd = match (&config.source, &lead, &checkpoint_file) {
         (Some(SourceConfig::Etcd(c)), None, None) => {
-            let client = crate::source::etcd::connect(&c.endpoints, c.connect_timeout, &c.auth)
+            let client = crate::db::etcd::connect(&c.endpoints, c.connect_timeout, &c.auth)
                 .await
                 .map_err(|e| {
                     SourceError {

@@ -104,7 +104,7 @@ impl EtcdStore {
     /// The store of service `id` on `client`.
     pub fn new(client: &etcd_client::Client, id: &str) -> Self {
         EtcdStore {
-            kv: client.kv_client(),
+            kv: crate::db::etcd::kv_client(client),
             key: format!("{ETCD_CHECKPOINT_PREFIX}{id}"),
             own_write: None,
         }

@@ -110,26 +110,6 @@ fn now() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The uri to register for a PUB bound at `bind`: a wildcard host needs
-/// `local_ip`; a loopback host is replaced by it when given.
-pub fn advertised_uri(bind: &str, local_ip: Option<&str>) -> Result<String, String> {
-    let Some(rest) = bind.strip_prefix("tcp://") else {
-        return Ok(bind.to_owned()); // ipc: local subscribers only
-    };
-    let (host, port) = rest
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{bind} has no port"))?;
-    let wildcard = matches!(host, "*" | "0.0.0.0" | "::" | "[::]");
-    let loopback = host == "localhost" || host.starts_with("127.") || host == "[::1]";
-    match local_ip {
-        Some(ip) if wildcard || loopback => Ok(format!("tcp://{ip}:{port}")),
-        None if wildcard => Err(format!(
-            "backend.bind {bind} listens on every address: set discovery.local_ip to the one remote subscribers should dial"
-        )),
-        _ => Ok(bind.to_owned()),
-    }
-}
-
 fn redis_layout() -> KeyLayout {
     KeyLayout::parse("{{table}.{topic}}{key}").expect("valid layout")
 }
@@ -148,7 +128,7 @@ impl PublisherTable {
         match target {
             Target::Etcd(endpoints, auth) => {
                 let probe = async {
-                    let mut c = crate::source::etcd::connect(endpoints, timeout, auth).await?;
+                    let mut c = crate::db::etcd::connect(endpoints, timeout, auth).await?;
                     c.status().await?;
                     Ok::<_, etcd_client::Error>(c)
                 };
@@ -165,8 +145,8 @@ impl PublisherTable {
                 }
             }
             Target::Redis(url, auth) => {
-                let client = crate::backend::redis::client(url, auth)?;
-                let conn = crate::backend::redis::connect(&client, timeout).await?;
+                let client = crate::db::redis::client(url, auth)?;
+                let conn = crate::db::redis::connect(&client, timeout).await?;
                 Ok(PublisherTable::Redis(conn))
             }
         }
@@ -450,33 +430,4 @@ pub async fn follow_publishers(
 }
 
 #[cfg(test)]
-mod uri_tests {
-    use super::advertised_uri;
-
-    #[test]
-    fn advertised_uris() {
-        assert_eq!(
-            advertised_uri("tcp://0.0.0.0:8866", Some("10.0.0.5")).unwrap(),
-            "tcp://10.0.0.5:8866"
-        );
-        assert_eq!(
-            advertised_uri("tcp://127.0.0.1:8866", Some("10.0.0.5")).unwrap(),
-            "tcp://10.0.0.5:8866"
-        );
-        assert_eq!(
-            advertised_uri("tcp://127.0.0.1:8866", None).unwrap(),
-            "tcp://127.0.0.1:8866"
-        );
-        assert_eq!(
-            advertised_uri("tcp://10.1.1.1:1", Some("10.0.0.5")).unwrap(),
-            "tcp://10.1.1.1:1"
-        );
-        assert!(advertised_uri("tcp://*:8866", None)
-            .unwrap_err()
-            .contains("local_ip"));
-        assert_eq!(
-            advertised_uri("ipc:///tmp/x", None).unwrap(),
-            "ipc:///tmp/x"
-        );
-    }
-}
+mod uri_tests {}

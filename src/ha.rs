@@ -257,7 +257,7 @@ async fn campaign_etcd(
 ) -> Result<Elected, String> {
     let err = |e: etcd_client::Error| e.to_string();
     let mut client =
-        crate::source::etcd::connect(&config.endpoints, Duration::from_secs(5), &config.auth)
+        crate::db::etcd::connect(&config.endpoints, Duration::from_secs(5), &config.auth)
             .await
             .map_err(err)?;
     let sent = now_ms();
@@ -307,8 +307,8 @@ async fn campaign_redis(
     valid_until: &Arc<AtomicU64>,
     lost: &CancellationToken,
 ) -> Result<Elected, String> {
-    let client = crate::backend::redis::client(url, &config.auth)?;
-    let mut conn = crate::backend::redis::connect(&client, Duration::from_secs(5)).await?;
+    let client = crate::db::redis::client(url, &config.auth)?;
+    let mut conn = crate::db::redis::connect(&client, Duration::from_secs(5)).await?;
     let token = format!("{instance}:{}", std::process::id());
     let period = Duration::from_millis(ttl as u64 * 1000 / 3);
     loop {

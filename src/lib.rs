@@ -12,6 +12,7 @@
 //! - [`keymap`]: key layouts, database key ↔ table / topic / key.
 //! - [`mapper`]: the pure transform, raw change → `DbUpdate` or a counted skip.
 //! - [`config`]: typed TOML config, defaults and validation.
+//! - [`db`]: the etcd and Redis clients everything else connects through.
 //! - [`pubsub`]: the `Publisher` / `Subscriber` traits and the `PubSub` manager.
 //! - [`source`]: change sources (etcd watch, Redis keyspace notifications).
 //! - [`backend`]: publish backends (ZeroMQ, Redis, etcd), publisher and subscriber.
@@ -23,6 +24,8 @@
 //! - [`retry`]: reconnection with capped, jittered exponential backoff.
 //! - [`stats`]: Prometheus metrics of what the bridge did.
 //! - [`admin`]: the admin HTTP listener: `/metrics`, `/healthz`, `/readyz`.
+//! - [`zmq_socket`]: the libzmq context and safe binding, shared by the
+//!   ZeroMQ backend and the multiproc channel.
 //! - [`testing`]: real etcd / Redis servers for the tests and the benchmark.
 
 #![deny(unreachable_pub, rustdoc::broken_intra_doc_links)]
@@ -34,6 +37,7 @@ pub mod bridge;
 pub mod checkpoint;
 pub mod codec;
 pub mod config;
+pub mod db;
 pub mod discovery;
 pub mod ha;
 pub mod keymap;
@@ -45,5 +49,6 @@ pub mod source;
 pub mod stats;
 pub mod testing;
 pub mod update;
+pub mod zmq_socket;
 
 pub use update::{Action, DbUpdate, SEND_ALL_TOPIC};

@@ -7,12 +7,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use feedbridge::backend::PubSub;
 use feedbridge::codec::Codec;
 use feedbridge::config::{
     BackendConfig, Config, EtcdBackendConfig, RedisBackendConfig, SourceConfig, ZmqBackendConfig,
     DEFAULT_ETCD_ENDPOINT, DEFAULT_REDIS_URL, DEFAULT_ZMQ_BIND,
 };
-use feedbridge::pubsub::PubSub;
 use feedbridge::stats::Stats;
 use tokio_util::sync::CancellationToken;
 
@@ -202,7 +202,7 @@ fn describe(c: &Config) -> String {
             s.prefix
         ),
         Some(SourceConfig::Redis(s)) => {
-            format!("redis {}", feedbridge::backend::redis::redacted(&s.url))
+            format!("redis {}", feedbridge::db::redis::redacted(&s.url))
         }
         None => String::new(),
     };
@@ -216,7 +216,7 @@ fn describe(c: &Config) -> String {
         BackendConfig::Zmq(b) => format!("zmq {} ({})", b.bind, b.codec),
         BackendConfig::Redis(b) => format!(
             "redis {} ({})",
-            feedbridge::backend::redis::redacted(&b.url),
+            feedbridge::db::redis::redacted(&b.url),
             b.codec
         ),
         BackendConfig::Etcd(b) => format!(
@@ -229,7 +229,7 @@ fn describe(c: &Config) -> String {
     match &c.discovery {
         Some(d) => {
             let table = match &d.url {
-                Some(url) => feedbridge::backend::redis::redacted(url),
+                Some(url) => feedbridge::db::redis::redacted(url),
                 None => feedbridge::config::redact_endpoints(&d.endpoints),
             };
             format!("{source} -> {backend}, registered in the publisher table of {table}")

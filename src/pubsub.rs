@@ -1,6 +1,7 @@
 //! Dragonflow's pub/sub API in Rust: the [`Publisher`] and [`Subscriber`]
-//! traits every backend implements, and [`PubSub`], the manager that returns
-//! both for the backend a config selects.
+//! traits every backend implements. It imports no backend: the manager
+//! that returns both for the backend a config selects is
+//! [`PubSub`](crate::backend::PubSub).
 
 use std::sync::Arc;
 
@@ -8,8 +9,6 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::backend;
-use crate::config::BackendConfig;
 use crate::update::DbUpdate;
 
 /// A publish that did not happen.
@@ -130,96 +129,5 @@ pub trait Subscriber: Send + Sync + 'static {
     ) {
         let (tx, rx) = mpsc::channel(capacity);
         (rx, tokio::spawn(async move { self.pump(tx).await }))
-    }
-}
-
-/// The manager: one backend config gives a publisher and subscribers
-/// (Dragonflow's `PubSubApi.get_publisher / get_subscriber`).
-#[derive(Clone)]
-pub struct PubSub {
-    config: BackendConfig,
-    publisher_id: String,
-    heartbeat_gate: Option<backend::Gate>,
-}
-
-impl std::fmt::Debug for PubSub {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PubSub")
-            .field("config", &self.config)
-            .field("publisher_id", &self.publisher_id)
-            .finish_non_exhaustive()
-    }
-}
-
-impl PubSub {
-    /// A manager for one backend. Its publishers' default id is unique to
-    /// this manager (host, process and a counter), so two publishers never
-    /// share a sequence; a service that restarts sets a stable one with
-    /// [`PubSub::with_publisher_id`] so that subscribers can tell a restart.
-    pub fn new(config: BackendConfig) -> Self {
-        static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name = format!("feedbridge-client#{}#{n}", std::process::id());
-        PubSub {
-            config,
-            publisher_id: crate::discovery::publisher_id(&name),
-            heartbeat_gate: None,
-        }
-    }
-
-    /// Sets the id publishers stamp on their messages.
-    pub fn with_publisher_id(mut self, id: impl Into<String>) -> Self {
-        self.publisher_id = id.into();
-        self
-    }
-
-    /// Heartbeats go out only while `gate` says so (checked right before
-    /// each one): an HA leader's publisher falls silent the moment its
-    /// leadership is in doubt, heartbeats included.
-    pub fn with_heartbeat_gate(mut self, gate: impl Fn() -> bool + Send + Sync + 'static) -> Self {
-        self.heartbeat_gate = Some(Arc::new(gate));
-        self
-    }
-
-    /// The id publishers of this manager stamp on their messages.
-    pub fn publisher_id(&self) -> String {
-        self.publisher_id.clone()
-    }
-
-    /// Connects a publisher; fails fast when the backend cannot be set up.
-    pub async fn get_publisher(&self) -> Result<Arc<dyn Publisher>, PublishError> {
-        let mut sequencer = backend::Sequencer::new(self.publisher_id());
-        if let Some(gate) = &self.heartbeat_gate {
-            sequencer = sequencer.with_heartbeat_gate(gate.clone());
-        }
-        let sequencer = Arc::new(sequencer);
-        Ok(match &self.config {
-            BackendConfig::Zmq(c) => Arc::new(backend::zmq::ZmqPublisher::bind(c, sequencer)?),
-            BackendConfig::Redis(c) => {
-                Arc::new(backend::redis::RedisPublisher::connect(c, sequencer).await?)
-            }
-            BackendConfig::Etcd(c) => {
-                Arc::new(backend::etcd::EtcdPublisher::connect(c, sequencer).await?)
-            }
-        })
-    }
-
-    /// A subscriber of the same backend, registered on `D` (every
-    /// update sent to all). For ZeroMQ it listens to the configured bind
-    /// endpoint; more publishers are added with `register_listen_address`.
-    pub fn get_subscriber(&self) -> Arc<dyn Subscriber> {
-        let sub: Arc<dyn Subscriber> = match &self.config {
-            BackendConfig::Zmq(c) => {
-                let s = Arc::new(backend::zmq::ZmqSubscriber::new(c.codec));
-                if !c.bind.is_empty() {
-                    s.register_listen_address(&c.bind);
-                }
-                s
-            }
-            BackendConfig::Redis(c) => Arc::new(backend::redis::RedisSubscriber::new(c)),
-            BackendConfig::Etcd(c) => Arc::new(backend::etcd::EtcdSubscriber::new(c)),
-        };
-        sub.register_topic(crate::SEND_ALL_TOPIC);
-        sub
     }
 }

@@ -10,13 +10,13 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::zmq::{bind, CONTEXT};
 use crate::codec::Codec;
 use crate::config::MultiprocConfig;
 use crate::mapper::{Mapped, Skip};
 use crate::source::SourceEvent;
 use crate::stats::Stats;
 use crate::update::{Action, DbUpdate};
+use crate::zmq_socket::{bind, CONTEXT};
 
 /// How often the receive loop looks at the stop request while idle.
 const POLL_INTERVAL_MS: i64 = 50;

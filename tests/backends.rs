@@ -6,9 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use feedbridge::backend::PubSub;
 use feedbridge::codec::Codec;
 use feedbridge::config::{BackendConfig, EtcdBackendConfig, RedisBackendConfig};
-use feedbridge::pubsub::PubSub;
 use feedbridge::{Action, DbUpdate};
 
 const WAIT: Duration = Duration::from_secs(20);

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use common::*;
 use feedbridge::backend::zmq::ZmqSubscriber;
+use feedbridge::backend::PubSub;
 use feedbridge::codec::Codec;
 use feedbridge::config::{BackendConfig, RedisBackendConfig};
-use feedbridge::pubsub::{PubSub, Subscriber};
+use feedbridge::pubsub::Subscriber;
 use feedbridge::{Action, DbUpdate};
 use tokio::sync::mpsc;
 

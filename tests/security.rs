@@ -8,9 +8,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use feedbridge::backend::PubSub;
 use feedbridge::codec::Codec;
 use feedbridge::config::{AuthConfig, BackendConfig, EtcdBackendConfig, RedisBackendConfig};
-use feedbridge::pubsub::{PubSub, Subscriber};
+use feedbridge::pubsub::Subscriber;
 use feedbridge::testing::TestCerts;
 use feedbridge::{Action, DbUpdate};
 
@@ -46,10 +47,9 @@ async fn etcd_over_tls_with_client_certificates() {
     });
     let sub = PubSub::new(backend).get_subscriber();
     let (mut rx, _task) = sub.clone().updates(64);
-    let mut kv =
-        feedbridge::source::etcd::connect(&[etcd.endpoint()], Duration::from_secs(5), &tls)
-            .await
-            .unwrap();
+    let mut kv = feedbridge::db::etcd::connect(&[etcd.endpoint()], Duration::from_secs(5), &tls)
+        .await
+        .unwrap();
     await_etcd_flow(&mut rx, &kv).await;
     kv.put("/lport/secure", "v", None).await.unwrap();
     let got = collect_until(&mut rx, "the update over TLS", WAIT, |g| !g.is_empty()).await;
@@ -152,7 +152,7 @@ async fn redis_password_works_and_a_wrong_one_fails_fast() {
     .get_subscriber();
     sub.register_topic("");
     let (mut rx, _task) = sub.clone().updates(64);
-    let client = feedbridge::backend::redis::client(&redis.url(), &auth).unwrap();
+    let client = feedbridge::db::redis::client(&redis.url(), &auth).unwrap();
     let conn = client.get_multiplexed_async_connection().await.unwrap();
     await_redis_flow_on(&mut rx, conn.clone()).await;
     let mut c = conn.clone();

@@ -12,12 +12,13 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
-use super::{GapTracker, Registry, Sequencer};
+use super::registry::Registry;
+use super::sequence::{GapTracker, Sequencer};
 use crate::codec::Codec;
 use crate::config::EtcdBackendConfig;
+use crate::db::etcd::{connect, prefix_end};
 use crate::pubsub::{PublishError, Publisher, SubscribeError, Subscriber};
 use crate::retry::Reconnect;
-use crate::source::etcd::{connect, prefix_end};
 use crate::update::DbUpdate;
 
 /// `PUT` publisher.
@@ -133,7 +134,7 @@ impl EtcdSubscriber {
             if from > 0 {
                 opts = opts.with_start_revision(from);
             }
-            let mut stream = crate::source::etcd::watch_client(&client)
+            let mut stream = crate::db::etcd::watch_client(&client)
                 .watch(prefix.to_vec(), Some(opts))
                 .await?;
             let registration = self.registry.watch();

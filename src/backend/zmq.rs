@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -14,14 +14,13 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{GapTracker, Registration, Registry, Sequencer, HEARTBEAT_INTERVAL, HEARTBEAT_TOPIC};
+use super::registry::{Registration, Registry};
+use super::sequence::{GapTracker, Sequencer, HEARTBEAT_INTERVAL, HEARTBEAT_TOPIC};
 use crate::codec::Codec;
 use crate::config::ZmqBackendConfig;
 use crate::pubsub::{PublishError, SubscribeError, Subscriber};
 use crate::update::DbUpdate;
-
-/// One libzmq context (its I/O thread) for the whole process.
-pub(crate) static CONTEXT: LazyLock<zmq::Context> = LazyLock::new(zmq::Context::new);
+use crate::zmq_socket::{bind, CONTEXT};
 
 /// How often the subscriber thread looks at registration changes and stop
 /// requests while no message arrives.
@@ -260,24 +259,6 @@ fn spawn_heartbeat(queue: mpsc::WeakSender<Outgoing>) {
             let _ = queue.try_send(Outgoing::Heartbeat);
         }
     });
-}
-
-/// Binds `endpoint`. For `ipc://PATH`, a socket file left by a crashed run
-/// is removed first, but a path some live process still listens on is
-/// refused: taking it over would silently cut that process off.
-pub(crate) fn bind(socket: &zmq::Socket, endpoint: &str) -> Result<(), String> {
-    if let Some(path) = endpoint.strip_prefix("ipc://") {
-        if std::path::Path::new(path).exists() {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(format!("{endpoint} is in use by a running process"));
-            }
-            let _ = std::fs::remove_file(path);
-            tracing::info!(%path, "Removed a stale ipc socket file left by an earlier run.");
-        }
-    }
-    socket
-        .bind(endpoint)
-        .map_err(|e| format!("cannot bind {endpoint}: {e}"))
 }
 
 #[async_trait]

@@ -17,11 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, ValueEnum};
+use feedbridge::backend::PubSub;
 use feedbridge::codec::Codec;
 use feedbridge::config::{
     BackendConfig, Config, EtcdBackendConfig, RedisBackendConfig, ZmqBackendConfig,
 };
-use feedbridge::pubsub::PubSub;
 use feedbridge::testing::{free_port, EtcdServer, RedisServer};
 use futures_util::StreamExt;
 use serde::Serialize;

@@ -35,8 +35,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{emit, SourceError, SourceEvent};
-use crate::backend::redis::{connect, redacted};
 use crate::config::RedisSourceConfig;
+use crate::db::redis::{connect, redacted};
 use crate::keymap::KeyLayout;
 use crate::mapper::{Change, ChangeKind};
 use crate::retry::Reconnect;
@@ -276,8 +276,7 @@ impl RedisSource {
             takeover: false,
             sentinel: {
                 let token = format!(
-                    "{}-{}-{}",
-                    crate::discovery::hostname(),
+                    "{}-{}",
                     std::process::id(),
                     std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
@@ -341,8 +340,7 @@ impl RedisSource {
             source_name: "redis",
             message: format!("{message} (url {url}; check source.url)"),
         };
-        let client =
-            crate::backend::redis::client(&self.config.url, &self.config.auth).map_err(fail)?;
+        let client = crate::db::redis::client(&self.config.url, &self.config.auth).map_err(fail)?;
         let mut conn = connect(&client, self.config.connect_timeout)
             .await
             .map_err(|e| fail(format!("cannot connect: {e}")))?;

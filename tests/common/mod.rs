@@ -413,7 +413,7 @@ pub fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> std::pro
 /// A Redis-backend subscriber of every topic on `url`, already running.
 pub fn redis_updates(url: &str) -> mpsc::Receiver<DbUpdate> {
     use feedbridge::config::{BackendConfig, RedisBackendConfig};
-    let sub = feedbridge::pubsub::PubSub::new(BackendConfig::Redis(RedisBackendConfig {
+    let sub = feedbridge::backend::PubSub::new(BackendConfig::Redis(RedisBackendConfig {
         url: url.to_owned(),
         codec: feedbridge::codec::Codec::Msgpack,
         connect_timeout: Duration::from_secs(5),

@@ -1,0 +1,253 @@
+//! The sections around the pipeline: `[bridge]` limits, the publisher
+//! service's `[multiproc]` channel and `[discovery]`, the `[admin]`
+//! listener and `[ha]`.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::auth::AuthConfig;
+use super::common::{check_etcd_endpoints, check_redis_url, Invalid};
+use crate::codec::Codec;
+
+/// Limits of the source → publisher pipeline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeConfig {
+    /// Changes buffered between source and publisher; when full the source
+    /// stops reading (the database keeps the data) instead of growing memory.
+    #[serde(default = "default_queue_capacity")]
+    pub queue_capacity: usize,
+    /// Larger values are skipped and counted, not published.
+    #[serde(default = "default_max_value_bytes")]
+    pub max_value_bytes: usize,
+    /// How long shutdown may take to publish what is in flight.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        BridgeConfig {
+            queue_capacity: default_queue_capacity(),
+            max_value_bytes: default_max_value_bytes(),
+            shutdown_timeout: default_shutdown_timeout(),
+        }
+    }
+}
+
+/// The multiproc channel: local processes PUSH updates to this PULL socket
+/// and the service republishes them through the backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MultiprocConfig {
+    /// `ipc://PATH` (or a bare path, as Dragonflow's
+    /// `publisher_multiproc_socket`).
+    #[serde(default = "default_multiproc_socket")]
+    pub socket: String,
+    /// Payload codec of the local publishers (Dragonflow's is msgpack).
+    #[serde(default)]
+    pub codec: Codec,
+}
+
+impl MultiprocConfig {
+    /// The socket as a ZeroMQ endpoint.
+    pub fn endpoint(&self) -> String {
+        if self.socket.starts_with("ipc://") {
+            self.socket.clone()
+        } else {
+            format!("ipc://{}", self.socket)
+        }
+    }
+}
+
+/// Where and how the service registers itself as a publisher.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// etcd client URLs holding the `publisher` table (`/publisher/<id>`)...
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// ...or a Redis URL (`{publisher.}<id>` keys): exactly one of the two.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Credentials and TLS of that database (`[discovery.auth]`).
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// The address remote subscribers dial: replaces a wildcard or loopback
+    /// host of `backend.bind` in the registered uri.
+    #[serde(default)]
+    pub local_ip: Option<String>,
+    /// Fixed publisher id; by default a UUIDv5 of the host and bind
+    /// endpoint, stable across restarts.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Entries of other publishers older than this are removed
+    /// (Dragonflow's default is 300 s).
+    #[serde(default = "default_publisher_timeout", with = "humantime_serde")]
+    pub publisher_timeout: Duration,
+    /// How often the entry's `last_activity_timestamp` is refreshed and
+    /// stale entries are looked for.
+    #[serde(default = "default_refresh_interval", with = "humantime_serde")]
+    pub refresh_interval: Duration,
+}
+
+/// The admin HTTP listener.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `HOST:PORT` serving `/metrics`, `/healthz` and `/readyz`; off when
+    /// unset. Use a loopback address unless scrapers live elsewhere.
+    #[serde(default)]
+    pub listen: Option<String>,
+}
+
+/// High availability: instances with the same config elect one publisher.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    /// etcd client URLs for the election; default: the etcd source's...
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// ...or a Redis URL, for a lock in Redis itself (weaker: see the
+    /// README); default with a Redis source: the source's.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Key prefix of the election and of the shared checkpoint; the source
+    /// never publishes keys under it.
+    #[serde(default = "default_ha_prefix")]
+    pub prefix: String,
+    /// Lease time to live: a dead leader is replaced after about this long.
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// This instance's name in the election (default: host name and pid).
+    #[serde(default)]
+    pub instance: Option<String>,
+    /// Credentials and TLS for the election's etcd (default: the source's).
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+fn default_ha_prefix() -> String {
+    "/feedbridge".to_owned()
+}
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_queue_capacity() -> usize {
+    1024
+}
+fn default_max_value_bytes() -> usize {
+    1024 * 1024
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_multiproc_socket() -> String {
+    "ipc:///tmp/feedbridge-publisher.sock".to_owned()
+}
+fn default_publisher_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_refresh_interval() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl BridgeConfig {
+    /// Checks what the types cannot.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if self.queue_capacity == 0 {
+            return Err(("bridge.queue_capacity", "must be at least 1".into()));
+        }
+        if self.max_value_bytes == 0 {
+            return Err(("bridge.max_value_bytes", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+impl MultiprocConfig {
+    /// Checks what the types cannot.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if self.endpoint().len() <= "ipc://".len() {
+            return Err((
+                "multiproc.socket",
+                "needs a path, e.g. \"/var/run/feedbridge/publisher.sock\"".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl DiscoveryConfig {
+    /// Checks this section alone (its relation to the backend is checked
+    /// where the sections are assembled).
+    pub fn validate(&self) -> Result<(), Invalid> {
+        match (&self.url, self.endpoints.is_empty()) {
+            (Some(url), true) => check_redis_url(url).map_err(|r| ("discovery.url", r))?,
+            (None, false) => {
+                check_etcd_endpoints(&self.endpoints).map_err(|r| ("discovery.endpoints", r))?
+            }
+            _ => {
+                return Err((
+                    "discovery.endpoints",
+                    "set exactly one of `endpoints` (etcd) or `url` (Redis)".into(),
+                ))
+            }
+        }
+        if self.refresh_interval.is_zero() || self.refresh_interval >= self.publisher_timeout {
+            return Err((
+                "discovery.refresh_interval",
+                "must be positive and shorter than publisher_timeout, or live publishers would be removed".into(),
+            ));
+        }
+        self.auth.check().map_err(|r| ("discovery.auth", r))
+    }
+}
+
+impl AdminConfig {
+    /// Checks what the types cannot.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if let Some(listen) = &self.listen {
+            listen.parse::<std::net::SocketAddr>().map_err(|e| {
+                (
+                    "admin.listen",
+                    format!("{listen:?} is not HOST:PORT ({e}), e.g. \"127.0.0.1:9095\""),
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl HaConfig {
+    /// Checks what the types cannot.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        match (&self.url, self.endpoints.is_empty()) {
+            (Some(url), true) => check_redis_url(url).map_err(|r| ("ha.url", r))?,
+            (None, false) => {
+                check_etcd_endpoints(&self.endpoints).map_err(|r| ("ha.endpoints", r))?
+            }
+            _ => {
+                return Err((
+                    "ha.endpoints",
+                    "set exactly one of `endpoints` (etcd election) or `url` (Redis lock)".into(),
+                ))
+            }
+        }
+        if self.lease_ttl < Duration::from_secs(2) {
+            return Err((
+                "ha.lease_ttl",
+                "must be at least 2s (etcd leases count whole seconds)".into(),
+            ));
+        }
+        if !self.prefix.starts_with('/') {
+            return Err((
+                "ha.prefix",
+                format!("{:?} must start with '/'", self.prefix),
+            ));
+        }
+        self.auth.check().map_err(|r| ("ha.auth", r))
+    }
+}
