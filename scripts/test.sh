@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 cargo fmt --check
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --all-targets --all-features --locked -- -D warnings
 docker-compose -f docker-compose.yml config -q
-cargo run --locked --quiet --bin feedbridge-bench -- --smoke
+cargo run --locked --quiet --features test-util --bin feedbridge-bench -- --smoke
 cargo test --locked --no-fail-fast "$@"

@@ -26,7 +26,8 @@
 //! - [`admin`]: the admin HTTP listener: `/metrics`, `/healthz`, `/readyz`.
 //! - [`zmq_socket`]: the libzmq context and safe binding, shared by the
 //!   ZeroMQ backend and the multiproc channel.
-//! - [`testing`]: real etcd / Redis servers for the tests and the benchmark.
+//! - `testing` (feature `test-util`): real etcd / Redis servers for the
+//!   tests and the benchmark; not compiled into the release binary.
 
 #![deny(unreachable_pub, rustdoc::broken_intra_doc_links)]
 #![warn(missing_docs)]
@@ -47,6 +48,7 @@ pub mod retry;
 pub mod service;
 pub mod source;
 pub mod stats;
+#[cfg(feature = "test-util")]
 pub mod testing;
 pub mod update;
 pub mod zmq_socket;
