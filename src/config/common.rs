@@ -115,6 +115,23 @@ pub(super) fn check_redis_url(url: &str) -> Result<(), String> {
         .ok_or_else(|| format!("{:?} is not a redis://HOST:PORT/DB URL", redact_url(url)))
 }
 
+/// Exactly one of etcd `endpoints` or a Redis `url` is set, and it is
+/// well formed; `what` says what the database holds.
+pub(super) fn check_one_database(
+    endpoints: (&'static str, &[String]),
+    url: (&'static str, &Option<String>),
+    what: &str,
+) -> Result<(), Invalid> {
+    match (url.1, endpoints.1.is_empty()) {
+        (Some(u), true) => check_redis_url(u).map_err(|r| (url.0, r)),
+        (None, false) => check_etcd_endpoints(endpoints.1).map_err(|r| (endpoints.0, r)),
+        _ => Err((
+            endpoints.0,
+            format!("set exactly one of `endpoints` (etcd) or `url` (Redis) for {what}"),
+        )),
+    }
+}
+
 /// Whether `host` is a wildcard address: every interface of the machine.
 pub(super) fn binds_everything(host: &str) -> bool {
     matches!(

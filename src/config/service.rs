@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::auth::AuthConfig;
-use super::common::{check_etcd_endpoints, check_redis_url, Invalid};
+use super::common::{check_one_database, Invalid};
 use crate::codec::Codec;
 
 /// Limits of the source → publisher pipeline.
@@ -184,18 +184,11 @@ impl DiscoveryConfig {
     /// Checks this section alone (its relation to the backend is checked
     /// where the sections are assembled).
     pub fn validate(&self) -> Result<(), Invalid> {
-        match (&self.url, self.endpoints.is_empty()) {
-            (Some(url), true) => check_redis_url(url).map_err(|r| ("discovery.url", r))?,
-            (None, false) => {
-                check_etcd_endpoints(&self.endpoints).map_err(|r| ("discovery.endpoints", r))?
-            }
-            _ => {
-                return Err((
-                    "discovery.endpoints",
-                    "set exactly one of `endpoints` (etcd) or `url` (Redis)".into(),
-                ))
-            }
-        }
+        check_one_database(
+            ("discovery.endpoints", &self.endpoints),
+            ("discovery.url", &self.url),
+            "the publisher table",
+        )?;
         if self.refresh_interval.is_zero() || self.refresh_interval >= self.publisher_timeout {
             return Err((
                 "discovery.refresh_interval",
@@ -224,18 +217,11 @@ impl AdminConfig {
 impl HaConfig {
     /// Checks what the types cannot.
     pub fn validate(&self) -> Result<(), Invalid> {
-        match (&self.url, self.endpoints.is_empty()) {
-            (Some(url), true) => check_redis_url(url).map_err(|r| ("ha.url", r))?,
-            (None, false) => {
-                check_etcd_endpoints(&self.endpoints).map_err(|r| ("ha.endpoints", r))?
-            }
-            _ => {
-                return Err((
-                    "ha.endpoints",
-                    "set exactly one of `endpoints` (etcd election) or `url` (Redis lock)".into(),
-                ))
-            }
-        }
+        check_one_database(
+            ("ha.endpoints", &self.endpoints),
+            ("ha.url", &self.url),
+            "the election (etcd) or the lock (Redis)",
+        )?;
         if self.lease_ttl < Duration::from_secs(2) {
             return Err((
                 "ha.lease_ttl",
