@@ -119,7 +119,7 @@ pub enum PublisherTable {
     /// etcd (boxed: its client is large).
     Etcd(Box<etcd_client::Client>),
     /// Redis.
-    Redis(redis::aio::MultiplexedConnection),
+    Redis(crate::db::redis::Conn),
 }
 
 impl PublisherTable {

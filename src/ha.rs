@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
+use crate::db::redis::Conn;
 use etcd_client::{Client, Compare, CompareOp, LeaderKey, ResignOptions, Txn, TxnOp};
-use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HaConfig;
@@ -56,7 +56,7 @@ enum Store {
         lease: i64,
     },
     Redis {
-        conn: MultiplexedConnection,
+        conn: Conn,
         key: String,
         token: String,
     },
@@ -370,7 +370,7 @@ enum Refresh {
         lease: i64,
     },
     Redis {
-        conn: MultiplexedConnection,
+        conn: Conn,
         key: String,
         token: String,
     },

@@ -7,9 +7,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::db::redis::Conn;
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
@@ -29,7 +29,7 @@ pub struct RedisPublisher {
     codec: Codec,
     sequencer: Arc<Sequencer>,
     timeout: Duration,
-    connection: Arc<Mutex<Option<MultiplexedConnection>>>,
+    connection: Arc<Mutex<Option<Conn>>>,
     /// Stops the heartbeat task when the publisher goes away.
     _heartbeat: tokio_util::sync::DropGuard,
 }
@@ -39,7 +39,7 @@ pub struct RedisPublisher {
 /// numbers it announces), until `stop`. Not while the connection is down:
 /// the next publish reconnects.
 fn spawn_heartbeat(
-    connection: Arc<Mutex<Option<MultiplexedConnection>>>,
+    connection: Arc<Mutex<Option<Conn>>>,
     sequencer: Arc<Sequencer>,
     codec: Codec,
     stop: CancellationToken,

@@ -72,6 +72,11 @@ pub struct RedisSourceConfig {
     /// How many keys one SCAN step asks for while reconciling.
     #[serde(default = "default_scan_count")]
     pub scan_count: usize,
+    /// Redis Cluster: only keys in these hash slots (`"0-8191"`,
+    /// `"0-100,200"`), so several bridges can share a cluster whose change
+    /// rate one process cannot carry; every slot by default.
+    #[serde(default)]
+    pub slots: Option<String>,
     /// How long a connect attempt may take.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -96,6 +101,28 @@ fn default_scan_count() -> usize {
     1000
 }
 
+impl RedisSourceConfig {
+    /// The hash slots this bridge follows, as inclusive ranges.
+    pub fn slot_ranges(&self) -> Result<Vec<(u16, u16)>, String> {
+        let Some(text) = &self.slots else {
+            return Ok(vec![(0, 16383)]);
+        };
+        let bad = |part: &str| {
+            format!("{part:?} in {text:?} is not a slot or a range of slots within 0-16383, e.g. \"0-8191\"")
+        };
+        let mut ranges = Vec::new();
+        for part in text.split(',').map(str::trim) {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            let (a, b): (u16, u16) = match (a.trim().parse(), b.trim().parse()) {
+                (Ok(a), Ok(b)) if a <= b && b <= 16383 => (a, b),
+                _ => return Err(bad(part)),
+            };
+            ranges.push((a, b));
+        }
+        Ok(ranges)
+    }
+}
+
 impl SourceConfig {
     /// Checks what the types cannot.
     pub fn validate(&self) -> Result<(), Invalid> {
@@ -110,6 +137,7 @@ impl SourceConfig {
                 if c.scan_count == 0 {
                     return Err(("source.scan_count", "must be at least 1".into()));
                 }
+                c.slot_ranges().map_err(|r| ("source.slots", r))?;
             }
         }
         self.auth().check().map_err(|r| ("source.auth", r))

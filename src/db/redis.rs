@@ -1,11 +1,14 @@
 //! The Redis client, one home for everything that talks to Redis (the
 //! source, the backend, discovery, HA): clients with credentials and TLS,
-//! connections with a timeout, errors that say what to check, URLs
-//! without their secrets.
+//! connections with a timeout that work the same on a standalone server
+//! and on a Redis Cluster ([`Conn`]), the cluster's masters and key slots,
+//! errors that say what to check, URLs without their secrets.
 
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::config::AuthConfig;
 
@@ -78,8 +81,8 @@ pub fn explain(e: &redis::RedisError) -> String {
     }
 }
 
-/// Opens a multiplexed connection within `timeout`.
-pub async fn connect(
+/// Opens a connection to the one server `client` names, within `timeout`.
+pub async fn connect_node(
     client: &redis::Client,
     timeout: Duration,
 ) -> Result<MultiplexedConnection, String> {
@@ -90,5 +93,218 @@ pub async fn connect(
             "no answer within {}",
             humantime::format_duration(timeout)
         )),
+    }
+}
+
+/// A connection to a standalone Redis or to a Redis Cluster: a command on a
+/// key reaches the node that owns it either way (a cluster connection
+/// follows `MOVED` / `ASK` and the topology). A pipeline must stay within
+/// one slot on a cluster.
+#[derive(Clone)]
+pub enum Conn {
+    /// A standalone server (or one node).
+    Single(MultiplexedConnection),
+    /// A Redis Cluster.
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    /// Whether this is a cluster connection.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Conn::Cluster(_))
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Opens a connection within `timeout`: to the server `client` names, or,
+/// when that server is a Redis Cluster node (`cluster_enabled:1`), to the
+/// whole cluster, seeded by that node.
+pub async fn connect(client: &redis::Client, timeout: Duration) -> Result<Conn, String> {
+    let mut node = connect_node(client, timeout).await?;
+    if !cluster_enabled(&mut node).await.map_err(|e| explain(&e))? {
+        return Ok(Conn::Single(node));
+    }
+    let cluster =
+        redis::cluster::ClusterClientBuilder::new(vec![client.get_connection_info().clone()])
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .build()
+            .map_err(|e| explain(&e))?;
+    match tokio::time::timeout(timeout, cluster.get_async_connection()).await {
+        Ok(Ok(c)) => Ok(Conn::Cluster(c)),
+        Ok(Err(e)) => Err(format!("cluster: {}", explain(&e))),
+        Err(_) => Err(format!(
+            "cluster: no answer within {}",
+            humantime::format_duration(timeout)
+        )),
+    }
+}
+
+/// Whether the server is a Redis Cluster node (`INFO cluster`).
+pub async fn cluster_enabled(conn: &mut impl ConnectionLike) -> redis::RedisResult<bool> {
+    let info: String = redis::cmd("INFO").arg("cluster").query_async(conn).await?;
+    Ok(info.lines().any(|l| l.trim() == "cluster_enabled:1"))
+}
+
+/// Number of hash slots of a Redis Cluster.
+pub const SLOTS: u16 = 16384;
+
+/// The cluster slot of `key`: CRC16 (XMODEM) of its hash tag (the part
+/// between the first `{` and the next `}`, when not empty), else of the
+/// whole key, modulo 16384.
+pub fn slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        rest.iter()
+            .position(|&b| b == b'}')
+            .filter(|&close| close > 0)
+            .map(|close| &rest[..close])
+    });
+    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(key)) % SLOTS
+}
+
+/// One node of a cluster, as `CLUSTER NODES` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Node {
+    /// `host:port` clients connect to.
+    pub addr: String,
+    /// Whether it is a master (else a replica).
+    pub master: bool,
+    /// The slot ranges it serves (masters), inclusive.
+    pub slots: Vec<(u16, u16)>,
+}
+
+/// The cluster's nodes that are not failed, sorted; a standalone server is
+/// one master of every slot at `standalone_addr`.
+pub async fn nodes(conn: &mut Conn, standalone_addr: &str) -> redis::RedisResult<Vec<Node>> {
+    if !conn.is_cluster() {
+        return Ok(vec![Node {
+            addr: standalone_addr.to_owned(),
+            master: true,
+            slots: vec![(0, SLOTS - 1)],
+        }]);
+    }
+    let text: String = redis::cmd("CLUSTER").arg("NODES").query_async(conn).await?;
+    Ok(parse_cluster_nodes(&text))
+}
+
+/// Parses `CLUSTER NODES`: `<id> <ip:port@cport[,hostname]> <flags> <master>
+/// <ping> <pong> <epoch> <link> <slot>...`; failed and handshaking nodes
+/// are left out, and so are the migration markers (`[slot->-id]`).
+pub fn parse_cluster_nodes(text: &str) -> Vec<Node> {
+    let mut nodes: Vec<Node> = text
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 8 {
+                return None;
+            }
+            let flags = fields[2];
+            if flags.contains("fail") || flags.contains("handshake") || flags.contains("noaddr") {
+                return None;
+            }
+            let addr = fields[1].split(['@', ',']).next()?.to_owned();
+            let slots = fields[8..]
+                .iter()
+                .filter(|s| !s.starts_with('['))
+                .filter_map(|s| match s.split_once('-') {
+                    Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                    None => s.parse().ok().map(|n| (n, n)),
+                })
+                .collect();
+            Some(Node {
+                addr,
+                master: flags.contains("master"),
+                slots,
+            })
+        })
+        .collect();
+    nodes.sort();
+    nodes
+}
+
+/// A client for one node `addr` (`host:port`) of the cluster `client`
+/// belongs to, with the same credentials and TLS.
+pub fn node_client(client: &redis::Client, addr: &str) -> Result<redis::Client, String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+        .ok_or_else(|| format!("{addr} is not HOST:PORT"))?;
+    let info = client.get_connection_info().clone();
+    let node = match info.addr().clone() {
+        redis::ConnectionAddr::TcpTls {
+            insecure,
+            tls_params,
+            ..
+        } => redis::ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure,
+            tls_params,
+        },
+        _ => redis::ConnectionAddr::Tcp(host, port),
+    };
+    redis::Client::open(info.set_addr(node)).map_err(|e| explain(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_hash_tags() {
+        // Values from Redis' CLUSTER KEYSLOT.
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
+        assert_eq!(
+            slot(b"{}foo"),
+            slot(b"{}foo"),
+            "an empty tag hashes the key"
+        );
+        assert_ne!(slot(b"{}foo"), slot(b""));
+        assert_eq!(slot(b"{lport.t1}p1"), slot(b"lport.t1"));
+    }
+
+    #[test]
+    fn cluster_nodes_are_parsed() {
+        let text = "\
+a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7002@17002 master - 0 0 2 connected 5461-10922 [5461->-c3]
+c3 127.0.0.1:7003@17003,host3 master - 0 0 3 connected 10923-16383
+d4 127.0.0.1:7004@17004 slave a1 0 0 1 connected
+e5 127.0.0.1:7005@17005 master,fail - 0 0 4 disconnected
+";
+        let nodes = parse_cluster_nodes(text);
+        assert_eq!(nodes.len(), 4);
+        assert_eq!(nodes[1].slots, vec![(5461, 10922)]);
+        assert_eq!(nodes[2].addr, "127.0.0.1:7003");
+        assert!(!nodes[3].master);
     }
 }

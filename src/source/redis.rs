@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{emit, SourceError, SourceEvent};
 use crate::config::RedisSourceConfig;
-use crate::db::redis::{connect, redacted};
+use crate::db::redis::{connect, connect_node, explain, redacted, slot, Conn, Node, SLOTS};
 use crate::keymap::KeyLayout;
 use crate::mapper::{Change, ChangeKind};
 use crate::retry::Reconnect;
@@ -170,71 +170,78 @@ fn hash_value(fields: &[Value]) -> Read {
     Read::Value(serde_json::to_vec(&map).expect("strings serialize"))
 }
 
-async fn read_values(
-    conn: &mut MultiplexedConnection,
-    keys: &[Vec<u8>],
-) -> redis::RedisResult<Vec<Read>> {
+async fn read_values(conn: &mut Conn, keys: &[Vec<u8>]) -> redis::RedisResult<Vec<Read>> {
     if keys.is_empty() {
         return Ok(Vec::new());
     }
-    // Fast path: one pipeline of plain GETs (string keys, the common case,
-    // cost Redis no more than any keyspace consumer). A key of another type
-    // answers WRONGTYPE; only those are read again with the type-aware
-    // script.
-    let mut pipe = redis::pipe();
-    pipe.ignore_errors();
-    for k in keys {
-        pipe.cmd("GET").arg(k);
-    }
-    let values: Vec<Value> = pipe.query_async(&mut *conn).await?;
+    // Fast path: plain GETs (string keys, the common case, cost Redis no
+    // more than any keyspace consumer), one pipeline on a standalone server;
+    // on a cluster one command per key, sent at once and pipelined per node
+    // by the connection, each following MOVED / ASK to the key's owner. A
+    // key of another type answers WRONGTYPE; only those are read again with
+    // the type-aware script.
+    let values: Vec<Option<Value>> = match conn {
+        Conn::Single(_) => {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for k in keys {
+                pipe.cmd("GET").arg(k);
+            }
+            let values: Vec<Value> = pipe.query_async(&mut *conn).await?;
+            values
+                .into_iter()
+                .map(|v| match v {
+                    Value::BulkString(_) | Value::Nil => Some(v),
+                    _ => None,
+                })
+                .collect()
+        }
+        Conn::Cluster(_) => {
+            let gets = keys.iter().map(|k| {
+                let mut c = conn.clone();
+                async move { redis::cmd("GET").arg(k).query_async::<Value>(&mut c).await }
+            });
+            let mut values = Vec::with_capacity(keys.len());
+            for v in futures_util::future::join_all(gets).await {
+                match v {
+                    Ok(v) => values.push(Some(v)),
+                    Err(e) if e.code() == Some("WRONGTYPE") => values.push(None),
+                    Err(e) => return Err(e),
+                }
+            }
+            values
+        }
+    };
     let mut reads = Vec::with_capacity(keys.len());
     let mut typed = Vec::new();
     for (i, v) in values.into_iter().enumerate() {
         match v {
-            Value::BulkString(b) => reads.push(Read::Value(b)),
-            Value::Nil => reads.push(Read::Gone),
-            _ => {
+            Some(Value::BulkString(b)) => reads.push(Read::Value(b)),
+            Some(_) => reads.push(Read::Gone),
+            None => {
                 reads.push(Read::Gone);
                 typed.push(i);
             }
         }
     }
-    if !typed.is_empty() {
-        let mut pipe = redis::pipe();
-        for &i in &typed {
-            pipe.cmd("EVAL").arg(READ_SCRIPT).arg(1).arg(&keys[i]);
-        }
-        let values: Vec<Value> = pipe.query_async(conn).await?;
-        for (i, v) in typed.into_iter().zip(values) {
-            reads[i] = parse_read(v);
-        }
+    for i in typed {
+        let v: Value = redis::cmd("EVAL")
+            .arg(READ_SCRIPT)
+            .arg(1)
+            .arg(&keys[i])
+            .query_async(conn)
+            .await?;
+        reads[i] = parse_read(v);
     }
     Ok(reads)
 }
 
-/// Adds the key a notification names, once per batch.
-fn add_key(
-    keys: &mut Vec<Vec<u8>>,
-    unique: &mut HashSet<Vec<u8>>,
-    channel_prefix: &[u8],
-    m: redis::Msg,
-) {
-    if let Ok(channel) = m.get_channel::<Vec<u8>>() {
-        if let Some(key) = channel.strip_prefix(channel_prefix) {
-            if key.starts_with(SENTINEL_PREFIX.as_bytes()) {
-                return;
-            }
-            if unique.insert(key.to_vec()) {
-                keys.push(key.to_vec());
-            }
-        }
-    }
-}
-
-/// One connection's end: lost (retry) or stopped (return).
+/// One session's end: lost (retry with backoff), the cluster's masters
+/// changed (start again at once), or stopped (return).
 enum Ended {
     Stopped,
     Lost(String),
+    Topology,
 }
 
 impl From<redis::RedisError> for Ended {
@@ -263,12 +270,64 @@ pub struct RedisSource {
     /// The sentinel cannot be written (read-only user): flushes are
     /// detected by the key count instead.
     sentinel_refused: bool,
+    /// The hash slots followed (`source.slots`; all by default).
+    slots: Vec<(u16, u16)>,
+}
+
+/// What one session follows: the data connection (a standalone server or
+/// the whole cluster) and, for each master owning followed slots, a client
+/// (its notifications) and a direct connection (SCAN, DBSIZE).
+struct Topology {
+    data: Conn,
+    /// Every node, replicas too.
+    nodes: Vec<Node>,
+    masters: Vec<(Node, redis::Client, MultiplexedConnection)>,
+}
+
+/// `host:port` of the server a client names.
+fn node_addr(client: &redis::Client) -> String {
+    match client.get_connection_info().addr() {
+        redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
+        redis::ConnectionAddr::TcpTls { host, port, .. } => format!("{host}:{port}"),
+        other => other.to_string(),
+    }
+}
+
+fn in_slots(slot: u16, ranges: &[(u16, u16)]) -> bool {
+    ranges.iter().any(|&(a, b)| a <= slot && slot <= b)
+}
+
+fn overlaps((a, b): (u16, u16), ranges: &[(u16, u16)]) -> bool {
+    ranges.iter().any(|&(c, d)| a <= d && c <= b)
+}
+
+/// The masters that own any of the followed slots, by address.
+fn followed_masters(nodes: &[Node], slots: &[(u16, u16)]) -> Vec<String> {
+    nodes
+        .iter()
+        .filter(|n| n.master && n.slots.iter().any(|r| overlaps(*r, slots)))
+        .map(|n| n.addr.clone())
+        .collect()
+}
+
+/// `prefix{tag}suffix` with a hash tag whose slot is in `slots`, so the key
+/// lives on the node serving them.
+fn key_in_slots(prefix: &str, slots: &[(u16, u16)], suffix: &str) -> String {
+    let tag = (0u32..)
+        .map(|i| format!("fb{i}"))
+        .find(|tag| slots.is_empty() || in_slots(slot(tag.as_bytes()), slots))
+        .expect("some tag hashes into any non-empty range");
+    format!("{prefix}{{{tag}}}{suffix}")
 }
 
 impl RedisSource {
     /// A source for one Redis database.
     pub fn new(config: RedisSourceConfig, stats: Arc<Stats>) -> Self {
+        let slots = config
+            .slot_ranges()
+            .unwrap_or_else(|_| vec![(0, SLOTS - 1)]);
         RedisSource {
+            slots,
             config,
             index: HashMap::new(),
             unsupported_logged: HashSet::new(),
@@ -289,34 +348,111 @@ impl RedisSource {
         }
     }
 
-    /// Refreshes the sentinel; `true` when it had vanished or been replaced
-    /// since the last check: the database was flushed or swapped. Without
-    /// write permission, a key count below the keys known to exist says
-    /// the same (weaker: a refill before the check hides it).
-    async fn flushed(&mut self, conn: &mut MultiplexedConnection) -> redis::RedisResult<bool> {
-        let (key, token) = &self.sentinel;
+    /// Refreshes the sentinels (one per followed master, each a key in
+    /// that master's slots); `true` when one had vanished or been replaced
+    /// since the last check: that database was flushed or swapped. Without
+    /// write permission, a key count below the keys known to exist says the
+    /// same (weaker: a refill before the check hides it).
+    async fn flushed(&mut self, topo: &mut Topology) -> redis::RedisResult<bool> {
+        let token = self.sentinel.1.clone();
         if !self.sentinel_refused {
-            let result: redis::RedisResult<(Option<String>, ())> = redis::pipe()
-                .cmd("GET")
-                .arg(key)
-                .cmd("SET")
-                .arg(key)
-                .arg(token)
-                .arg("EX")
-                .arg(SENTINEL_TTL_SECONDS)
-                .query_async(conn)
-                .await;
-            match result {
-                Ok((found, ())) => return Ok(found.as_deref() != Some(token.as_str())),
-                Err(e) if e.is_io_error() || e.is_connection_dropped() => return Err(e),
-                Err(e) => {
-                    tracing::warn!(error = %e, "Cannot write the sentinel key that reveals FLUSHDB / FLUSHALL / SWAPDB; falling back to the key count, which a quick refill can hide. Allow SET on keys {SENTINEL_PREFIX}* for this user.");
-                    self.sentinel_refused = true;
+            let mut flushed = false;
+            for (node, _, _) in &topo.masters {
+                let key = key_in_slots(&self.sentinel.0, &node.slots, &token);
+                let result: redis::RedisResult<(Option<String>, ())> = redis::pipe()
+                    .cmd("GET")
+                    .arg(&key)
+                    .cmd("SET")
+                    .arg(&key)
+                    .arg(&token)
+                    .arg("EX")
+                    .arg(SENTINEL_TTL_SECONDS)
+                    .query_async(&mut topo.data)
+                    .await;
+                match result {
+                    Ok((found, ())) => flushed |= found.as_deref() != Some(token.as_str()),
+                    Err(e) if e.is_io_error() || e.is_connection_dropped() => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Cannot write the sentinel key that reveals FLUSHDB / FLUSHALL / SWAPDB; falling back to the key count, which a quick refill can hide. Allow SET on keys {SENTINEL_PREFIX}* for this user.");
+                        self.sentinel_refused = true;
+                        break;
+                    }
                 }
             }
+            if !self.sentinel_refused {
+                return Ok(flushed);
+            }
         }
-        let size: usize = redis::cmd("DBSIZE").query_async(conn).await?;
+        let mut size = 0usize;
+        for (_, _, conn) in &mut topo.masters {
+            size += redis::cmd("DBSIZE").query_async::<usize>(conn).await?;
+        }
         Ok(size < self.index.len())
+    }
+
+    /// Whether this bridge follows `key` (its slot is in `source.slots`).
+    fn follows(&self, key: &[u8]) -> bool {
+        self.slots == [(0, SLOTS - 1)] || in_slots(slot(key), &self.slots)
+    }
+
+    /// Connects for one session: the data connection (standalone, or the
+    /// whole cluster), every node, and a direct connection to each master
+    /// that owns followed slots.
+    async fn topology(&self, client: &redis::Client) -> Result<Topology, String> {
+        let timeout = self.config.connect_timeout;
+        let mut data = connect(client, timeout).await?;
+        let nodes = crate::db::redis::nodes(&mut data, &node_addr(client))
+            .await
+            .map_err(|e| explain(&e))?;
+        let mut masters = Vec::new();
+        for node in nodes
+            .iter()
+            .filter(|n| n.master && n.slots.iter().any(|r| overlaps(*r, &self.slots)))
+        {
+            let node_client = if data.is_cluster() {
+                crate::db::redis::node_client(client, &node.addr)?
+            } else {
+                client.clone()
+            };
+            let conn = connect_node(&node_client, timeout)
+                .await
+                .map_err(|e| format!("master {}: {e}", node.addr))?;
+            masters.push((node.clone(), node_client, conn));
+        }
+        if data.is_cluster() && masters.is_empty() {
+            return Err("no master of the cluster serves the followed slots (source.slots)".into());
+        }
+        Ok(Topology {
+            data,
+            nodes,
+            masters,
+        })
+    }
+
+    /// Makes sure keyspace notifications are on for every node: masters,
+    /// and replicas too (they become masters at a failover). An unreachable
+    /// replica is only warned about.
+    async fn ensure_all(&self, client: &redis::Client, topo: &mut Topology) -> Result<(), String> {
+        for (node, node_client, conn) in &mut topo.masters {
+            self.ensure_notifications(node_client, conn, &node.slots)
+                .await
+                .map_err(|e| format!("node {}: {e}", node.addr))?;
+        }
+        if !topo.data.is_cluster() {
+            return Ok(());
+        }
+        for node in topo.nodes.iter().filter(|n| !n.master) {
+            let result = async {
+                let c = crate::db::redis::node_client(client, &node.addr)?;
+                let mut conn = connect_node(&c, self.config.connect_timeout).await?;
+                self.ensure_notifications(&c, &mut conn, &node.slots).await
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::warn!(node = %node.addr, error = %e, "Cannot check keyspace notifications on this replica; after it becomes a master the source checks again.");
+            }
+        }
+        Ok(())
     }
 
     /// Marks a start that takes over from another (HA) leader: Redis keeps
@@ -341,15 +477,24 @@ impl RedisSource {
             message: format!("{message} (url {url}; check source.url)"),
         };
         let client = crate::db::redis::client(&self.config.url, &self.config.auth).map_err(fail)?;
-        let mut conn = connect(&client, self.config.connect_timeout)
+        let mut topo = self
+            .topology(&client)
             .await
             .map_err(|e| fail(format!("cannot connect: {e}")))?;
-        self.ensure_notifications(&client, &mut conn)
+        if topo.data.is_cluster() {
+            tracing::info!(
+                masters = topo.masters.len(),
+                nodes = topo.nodes.len(),
+                "Redis Cluster: following the keyspace notifications of every master."
+            );
+        }
+        self.ensure_all(&client, &mut topo)
             .await
             .map_err(|message| SourceError {
                 source_name: "redis",
                 message,
             })?;
+        drop(topo);
         let mut reconnect =
             Reconnect::new(format!("redis source {url}")).with_state(self.stats.source.clone());
         let mut first = true;
@@ -359,6 +504,9 @@ impl RedisSource {
                 .await
             {
                 Ended::Stopped => return Ok(()),
+                Ended::Topology => {
+                    first = false;
+                }
                 Ended::Lost(e) => {
                     if shutdown.is_cancelled() || tx.is_closed() {
                         return Ok(());
@@ -383,6 +531,7 @@ impl RedisSource {
         &self,
         client: &redis::Client,
         conn: &mut MultiplexedConnection,
+        slots: &[(u16, u16)],
     ) -> Result<(), String> {
         let refuse = |why: String, missing: &str| {
             format!(
@@ -421,7 +570,7 @@ impl RedisSource {
             Ok(_) | Err(_) => {
                 // CONFIG is renamed away or not allowed (managed Redis, ACL):
                 // check by observation.
-                match self.probe_notifications(client, conn).await {
+                match self.probe_notifications(client, conn, slots).await {
                     Ok(()) => {
                         tracing::info!("CONFIG is not available; a probe key showed keyspace notifications are on (expired/evicted cannot be verified this way).");
                         Ok(())
@@ -441,8 +590,17 @@ impl RedisSource {
         &self,
         client: &redis::Client,
         conn: &mut MultiplexedConnection,
+        slots: &[(u16, u16)],
     ) -> Result<(), String> {
-        let key = format!("__feedbridge_probe__:{}", std::process::id());
+        if slots.is_empty() {
+            return Err(NEEDED_FLAGS.to_owned()); // a replica: nothing to write to
+        }
+        // A key this node serves (on a cluster, any other key is MOVED).
+        let key = key_in_slots(
+            "__feedbridge_probe__:",
+            slots,
+            &std::process::id().to_string(),
+        );
         let mut pubsub = client
             .get_async_pubsub()
             .await
@@ -495,7 +653,9 @@ impl RedisSource {
         }
     }
 
-    /// One connection: subscribe, reconcile, then follow notifications.
+    /// One session: subscribe to every followed master, reconcile, then
+    /// follow notifications until a connection drops or the cluster's
+    /// masters change.
     async fn session(
         &mut self,
         client: &redis::Client,
@@ -505,28 +665,43 @@ impl RedisSource {
         reconnect: &mut Reconnect,
     ) -> Ended {
         let result = async {
-            let mut conn = connect(client, self.config.connect_timeout).await.map_err(Ended::Lost)?;
+            let mut topo = self.topology(client).await.map_err(Ended::Lost)?;
             if !first {
-                // A restarted Redis forgot a CONFIG SET made at runtime.
-                self.ensure_notifications(client, &mut conn).await.map_err(Ended::Lost)?;
+                // A restarted Redis forgot a CONFIG SET made at runtime, and
+                // a promoted replica may never have had it.
+                self.ensure_all(client, &mut topo).await.map_err(Ended::Lost)?;
             }
             let prefix = glob_escape(KeyLayout::parse(&self.config.layout).map(|l| l.prefix().to_owned()).unwrap_or_default().as_str());
             let channel_prefix = format!("__keyspace@{}__:", Self::db(client));
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.psubscribe(format!("{channel_prefix}{prefix}*")).await?;
-            let mut messages = pubsub.into_on_message();
+            // Keyspace notifications are local to the node that owns the
+            // key: one subscription per master, merged. Each stream ends
+            // with a `None`, so a dropped node ends the session.
+            let mut streams = Vec::with_capacity(topo.masters.len());
+            for (_, node_client, _) in &topo.masters {
+                let mut pubsub = node_client.get_async_pubsub().await?;
+                pubsub.psubscribe(format!("{channel_prefix}{prefix}*")).await?;
+                streams.push(
+                    pubsub
+                        .into_on_message()
+                        .map(Some)
+                        .chain(futures_util::stream::once(async { None }))
+                        .boxed(),
+                );
+            }
+            let mut messages = futures_util::stream::select_all(streams);
             // Subscribed first, so nothing that changes during the scan is missed.
             let emit_diff = !first || self.config.snapshot || self.takeover;
             if first && self.takeover {
                 let reason = "a new leader took over; Redis keeps no history of what changed meanwhile";
                 emit(tx, shutdown, SourceEvent::Sync(reason.into())).await?;
             }
-            self.flushed(&mut conn).await?; // places the sentinel
-            self.reconcile(&mut conn, &prefix, tx, shutdown, emit_diff).await?;
+            self.flushed(&mut topo).await?; // places the sentinels
+            self.reconcile(&mut topo, &prefix, tx, shutdown, emit_diff).await?;
             // Up only once reconciled: a Redis that accepts connections
             // but fails the SCAN (still loading its data after a restart)
             // is one outage, logged once, not one per attempt.
             reconnect.up();
+            let followed = followed_masters(&topo.nodes, &self.slots);
             let mut check = tokio::time::interval(SENTINEL_INTERVAL);
             check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             check.tick().await;
@@ -534,31 +709,46 @@ impl RedisSource {
                 let msg = tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => return Err(Ended::Stopped),
-                    m = messages.next() => m.ok_or_else(|| Ended::Lost("notification connection closed".into()))?,
+                    m = messages.next() => m.flatten().ok_or_else(|| Ended::Lost("a node's notification connection closed".into()))?,
                     _ = check.tick() => {
-                        if self.flushed(&mut conn).await? {
+                        if self.flushed(&mut topo).await? {
                             tracing::warn!(db = Self::db(client), "The database was flushed or swapped (FLUSHDB / FLUSHALL / SWAPDB send no per-key notification); reconciling every key.");
                             self.stats.flushes_detected.inc();
-                            self.reconcile(&mut conn, &prefix, tx, shutdown, true).await?;
+                            self.reconcile(&mut topo, &prefix, tx, shutdown, true).await?;
+                        }
+                        if topo.data.is_cluster() {
+                            let nodes = crate::db::redis::nodes(&mut topo.data, "").await?;
+                            if followed_masters(&nodes, &self.slots) != followed {
+                                tracing::info!(was = ?followed, now = ?followed_masters(&nodes, &self.slots), "The cluster's masters changed (failover, or nodes added or removed); subscribing to the new ones and reconciling.");
+                                return Err(Ended::Topology);
+                            }
                         }
                         continue;
                     }
                 };
                 let mut keys = Vec::new();
                 let mut unique = HashSet::new();
-                add_key(&mut keys, &mut unique, channel_prefix.as_bytes(), msg);
+                let mut ended = false;
+                self.add_key(&mut keys, &mut unique, channel_prefix.as_bytes(), msg);
                 // Batch whatever else already arrived: one round trip for all.
                 while keys.len() < BATCH {
                     match messages.next().now_or_never() {
-                        Some(Some(m)) => add_key(&mut keys, &mut unique, channel_prefix.as_bytes(), m),
-                        _ => break,
+                        Some(Some(Some(m))) => self.add_key(&mut keys, &mut unique, channel_prefix.as_bytes(), m),
+                        Some(_) => {
+                            ended = true;
+                            break;
+                        }
+                        None => break,
                     }
                 }
-                let reads = read_values(&mut conn, &keys).await?;
+                let reads = read_values(&mut topo.data, &keys).await?;
                 for (key, read) in keys.into_iter().zip(reads) {
                     if let Some(change) = self.diff(key, read) {
                         emit(tx, shutdown, SourceEvent::Change(change)).await?;
                     }
+                }
+                if ended {
+                    return Err(Ended::Lost("a node's notification connection closed".into()));
                 }
             }
         }
@@ -569,60 +759,102 @@ impl RedisSource {
         }
     }
 
-    /// SCANs the layout's keys and emits what differs from the index
-    /// (`emit_diff` false: only builds the index, on a first start without
-    /// snapshot).
+    /// Adds the followed key a notification names, once per batch.
+    fn add_key(
+        &self,
+        keys: &mut Vec<Vec<u8>>,
+        unique: &mut HashSet<Vec<u8>>,
+        channel_prefix: &[u8],
+        m: redis::Msg,
+    ) {
+        if let Ok(channel) = m.get_channel::<Vec<u8>>() {
+            if let Some(key) = channel.strip_prefix(channel_prefix) {
+                if key.starts_with(SENTINEL_PREFIX.as_bytes()) || !self.follows(key) {
+                    return;
+                }
+                if unique.insert(key.to_vec()) {
+                    keys.push(key.to_vec());
+                }
+            }
+        }
+    }
+
+    /// SCANs every followed master for the layout's keys and emits what
+    /// differs from the index (`emit_diff` false: only builds the index, on
+    /// a first start without snapshot). A known key the scans did not see
+    /// is read before it is called deleted: on a cluster it may have moved
+    /// to another node meanwhile (slot migration), and a read follows it.
     async fn reconcile(
         &mut self,
-        conn: &mut MultiplexedConnection,
+        topo: &mut Topology,
         pattern_prefix: &str,
         tx: &mpsc::Sender<SourceEvent>,
         shutdown: &CancellationToken,
         emit_diff: bool,
     ) -> Result<(), Ended> {
-        let mut cursor: u64 = 0;
         let mut seen: HashSet<Vec<u8>> = HashSet::with_capacity(self.index.len());
         let mut emitted = 0u64;
-        loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{pattern_prefix}*"))
-                .arg("COUNT")
-                .arg(self.config.scan_count)
-                .query_async(conn)
-                .await?;
-            for chunk in keys.chunks(BATCH) {
-                let reads = read_values(conn, chunk).await?;
-                for (key, read) in chunk.iter().zip(reads) {
-                    seen.insert(key.clone());
-                    if let Some(change) = self.diff(key.clone(), read) {
-                        if emit_diff {
-                            emitted += 1;
-                            emit(tx, shutdown, SourceEvent::Change(change)).await?;
-                        }
+        for m in 0..topo.masters.len() {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(format!("{pattern_prefix}*"))
+                    .arg("COUNT")
+                    .arg(self.config.scan_count)
+                    .query_async(&mut topo.masters[m].2)
+                    .await?;
+                let keys: Vec<Vec<u8>> = keys
+                    .into_iter()
+                    .filter(|k| !k.starts_with(SENTINEL_PREFIX.as_bytes()) && self.follows(k))
+                    .collect();
+                seen.extend(keys.iter().cloned());
+                emitted += self
+                    .read_and_diff(&mut topo.data, &keys, tx, shutdown, emit_diff)
+                    .await?;
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+        }
+        let unseen: Vec<Vec<u8>> = self
+            .index
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        emitted += self
+            .read_and_diff(&mut topo.data, &unseen, tx, shutdown, emit_diff)
+            .await?;
+        tracing::info!(keys = self.index.len(), emitted, "Reconciled Redis keys.");
+        Ok(())
+    }
+
+    /// Reads `keys` (in batches) and emits each change against the index,
+    /// when `emit`; returns how many there were.
+    async fn read_and_diff(
+        &mut self,
+        data: &mut Conn,
+        keys: &[Vec<u8>],
+        tx: &mpsc::Sender<SourceEvent>,
+        shutdown: &CancellationToken,
+        emit_changes: bool,
+    ) -> Result<u64, Ended> {
+        let mut emitted = 0;
+        for chunk in keys.chunks(BATCH) {
+            let reads = read_values(data, chunk).await?;
+            for (key, read) in chunk.iter().zip(reads) {
+                if let Some(change) = self.diff(key.clone(), read) {
+                    if emit_changes {
+                        emitted += 1;
+                        emit(tx, shutdown, SourceEvent::Change(change)).await?;
                     }
                 }
             }
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
         }
-        for key in super::remove_unseen(&mut self.index, &seen) {
-            if emit_diff {
-                emitted += 1;
-                let change = Change {
-                    key,
-                    value: None,
-                    kind: ChangeKind::Delete,
-                    revision: None,
-                };
-                emit(tx, shutdown, SourceEvent::Change(change)).await?;
-            }
-        }
-        tracing::info!(keys = self.index.len(), emitted, "Reconciled Redis keys.");
-        Ok(())
+        Ok(emitted)
     }
 
     /// The change implied by reading `key` now, given what was emitted before.
@@ -689,6 +921,7 @@ mod tests {
                 topic_field: String::new(),
                 snapshot: false,
                 scan_count: 10,
+                slots: None,
                 connect_timeout: Duration::from_secs(1),
                 auth: Default::default(),
             },
