@@ -356,3 +356,123 @@ impl Drop for RedisServer {
         kill(&mut self.child);
     }
 }
+
+/// A Redis Cluster on free ports: `masters` masters with `replicas` each,
+/// created with `redis-cli --cluster create`, nodes restartable one by one.
+/// Failover is deterministic: `cluster-node-timeout 1000` and
+/// `cluster-replica-validity-factor 0` (any replica may take over).
+pub struct RedisCluster {
+    /// Every node; the first `masters` start as masters.
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts the nodes, creates the cluster and waits until every node
+    /// says `cluster_state:ok` and every replica has synced.
+    pub async fn start(masters: usize, replicas: usize) -> Self {
+        let mut nodes = Vec::new();
+        for _ in 0..masters * (1 + replicas) {
+            let conf = format!(
+                "cluster-enabled yes\ncluster-config-file nodes.conf\ncluster-node-timeout 1000\ncluster-port {}\ncluster-replica-validity-factor 0\nappendonly no",
+                free_port()
+            );
+            nodes.push(RedisServer::start_with(&[&conf]).await);
+        }
+        let status = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli (scripts/setup.sh installs it)");
+        assert!(status.success(), "redis-cli --cluster create failed");
+        let cluster = RedisCluster { nodes };
+        cluster.await_healthy().await;
+        cluster
+    }
+
+    /// Waits until every running node says `cluster_state:ok`, agrees on
+    /// the masters, and every replica's link to its master is up.
+    pub async fn await_healthy(&self) {
+        let ports: Vec<u16> = self
+            .nodes
+            .iter()
+            .filter(|n| n.pid().is_some())
+            .map(|n| n.port)
+            .collect();
+        eventually("the cluster to be healthy", Duration::from_secs(60), || {
+            let ports = ports.clone();
+            async move {
+                for port in ports {
+                    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).ok()?;
+                    let mut c = client.get_multiplexed_async_connection().await.ok()?;
+                    let info: String = redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async(&mut c)
+                        .await
+                        .ok()?;
+                    if !info.contains("cluster_state:ok") {
+                        return None;
+                    }
+                    let nodes: String = redis::cmd("CLUSTER")
+                        .arg("NODES")
+                        .query_async(&mut c)
+                        .await
+                        .ok()?;
+                    if nodes.contains("fail") {
+                        return None;
+                    }
+                    let repl: String = redis::cmd("INFO")
+                        .arg("replication")
+                        .query_async(&mut c)
+                        .await
+                        .ok()?;
+                    if repl.contains("role:slave") && !repl.contains("master_link_status:up") {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        })
+        .await;
+    }
+
+    /// A seed URL (the first running node).
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .find(|n| n.pid().is_some())
+            .expect("a running node")
+            .url()
+    }
+
+    /// A connection to the whole cluster (commands reach the key's owner).
+    pub async fn connection(&self) -> redis::cluster_async::ClusterConnection {
+        redis::cluster::ClusterClient::new(vec![self.url()])
+            .unwrap()
+            .get_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// The index in `nodes` of the master serving `key` now.
+    pub async fn master_of(&self, key: &[u8]) -> usize {
+        let slot = crate::db::redis::slot(key);
+        let mut c = self.connection().await;
+        let text: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let node = crate::db::redis::parse_cluster_nodes(&text)
+            .into_iter()
+            .find(|n| n.master && n.slots.iter().any(|&(a, b)| a <= slot && slot <= b))
+            .expect("a master serves every slot");
+        self.nodes
+            .iter()
+            .position(|n| node.addr == format!("127.0.0.1:{}", n.port))
+            .expect("a node of this cluster")
+    }
+}
