@@ -119,7 +119,10 @@ pub enum PublisherTable {
     /// etcd (boxed: its client is large).
     Etcd(Box<etcd_client::Client>),
     /// Redis.
-    Redis(crate::db::redis::Conn),
+    /// Redis (standalone or cluster), with the client to reach single
+    /// nodes: on a cluster the rows are listed on the node that owns their
+    /// slot (they share the hash tag `{publisher.}`).
+    Redis(crate::db::redis::Conn, redis::Client),
 }
 
 impl PublisherTable {
@@ -147,7 +150,7 @@ impl PublisherTable {
             Target::Redis(url, auth) => {
                 let client = crate::db::redis::client(url, auth)?;
                 let conn = crate::db::redis::connect(&client, timeout).await?;
-                Ok(PublisherTable::Redis(conn))
+                Ok(PublisherTable::Redis(conn, client))
             }
         }
     }
@@ -161,7 +164,7 @@ impl PublisherTable {
                 .await
                 .map(drop)
                 .map_err(|e| e.to_string()),
-            PublisherTable::Redis(c) => redis::cmd("SET")
+            PublisherTable::Redis(c, _) => redis::cmd("SET")
                 .arg(redis_layout().format("publisher", None, &record.id))
                 .arg(json)
                 .query_async::<()>(c)
@@ -178,7 +181,7 @@ impl PublisherTable {
                 .await
                 .map(drop)
                 .map_err(|e| e.to_string()),
-            PublisherTable::Redis(c) => redis::cmd("DEL")
+            PublisherTable::Redis(c, _) => redis::cmd("DEL")
                 .arg(redis_layout().format("publisher", None, id))
                 .query_async::<()>(c)
                 .await
@@ -201,15 +204,21 @@ impl PublisherTable {
                     rev,
                 )
             }
-            PublisherTable::Redis(c) => {
+            PublisherTable::Redis(c, client) => {
                 let mut keys: Vec<String> = Vec::new();
                 let mut cursor = 0u64;
+                let mut scanned = if c.is_cluster() {
+                    let owner = crate::db::redis::owner_of(c, client, b"{publisher.}").await?;
+                    crate::db::redis::Conn::Single(owner)
+                } else {
+                    c.clone()
+                };
                 loop {
                     let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
                         .arg(cursor)
                         .arg("MATCH")
                         .arg("{publisher.}*")
-                        .query_async(c)
+                        .query_async(&mut scanned)
                         .await
                         .map_err(|e| e.to_string())?;
                     keys.extend(page);
@@ -407,7 +416,7 @@ pub async fn follow_publishers(
                         apply(&mut known, rows);
                     }
                 }
-                PublisherTable::Redis(_) => loop {
+                PublisherTable::Redis(..) => loop {
                     // Redis keyspace notifications may be off on this
                     // server: poll the small table instead.
                     tokio::select! {

@@ -215,7 +215,10 @@ pub async fn campaign(
         }
         Some(url) => {
             let prefix = prefix.trim_start_matches('/');
-            let key = format!("{prefix}:leader:{service_id}");
+            // One hash tag for the lock and the checkpoint: the script that
+            // moves the checkpoint only while holding the lock touches both,
+            // and on a Redis Cluster they must share a slot.
+            let key = format!("{{{prefix}:{service_id}}}:leader");
             tracing::info!(%instance, lock = %key, ttl_s = ttl, "Standing by: campaigning for leadership in Redis.");
             campaign_redis(
                 config,
@@ -228,7 +231,10 @@ pub async fn campaign(
                 &lost,
             )
             .await?
-            .map(|(store, keeper)| (store, keeper, format!("{prefix}:checkpoint:{service_id}")))
+            .map(|(store, keeper)| {
+                let checkpoint = format!("{{{prefix}:{service_id}}}:checkpoint");
+                (store, keeper, checkpoint)
+            })
         }
     };
     let Some((store, keeper, checkpoint_key)) = elected else {

@@ -341,7 +341,7 @@ async fn redis_source_elects_through_a_redis_lock_and_fails_over() {
         let mut c = conn.clone();
         async move {
             let keys: Vec<String> = redis::cmd("KEYS")
-                .arg("feedbridge:leader:*")
+                .arg("{feedbridge:*}:leader")
                 .query_async(&mut c)
                 .await
                 .ok()?;

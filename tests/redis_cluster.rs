@@ -299,3 +299,50 @@ async fn two_bridges_share_a_cluster_by_slot_ranges() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lock_ha_and_the_publisher_table_work_on_a_cluster() {
+    use feedbridge::discovery::{PublisherTable, Target};
+    let cluster = RedisCluster::start(3, 0).await;
+    let url = cluster.url();
+    let config = |name: &str, port: u16| {
+        cluster_to_zmq(&url, port, "")
+            + &format!(
+                "[ha]\nlease_ttl = \"2s\"\ninstance = \"{name}\"\n[discovery]\nurl = \"{url}\"\nid = \"pub-{name}\"\n"
+            )
+    };
+    // One service (the same bind): only its leader binds the port.
+    let port = free_port();
+    let a = Bridge::start(&config("a", port));
+    let b = Bridge::start(&config("b", port));
+    let leaders = |a: &Bridge, b: &Bridge| (a.stats.leader.get(), b.stats.leader.get());
+    eventually("one leader", WAIT, || {
+        let l = leaders(&a, &b);
+        async move { (l.0 + l.1 == 1).then_some(()) }
+    })
+    .await;
+    let (leader, standby) = if a.stats.leader.get() == 1 {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    // The leader's row is in the cluster's publisher table, and listing
+    // finds it whichever node the URL names.
+    let target = Target::Redis(url.clone(), Default::default());
+    eventually("the leader's row", WAIT, || {
+        let target = target.clone();
+        async move {
+            let mut table = PublisherTable::connect(&target, WAIT).await.ok()?;
+            let (rows, _) = table.list().await.ok()?;
+            rows.iter().any(|r| r.id.starts_with("pub-")).then_some(())
+        }
+    })
+    .await;
+    leader.stop().await; // resigns: the standby takes over
+    eventually("the standby to lead", WAIT, || {
+        let l = standby.stats.leader.get();
+        async move { (l == 1).then_some(()) }
+    })
+    .await;
+    standby.stop().await;
+}

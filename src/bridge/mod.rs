@@ -274,12 +274,12 @@ fn build_mapper(config: &Config) -> Mapper {
         OWN_PREFIXES
             .iter()
             .map(|p| p.to_string())
-            .chain(
-                config
-                    .ha
-                    .as_ref()
-                    .map(|h| format!("{}/", h.prefix.trim_end_matches('/'))),
-            )
+            .chain(config.ha.iter().flat_map(|h| {
+                // the election's keys: `/feedbridge/…` in etcd,
+                // `{feedbridge:…}` in Redis
+                let prefix = h.prefix.trim_matches('/');
+                [format!("/{prefix}/"), format!("{{{prefix}:")]
+            }))
             .collect(),
     )
 }

@@ -250,6 +250,24 @@ pub fn parse_cluster_nodes(text: &str) -> Vec<Node> {
     nodes
 }
 
+/// A direct connection to the master that serves `key` on the cluster
+/// `conn` is connected to (`client` names any node of it): for commands
+/// that are not routed by key, such as SCAN of one slot's keys.
+pub async fn owner_of(
+    conn: &mut Conn,
+    client: &redis::Client,
+    key: &[u8],
+) -> Result<MultiplexedConnection, String> {
+    let slot = slot(key);
+    let owner = nodes(conn, "")
+        .await
+        .map_err(|e| explain(&e))?
+        .into_iter()
+        .find(|n| n.master && n.slots.iter().any(|&(a, b)| a <= slot && slot <= b))
+        .ok_or_else(|| format!("no master serves slot {slot}"))?;
+    connect_node(&node_client(client, &owner.addr)?, Duration::from_secs(5)).await
+}
+
 /// A client for one node `addr` (`host:port`) of the cluster `client`
 /// belongs to, with the same credentials and TLS.
 pub fn node_client(client: &redis::Client, addr: &str) -> Result<redis::Client, String> {
