@@ -122,7 +122,7 @@ pub enum PublisherTable {
     /// Redis (standalone or cluster), with the client to reach single
     /// nodes: on a cluster the rows are listed on the node that owns their
     /// slot (they share the hash tag `{publisher.}`).
-    Redis(crate::db::redis::Conn, redis::Client),
+    Redis(crate::db::redis::Conn, Box<redis::Client>),
 }
 
 impl PublisherTable {
@@ -150,7 +150,7 @@ impl PublisherTable {
             Target::Redis(url, auth) => {
                 let client = crate::db::redis::client(url, auth)?;
                 let conn = crate::db::redis::connect(&client, timeout).await?;
-                Ok(PublisherTable::Redis(conn, client))
+                Ok(PublisherTable::Redis(conn, Box::new(client)))
             }
         }
     }
