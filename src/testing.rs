@@ -476,3 +476,121 @@ impl RedisCluster {
             .expect("a node of this cluster")
     }
 }
+
+/// An etcd cluster of `n` members on free ports, members restartable one
+/// by one on their data.
+pub struct EtcdCluster {
+    dir: TempDir,
+    /// (name, client port, peer port, process) of each member.
+    members: Vec<(String, u16, u16, Option<Child>)>,
+}
+
+impl EtcdCluster {
+    /// Starts every member and waits until each answers.
+    pub async fn start(n: usize) -> Self {
+        let members = (0..n)
+            .map(|i| (format!("m{i}"), free_port(), free_port(), None))
+            .collect();
+        let mut cluster = EtcdCluster {
+            dir: tempfile::tempdir().unwrap(),
+            members,
+        };
+        for i in 0..n {
+            cluster.spawn(i);
+        }
+        for i in 0..n {
+            cluster.await_member(i).await;
+        }
+        cluster
+    }
+
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        (0..self.members.len()).map(|i| self.endpoint(i)).collect()
+    }
+
+    /// Member `i`'s client URL.
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[i].1)
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let initial: Vec<String> = self
+            .members
+            .iter()
+            .map(|(name, _, peer, _)| format!("{name}=http://127.0.0.1:{peer}"))
+            .collect();
+        let (name, _, peer, _) = &self.members[i];
+        let peer = format!("http://127.0.0.1:{peer}");
+        let client = self.endpoint(i);
+        let data = self.dir.path().join(name);
+        let args: Vec<String> = [
+            "--name",
+            name,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &initial.join(","),
+            "--initial-cluster-state",
+            "new",
+            "--experimental-watch-progress-notify-interval",
+            "500ms",
+            "--log-level",
+            "warn",
+            "--logger",
+            "zap",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let log = self.dir.path().join(format!("{name}.log"));
+        self.members[i].3 = Some(spawn_logged("etcd", &args, &log));
+    }
+
+    async fn await_member(&self, i: usize) {
+        let endpoint = self.endpoint(i);
+        eventually("an etcd member to answer", Duration::from_secs(30), || {
+            let endpoint = endpoint.clone();
+            async move {
+                let mut c = etcd_client::Client::connect([endpoint], None).await.ok()?;
+                c.status().await.ok().map(|_| ())
+            }
+        })
+        .await;
+    }
+
+    /// Kills member `i` (SIGKILL).
+    pub fn stop(&mut self, i: usize) {
+        kill(&mut self.members[i].3);
+    }
+
+    /// Kills member `i` and starts it again on its data.
+    pub async fn restart(&mut self, i: usize) {
+        self.stop(i);
+        self.spawn(i);
+        self.await_member(i).await;
+    }
+
+    /// A client of every member.
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect(self.endpoints(), None)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            kill(&mut m.3);
+        }
+    }
+}

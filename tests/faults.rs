@@ -713,3 +713,50 @@ async fn fault13_sigterm_while_the_backend_is_down_exits_3_and_says_what_is_left
         .count();
     assert_eq!(lost, 1, "one warning per outage:\n{text}");
 }
+
+// ---- A 3-member etcd cluster (issue 13) ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault14_killing_etcd_members_one_after_another_loses_nothing() {
+    let mut etcd = feedbridge::testing::EtcdCluster::start(3).await;
+    let redis = RedisServer::start().await;
+    let endpoints = etcd.endpoints();
+    let list = endpoints
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let config = format!(
+        "[source]\ntype = \"etcd\"\nendpoints = [{list}]\n[backend]\ntype = \"redis\"\nurl = \"{}\"\n",
+        redis.url()
+    );
+    let bridge = Bridge::start(&config);
+    let mut rx = redis_updates(&redis.url());
+    await_etcd_flow(&mut rx, &etcd.client().await).await;
+    let received = Received::default();
+    let sink = received.clone();
+    tokio::spawn(async move {
+        while let Some(u) = rx.recv().await {
+            sink.0.lock().unwrap().push(u);
+        }
+    });
+    let log = Log::default();
+    let writer = tokio::spawn(write_ops_to(endpoints, 0, 2000, log.clone()));
+    // The first member (the bridge's first endpoint), then another, each
+    // killed under load and brought back before the next.
+    for (member, at) in [(0, 300), (1, 900)] {
+        received
+            .wait("the stream under way", |g| lport(g).len() >= at)
+            .await;
+        etcd.stop(member);
+        received
+            .wait("the stream going on without the member", |g| {
+                lport(g).len() >= at + 200
+            })
+            .await;
+        etcd.restart(member).await;
+    }
+    writer.await.unwrap();
+    verify_against(&log, &received, etcd.client().await).await;
+    bridge.stop().await;
+}

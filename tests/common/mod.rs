@@ -230,7 +230,12 @@ pub type Log = Arc<Mutex<Vec<Written>>>;
 /// Writes ops `from..to` over ten keys (every seventh a delete), retrying
 /// while etcd is unreachable, and logs each write that etcd confirmed.
 pub async fn write_ops(endpoint: String, from: usize, to: usize, log: Log) {
-    let mut kv = etcd_client::Client::connect([endpoint.clone()], None)
+    write_ops_to(vec![endpoint], from, to, log).await
+}
+
+/// The same through a client of several endpoints (an etcd cluster).
+pub async fn write_ops_to(endpoints: Vec<String>, from: usize, to: usize, log: Log) {
+    let mut kv = etcd_client::Client::connect(endpoints.clone(), None)
         .await
         .unwrap();
     for i in from..to {
@@ -258,7 +263,7 @@ pub async fn write_ops(endpoint: String, from: usize, to: usize, log: Log) {
                 Err(_) => {
                     // etcd is restarting: retry on a fresh connection.
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    if let Ok(c) = etcd_client::Client::connect([endpoint.clone()], None).await {
+                    if let Ok(c) = etcd_client::Client::connect(endpoints.clone(), None).await {
                         kv = c;
                     }
                 }
@@ -290,7 +295,11 @@ impl Received {
 }
 
 pub async fn etcd_state(etcd: &EtcdServer) -> BTreeMap<(String, String), String> {
-    let mut kv = etcd.client().await;
+    etcd_state_of(etcd.client().await).await
+}
+
+/// The `lport` rows of the etcd `kv` is connected to.
+pub async fn etcd_state_of(mut kv: etcd_client::Client) -> BTreeMap<(String, String), String> {
     let resp = kv
         .get(
             "/lport/",
@@ -326,8 +335,13 @@ pub fn lport(updates: &[DbUpdate]) -> Vec<DbUpdate> {
 /// (first deliveries in revision order; replays may repeat), final state
 /// equal to etcd's.
 pub async fn verify(written: &Log, received: &Received, etcd: &EtcdServer) {
+    verify_against(written, received, etcd.client().await).await
+}
+
+/// The same against the etcd `kv` is connected to (an etcd cluster).
+pub async fn verify_against(written: &Log, received: &Received, kv: etcd_client::Client) {
     let written = written.lock().unwrap().clone();
-    let expected = etcd_state(etcd).await;
+    let expected = etcd_state_of(kv).await;
     let complete = |got: &[DbUpdate]| {
         let revs: std::collections::HashSet<i64> = got.iter().filter_map(|u| u.revision).collect();
         let missing: Vec<i64> = written
