@@ -61,6 +61,9 @@ enum Command {
         /// Redis URL (redis backend).
         #[arg(long, default_value = DEFAULT_REDIS_URL)]
         redis_url: String,
+        /// Sharded pub/sub (`SSUBSCRIBE` on a Redis Cluster; redis backend).
+        #[arg(long)]
+        sharded: bool,
         /// etcd endpoint (etcd backend, repeatable).
         #[arg(long)]
         etcd_endpoint: Vec<String>,
@@ -131,6 +134,7 @@ fn main() -> ExitCode {
             backend,
             connect,
             redis_url,
+            sharded,
             etcd_endpoint,
             etcd_prefix,
             discover,
@@ -153,6 +157,7 @@ fn main() -> ExitCode {
                     url: redis_url,
                     codec,
                     connect_timeout: std::time::Duration::from_secs(5),
+                    sharded,
                     auth: Default::default(),
                 }),
                 TailBackend::Etcd => BackendConfig::Etcd(EtcdBackendConfig {

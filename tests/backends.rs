@@ -123,6 +123,7 @@ async fn etcd_to_redis_publish() {
         url: redis.url(),
         codec: Codec::Json,
         connect_timeout: Duration::from_secs(5),
+        sharded: false,
         auth: Default::default(),
     });
     let sub = PubSub::new(backend).get_subscriber();
@@ -193,6 +194,7 @@ async fn redis_heartbeats_reveal_a_lost_tail() {
         url: redis.url(),
         codec: Codec::Msgpack,
         connect_timeout: Duration::from_secs(5),
+        sharded: false,
         auth: Default::default(),
     };
     let sequencer = std::sync::Arc::new(feedbridge::backend::Sequencer::new("redis-tail"));
@@ -275,6 +277,7 @@ async fn tail_on_a_shared_redis_ignores_its_keyspace_notifications() {
         url: redis.url(),
         codec: Codec::Msgpack,
         connect_timeout: Duration::from_secs(5),
+        sharded: false,
         auth: Default::default(),
     }))
     .get_publisher()

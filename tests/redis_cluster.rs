@@ -346,3 +346,80 @@ async fn redis_lock_ha_and_the_publisher_table_work_on_a_cluster() {
     .await;
     standby.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_publish_and_subscribe_survive_a_failover_of_the_channels_owner() {
+    use feedbridge::backend::redis::RedisPublisher;
+    use feedbridge::backend::{PubSub, Sequencer};
+    use feedbridge::config::{BackendConfig, RedisBackendConfig};
+    use feedbridge::pubsub::Publisher;
+    let mut cluster = RedisCluster::start(3, 1).await;
+    let config = RedisBackendConfig {
+        url: cluster.url(),
+        codec: Codec::Msgpack,
+        connect_timeout: Duration::from_secs(5),
+        sharded: true,
+        auth: Default::default(),
+    };
+    let publisher = RedisPublisher::connect(&config, Arc::new(Sequencer::new("sharded-test")))
+        .await
+        .unwrap();
+    let sub = PubSub::new(BackendConfig::Redis(config.clone())).get_subscriber();
+    sub.register_topic("tenant1");
+    let (mut rx, _task) = sub.clone().updates(1024);
+    // A plain subscriber of the same URL sees nothing: SPUBLISH is not PUBLISH.
+    let mut plain = redis_updates(&cluster.url());
+    let row = |k: String| DbUpdate::new("lport", k, Action::Set, None).with_topic("tenant1");
+    for i in 0.. {
+        publisher
+            .send_event(&row(format!("probe{i}")), None)
+            .await
+            .unwrap();
+        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            break;
+        }
+        assert!(i < 100, "the sharded subscriber never received anything");
+    }
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {}
+    // kill -9 the channel's owner; publish on (retrying) through the failover.
+    let owner = cluster.master_of(b"tenant1").await;
+    cluster.nodes[owner].stop();
+    let mut sent = 0;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut got = Vec::new();
+    loop {
+        if publisher
+            .send_event(&row(format!("k{sent}")), None)
+            .await
+            .is_ok()
+        {
+            sent += 1;
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        while let Ok(u) = rx.try_recv() {
+            got.push(u);
+        }
+        let synced = got.iter().any(|u| u.action == Action::Sync);
+        let after = got
+            .iter()
+            .skip_while(|u| u.action != Action::Sync)
+            .filter(|u| u.key.starts_with('k'))
+            .count();
+        if synced && after >= 10 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no sync and resumed delivery after the failover; got {} updates, {} syncs, the last {:?}",
+            got.len(),
+            got.iter().filter(|u| u.action == Action::Sync).count(),
+            got.last()
+        );
+    }
+    assert!(
+        plain.try_recv().is_err(),
+        "a plain SUBSCRIBE subscriber received sharded messages"
+    );
+    sub.stop();
+}

@@ -304,6 +304,7 @@ async fn redis_to_redis_publish_and_subscribe() {
         url: redis.url(),
         codec: Codec::Msgpack,
         connect_timeout: Duration::from_secs(5),
+        sharded: false,
         auth: Default::default(),
     });
     let sub = PubSub::new(backend).get_subscriber(); // on D

@@ -147,6 +147,7 @@ async fn redis_password_works_and_a_wrong_one_fails_fast() {
         url: redis.url(),
         codec: Codec::Msgpack,
         connect_timeout: Duration::from_secs(5),
+        sharded: false,
         auth: auth.clone(),
     }))
     .get_subscriber();

@@ -2,7 +2,7 @@
 //! topics' channels that resubscribes after a reconnect and then delivers a
 //! `sync` (messages published while it was away are gone for good).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +29,8 @@ pub struct RedisPublisher {
     codec: Codec,
     sequencer: Arc<Sequencer>,
     timeout: Duration,
+    /// `SPUBLISH` instead of `PUBLISH`.
+    sharded: bool,
     connection: Arc<Mutex<Option<Conn>>>,
     /// Stops the heartbeat task when the publisher goes away.
     _heartbeat: tokio_util::sync::DropGuard,
@@ -42,6 +44,7 @@ fn spawn_heartbeat(
     connection: Arc<Mutex<Option<Conn>>>,
     sequencer: Arc<Sequencer>,
     codec: Codec,
+    sharded: bool,
     stop: CancellationToken,
 ) {
     tokio::spawn(async move {
@@ -57,7 +60,7 @@ fn spawn_heartbeat(
             };
             let mut guard = connection.lock().await;
             if let Some(conn) = guard.as_mut() {
-                let mut publish = redis::cmd("PUBLISH");
+                let mut publish = redis::cmd(if sharded { "SPUBLISH" } else { "PUBLISH" });
                 publish
                     .arg(HEARTBEAT_TOPIC)
                     .arg(codec.encode(&update, &envelope));
@@ -89,6 +92,7 @@ impl RedisPublisher {
             connection.clone(),
             sequencer.clone(),
             config.codec,
+            config.sharded,
             stop.clone(),
         );
         Ok(RedisPublisher {
@@ -96,6 +100,7 @@ impl RedisPublisher {
             codec: config.codec,
             sequencer,
             timeout: config.connect_timeout,
+            sharded: config.sharded,
             connection,
             _heartbeat: stop.drop_guard(),
         })
@@ -120,19 +125,42 @@ impl RedisPublisher {
                     .map_err(send_error)?,
             ),
         };
-        let mut pipe = redis::pipe();
+        // PUBLISH reaches every node of a cluster from any node: one
+        // pipeline. SPUBLISH goes to the channel's slot owner: on a cluster
+        // one pipeline per slot (a pipeline may not cross slots), sent at
+        // once; the order within a topic is kept.
+        let command = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
+        let mut pipes: Vec<(u16, redis::Pipeline)> = Vec::new();
         for (update, topic) in items {
             let payload = self.codec.encode(update, &self.sequencer.stamp(topic));
-            pipe.cmd("PUBLISH").arg(*topic).arg(payload).ignore();
+            let slot = if self.sharded && conn.is_cluster() {
+                crate::db::redis::slot(topic.as_bytes())
+            } else {
+                0
+            };
+            let pipe = match pipes.iter_mut().position(|(s, _)| *s == slot) {
+                Some(i) => &mut pipes[i].1,
+                None => {
+                    pipes.push((slot, redis::pipe()));
+                    &mut pipes.last_mut().expect("just pushed").1
+                }
+            };
+            pipe.cmd(command).arg(*topic).arg(payload).ignore();
         }
-        let sent: Result<(), _> = tokio::time::timeout(self.timeout, pipe.query_async(conn))
-            .await
-            .unwrap_or_else(|_| {
-                Err(redis::RedisError::from((
-                    redis::ErrorKind::Io,
-                    "PUBLISH timed out",
-                )))
-            });
+        let sends = pipes.iter().map(|(_, pipe)| {
+            let mut conn = conn.clone();
+            async move { pipe.query_async::<()>(&mut conn).await }
+        });
+        let sent: Result<(), _> =
+            tokio::time::timeout(self.timeout, futures_util::future::try_join_all(sends))
+                .await
+                .map(|r| r.map(|_| ()))
+                .unwrap_or_else(|_| {
+                    Err(redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "PUBLISH timed out",
+                    )))
+                });
         sent.map_err(|e| {
             *guard = None;
             for (_, topic) in items.iter().rev() {
@@ -167,6 +195,8 @@ pub struct RedisSubscriber {
     url: String,
     codec: Codec,
     timeout: Duration,
+    /// `SSUBSCRIBE` (a Redis Cluster) instead of `SUBSCRIBE`.
+    sharded: bool,
     registry: Registry,
     stop: CancellationToken,
     gaps: Arc<AtomicU64>,
@@ -180,6 +210,7 @@ impl RedisSubscriber {
             url: redacted(&config.url),
             codec: config.codec,
             timeout: config.connect_timeout,
+            sharded: config.sharded,
             registry: Registry::default(),
             stop: CancellationToken::new(),
             gaps: Arc::default(),
@@ -276,44 +307,225 @@ impl RedisSubscriber {
                 }
                 msg = messages.next() => {
                     let Some(msg) = msg else { return Ended::Lost("connection closed".into()) };
-                    let channel = msg.get_channel_name();
-                    if channel == HEARTBEAT_TOPIC {
-                        let Ok((heartbeat, envelope)) = self.codec.decode(msg.get_payload_bytes()) else {
-                            continue;
-                        };
-                        if let Some(reason) = tracker.heartbeat(&heartbeat, &envelope, |t| wanted.wants(t)) {
-                            tracing::warn!(%reason, "Delivering a sync: updates may have been missed.");
-                            if sink.send(DbUpdate::sync(reason)).await.is_err() {
+                    let delivered = self
+                        .deliver(msg.get_channel_name(), msg.get_payload_bytes(), &wanted, tracker, sink, &mut undecodable)
+                        .await;
+                    if !delivered {
+                        return Ended::Stopped;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one message on `channel`: a heartbeat feeds the gap tracker,
+    /// an update goes to `sink` (after a `sync` when a gap shows). `false`
+    /// when the sink is gone.
+    async fn deliver(
+        &self,
+        channel: &str,
+        payload: &[u8],
+        wanted: &Registration,
+        tracker: &mut GapTracker,
+        sink: &mpsc::Sender<DbUpdate>,
+        undecodable: &mut u64,
+    ) -> bool {
+        if channel == HEARTBEAT_TOPIC {
+            let Ok((heartbeat, envelope)) = self.codec.decode(payload) else {
+                return true;
+            };
+            if let Some(reason) = tracker.heartbeat(&heartbeat, &envelope, |t| wanted.wants(t)) {
+                tracing::warn!(%reason, "Delivering a sync: updates may have been missed.");
+                return sink.send(DbUpdate::sync(reason)).await.is_ok();
+            }
+            return true;
+        }
+        // Redis' own keyspace / keyevent channels (seen with PSUBSCRIBE * on
+        // a Redis that also serves data) are no publisher's messages.
+        if !wanted.wants(channel)
+            || channel.starts_with("__keyspace@")
+            || channel.starts_with("__keyevent@")
+        {
+            return true;
+        }
+        match self.codec.decode(payload) {
+            Ok((update, envelope)) => {
+                if let Some(reason) = tracker.check(channel, &envelope) {
+                    if sink.send(DbUpdate::sync(reason)).await.is_err() {
+                        return false;
+                    }
+                }
+                sink.send(update).await.is_ok()
+            }
+            Err(e) => {
+                *undecodable += 1;
+                // Once per power of two: a shared Redis full of foreign
+                // channels must not flood the log.
+                if undecodable.is_power_of_two() {
+                    tracing::warn!(%channel, error = %e, undecodable, "Dropped an undecodable message (logged at 1, 2, 4, 8... of them).");
+                }
+                true
+            }
+        }
+    }
+
+    /// A session of a sharded subscriber (`SSUBSCRIBE`): a RESP3 cluster
+    /// connection subscribes each channel on its slot's owner and, after a
+    /// failover or a slot move, subscribes it again on the new owner; every
+    /// such re-subscription is delivered as a `sync` (messages published
+    /// meanwhile are gone).
+    async fn sharded_session(
+        &self,
+        client: &redis::Client,
+        sink: &mpsc::Sender<DbUpdate>,
+        reconnect: &mut Reconnect,
+        tracker: &mut GapTracker,
+        first: bool,
+    ) -> Ended {
+        let (push_tx, mut pushes) = mpsc::unbounded_channel::<redis::PushInfo>();
+        let cluster = redis::cluster::ClusterClientBuilder::new(
+            crate::db::redis::seeds(client)
+                .iter()
+                .map(|c| c.get_connection_info().clone()),
+        )
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .push_sender(push_tx)
+        .connection_timeout(self.timeout)
+        .build();
+        let mut conn = match cluster {
+            Ok(c) => match tokio::time::timeout(self.timeout, c.get_async_connection()).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    return Ended::Lost(format!("sharded pub/sub needs a Redis Cluster: {e}"))
+                }
+                Err(_) => return Ended::Lost("connect timed out".into()),
+            },
+            Err(e) => return Ended::Lost(e.to_string()),
+        };
+        let mut registration = self.registry.watch();
+        let mut wanted = registration.borrow_and_update().clone();
+        if wanted.topics.contains("") {
+            tracing::warn!("A sharded subscriber cannot subscribe to every channel (there is no sharded pattern subscription); register topics.");
+        }
+        let channels = |r: &Registration| -> BTreeSet<String> {
+            let mut c: BTreeSet<String> =
+                r.topics.iter().filter(|t| !t.is_empty()).cloned().collect();
+            if !c.is_empty() {
+                c.insert(HEARTBEAT_TOPIC.to_owned());
+            }
+            c
+        };
+        let mut applied = BTreeSet::new();
+        let mut confirmed: BTreeSet<Vec<u8>> = BTreeSet::new();
+        let mut undecodable = 0u64;
+        for t in channels(&wanted) {
+            if let Err(e) = conn.ssubscribe(&t).await {
+                return Ended::Lost(e.to_string());
+            }
+            applied.insert(t);
+        }
+        // Which node serves each channel: after a failover or a slot move
+        // the subscription is made again from scratch on the new owner.
+        let mut topology = Conn::Cluster(conn.clone());
+        crate::db::redis::remember_nodes(client, &mut topology).await;
+        let owners = |nodes: &[crate::db::redis::Node], channels: &BTreeSet<String>| {
+            channels
+                .iter()
+                .map(|c| {
+                    let slot = crate::db::redis::slot(c.as_bytes());
+                    let owner = nodes
+                        .iter()
+                        .find(|n| n.master && n.slots.iter().any(|&(a, b)| a <= slot && slot <= b))
+                        .map(|n| n.addr.clone());
+                    (c.clone(), owner)
+                })
+                .collect::<BTreeMap<_, _>>()
+        };
+        let mut subscribed_at = match crate::db::redis::nodes(&mut topology, "").await {
+            Ok(nodes) => owners(&nodes, &applied),
+            Err(e) => return Ended::Lost(e.to_string()),
+        };
+        let mut check = tokio::time::interval(Duration::from_secs(1));
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        reconnect.up();
+        tracing::info!(url = %self.url, topics = ?wanted.topics, "Redis sharded subscriber subscribed.");
+        if !first
+            && sink
+                .send(DbUpdate::sync("redis subscriber reconnected"))
+                .await
+                .is_err()
+        {
+            return Ended::Stopped;
+        }
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return Ended::Stopped,
+                changed = registration.changed() => {
+                    if changed.is_ok() {
+                        wanted = registration.borrow_and_update().clone();
+                        let target = channels(&wanted);
+                        for t in target.difference(&applied) {
+                            if let Err(e) = conn.ssubscribe(t).await {
+                                return Ended::Lost(e.to_string());
+                            }
+                        }
+                        for t in applied.difference(&target) {
+                            let _ = conn.sunsubscribe(t).await;
+                            confirmed.remove(t.as_bytes());
+                        }
+                        applied = target;
+                        if let Ok(nodes) = crate::db::redis::nodes(&mut topology, "").await {
+                            subscribed_at = owners(&nodes, &applied);
+                        }
+                    }
+                }
+                _ = check.tick() => {
+                    // A node that cannot answer now is no news: the next tick asks again.
+                    if let Ok(nodes) = crate::db::redis::nodes(&mut topology, "").await {
+                        let now = owners(&nodes, &applied);
+                        if now != subscribed_at {
+                            if now.values().all(Option::is_some) {
+                                return Ended::Lost("a sharded channel moved to another node".into());
+                            }
+                            subscribed_at = now;
+                        }
+                    }
+                }
+                push = pushes.recv() => {
+                    let Some(push) = push else { return Ended::Lost("connection closed".into()) };
+                    if push.kind == redis::PushKind::Disconnection {
+                        return Ended::Lost("connection closed".into());
+                    }
+                    let text = |v: &redis::Value| match v {
+                        redis::Value::BulkString(b) => b.clone(),
+                        redis::Value::SimpleString(s) => s.clone().into_bytes(),
+                        _ => Vec::new(),
+                    };
+                    match push.kind {
+                        redis::PushKind::SMessage if push.data.len() >= 2 => {
+                            let channel = String::from_utf8_lossy(&text(&push.data[0])).into_owned();
+                            let payload = text(&push.data[1]);
+                            if !self.deliver(&channel, &payload, &wanted, tracker, sink, &mut undecodable).await {
                                 return Ended::Stopped;
                             }
                         }
-                        continue;
-                    }
-                    // Redis' own keyspace / keyevent channels (seen with
-                    // PSUBSCRIBE * on a Redis that also serves data) are no
-                    // publisher's messages.
-                    if !wanted.wants(channel) || channel.starts_with("__keyspace@") || channel.starts_with("__keyevent@") {
-                        continue;
-                    }
-                    match self.codec.decode(msg.get_payload_bytes()) {
-                        Ok((update, envelope)) => {
-                            if let Some(reason) = tracker.check(channel, &envelope) {
+                        redis::PushKind::SSubscribe => {
+                            // A channel confirmed a second time was
+                            // subscribed again on a new owner.
+                            let channel = push.data.first().map(text).unwrap_or_default();
+                            if !confirmed.insert(channel.clone()) {
+                                let reason = format!(
+                                    "sharded channel {:?} moved to another node (failover or slot migration)",
+                                    String::from_utf8_lossy(&channel)
+                                );
+                                tracing::warn!(%reason, "Delivering a sync: updates may have been missed.");
                                 if sink.send(DbUpdate::sync(reason)).await.is_err() {
                                     return Ended::Stopped;
                                 }
                             }
-                            if sink.send(update).await.is_err() {
-                                return Ended::Stopped;
-                            }
                         }
-                        Err(e) => {
-                            undecodable += 1;
-                            // Once per power of two: a shared Redis full of
-                            // foreign channels must not flood the log.
-                            if undecodable.is_power_of_two() {
-                                tracing::warn!(%channel, error = %e, undecodable, "Dropped an undecodable message (logged at 1, 2, 4, 8... of them).");
-                            }
-                        }
+                        _ => {}
                     }
                 }
             }
@@ -347,10 +559,14 @@ impl Subscriber for RedisSubscriber {
         let mut first = true;
         let mut tracker = GapTracker::new(self.gaps.clone());
         loop {
-            match self
-                .session(client, &sink, &mut reconnect, &mut tracker, first)
-                .await
-            {
+            let session = if self.sharded {
+                self.sharded_session(client, &sink, &mut reconnect, &mut tracker, first)
+                    .await
+            } else {
+                self.session(client, &sink, &mut reconnect, &mut tracker, first)
+                    .await
+            };
+            match session {
                 Ended::Stopped => return Ok(()),
                 Ended::Lost(e) => {
                     first = false;

@@ -61,6 +61,13 @@ pub struct RedisBackendConfig {
     /// How long a connect attempt may take.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Publish with `SPUBLISH` (Redis ≥ 7) to the node owning the channel's
+    /// slot, and subscribe with `SSUBSCRIBE` there: on a Redis Cluster the
+    /// publish cost grows with the cluster instead of every message
+    /// crossing every node. Dragonflow's Redis subscriber uses plain
+    /// `SUBSCRIBE`, so the default is `PUBLISH`.
+    #[serde(default)]
+    pub sharded: bool,
     /// Credentials and TLS (`[source.auth]` / `[backend.auth]`).
     #[serde(default)]
     pub auth: AuthConfig,

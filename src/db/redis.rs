@@ -143,27 +143,92 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// The nodes last seen in each cluster, by the address of the node a
+/// config names: when that node is down later, the others are tried as
+/// seeds, so "any node's URL" keeps working through its failure.
+static KNOWN_NODES: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// `client`'s node first, then the other nodes last seen in its cluster.
+pub fn seeds(client: &redis::Client) -> Vec<redis::Client> {
+    let named = addr_of(client);
+    let known = KNOWN_NODES
+        .lock()
+        .expect("known nodes lock")
+        .get(&named)
+        .cloned()
+        .unwrap_or_default();
+    std::iter::once(client.clone())
+        .chain(
+            known
+                .iter()
+                .filter(|a| **a != named)
+                .filter_map(|a| node_client(client, a).ok()),
+        )
+        .collect()
+}
+
+/// `host:port` of the server a client names.
+pub fn addr_of(client: &redis::Client) -> String {
+    match client.get_connection_info().addr() {
+        redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
+        redis::ConnectionAddr::TcpTls { host, port, .. } => format!("{host}:{port}"),
+        other => other.to_string(),
+    }
+}
+
 /// Opens a connection within `timeout`: to the server `client` names, or,
 /// when that server is a Redis Cluster node (`cluster_enabled:1`), to the
-/// whole cluster, seeded by that node.
+/// whole cluster. When the named node does not answer, the other nodes
+/// last seen in its cluster are tried.
 pub async fn connect(client: &redis::Client, timeout: Duration) -> Result<Conn, String> {
-    let mut node = connect_node(client, timeout).await?;
-    if !cluster_enabled(&mut node).await.map_err(|e| explain(&e))? {
-        return Ok(Conn::Single(node));
+    let seeds = seeds(client);
+    let mut first_error = None;
+    for seed in &seeds {
+        let mut node = match connect_node(seed, timeout).await {
+            Ok(n) => n,
+            Err(e) => {
+                first_error.get_or_insert(e);
+                continue;
+            }
+        };
+        if !cluster_enabled(&mut node).await.map_err(|e| explain(&e))? {
+            return Ok(Conn::Single(node));
+        }
+        let cluster = redis::cluster::ClusterClientBuilder::new(
+            std::iter::once(seed)
+                .chain(seeds.iter())
+                .map(|c| c.get_connection_info().clone()),
+        )
+        .connection_timeout(timeout)
+        .response_timeout(timeout)
+        .build()
+        .map_err(|e| explain(&e))?;
+        let mut conn = match tokio::time::timeout(timeout, cluster.get_async_connection()).await {
+            Ok(Ok(c)) => Conn::Cluster(c),
+            Ok(Err(e)) => return Err(format!("cluster: {}", explain(&e))),
+            Err(_) => {
+                return Err(format!(
+                    "cluster: no answer within {}",
+                    humantime::format_duration(timeout)
+                ))
+            }
+        };
+        remember_nodes(client, &mut conn).await;
+        return Ok(conn);
     }
-    let cluster =
-        redis::cluster::ClusterClientBuilder::new(vec![client.get_connection_info().clone()])
-            .connection_timeout(timeout)
-            .response_timeout(timeout)
-            .build()
-            .map_err(|e| explain(&e))?;
-    match tokio::time::timeout(timeout, cluster.get_async_connection()).await {
-        Ok(Ok(c)) => Ok(Conn::Cluster(c)),
-        Ok(Err(e)) => Err(format!("cluster: {}", explain(&e))),
-        Err(_) => Err(format!(
-            "cluster: no answer within {}",
-            humantime::format_duration(timeout)
-        )),
+    Err(first_error.unwrap_or_else(|| "no node to connect to".into()))
+}
+
+/// Records the cluster's current nodes as seeds for `client`.
+pub async fn remember_nodes(client: &redis::Client, conn: &mut Conn) {
+    if let Ok(nodes) = nodes(conn, "").await {
+        let addrs = nodes.into_iter().map(|n| n.addr).collect();
+        KNOWN_NODES
+            .lock()
+            .expect("known nodes lock")
+            .insert(addr_of(client), addrs);
     }
 }
 

@@ -284,15 +284,6 @@ struct Topology {
     masters: Vec<(Node, redis::Client, MultiplexedConnection)>,
 }
 
-/// `host:port` of the server a client names.
-fn node_addr(client: &redis::Client) -> String {
-    match client.get_connection_info().addr() {
-        redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
-        redis::ConnectionAddr::TcpTls { host, port, .. } => format!("{host}:{port}"),
-        other => other.to_string(),
-    }
-}
-
 fn in_slots(slot: u16, ranges: &[(u16, u16)]) -> bool {
     ranges.iter().any(|&(a, b)| a <= slot && slot <= b)
 }
@@ -401,7 +392,7 @@ impl RedisSource {
     async fn topology(&self, client: &redis::Client) -> Result<Topology, String> {
         let timeout = self.config.connect_timeout;
         let mut data = connect(client, timeout).await?;
-        let nodes = crate::db::redis::nodes(&mut data, &node_addr(client))
+        let nodes = crate::db::redis::nodes(&mut data, &crate::db::redis::addr_of(client))
             .await
             .map_err(|e| explain(&e))?;
         let mut masters = Vec::new();

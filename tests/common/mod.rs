@@ -431,6 +431,7 @@ pub fn redis_updates(url: &str) -> mpsc::Receiver<DbUpdate> {
         url: url.to_owned(),
         codec: feedbridge::codec::Codec::Msgpack,
         connect_timeout: Duration::from_secs(5),
+        sharded: false,
         auth: Default::default(),
     }))
     .get_subscriber();

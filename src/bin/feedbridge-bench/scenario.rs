@@ -58,6 +58,7 @@ pub(crate) fn subscriber_backend(db: &Db, backend: Backend, zmq_port: u16) -> Ba
             url: r.url(),
             codec: Codec::Msgpack,
             connect_timeout: Duration::from_secs(5),
+            sharded: false,
             auth: Default::default(),
         }),
         (Backend::Etcd, Db::Etcd(e)) => BackendConfig::Etcd(EtcdBackendConfig {
