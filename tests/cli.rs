@@ -17,6 +17,7 @@ fn check_accepts_examples_and_rejects_bad_configs_with_exit_2() {
         "etcd-redis",
         "redis-zmq",
         "redis-redis",
+        "redis-cluster",
         "publisher-service",
         "ha",
     ] {

@@ -114,13 +114,16 @@ async fn every_example_config_runs_end_to_end() {
     for name in [
         "feedbridge",
         "redis-zmq",
+        "redis-cluster",
         "redis-redis",
         "etcd-etcd",
         "etcd-redis",
     ] {
         let port = free_port();
         let args = match name {
-            "feedbridge" | "redis-zmq" => vec![
+            // (redis-cluster runs here on a standalone server, which it also
+            // accepts; tests/redis_cluster.rs covers a real cluster)
+            "feedbridge" | "redis-zmq" | "redis-cluster" => vec![
                 s("--backend"),
                 s("zmq"),
                 s("--connect"),

@@ -98,6 +98,8 @@ pub(crate) struct Args {
 pub(crate) enum Source {
     Etcd,
     Redis,
+    /// A 3-master Redis Cluster started by the benchmark.
+    RedisCluster,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]

@@ -144,22 +144,40 @@ pub(crate) async fn plain_watcher(
                 }
             })
         }
-        Db::Redis(r) => {
+        Db::Redis(_) | Db::RedisCluster(_) => {
             // Notifications carry no value: read it, pipelined per batch,
-            // as any keyspace consumer (and the bridge) must.
-            let client = redis::Client::open(r.url()).unwrap();
-            let mut conn = r.connection().await;
-            redis::cmd("CONFIG")
-                .arg("SET")
-                .arg("notify-keyspace-events")
-                .arg("KA")
-                .query_async::<()>(&mut conn)
+            // as any keyspace consumer (and the bridge) must. On a cluster
+            // every master tells of its own keys.
+            let client = redis::Client::open(db.redis_url().expect("a Redis")).unwrap();
+            let timeout = Duration::from_secs(5);
+            let mut conn = feedbridge::db::redis::connect(&client, timeout)
                 .await
                 .unwrap();
-            let mut pubsub = client.get_async_pubsub().await.unwrap();
-            pubsub.psubscribe("__keyspace@0__:{bench.}*").await.unwrap();
+            let addr = feedbridge::db::redis::addr_of(&client);
+            let nodes = feedbridge::db::redis::nodes(&mut conn, &addr).await.unwrap();
+            let mut streams = Vec::new();
+            for node in nodes.iter().filter(|n| n.master) {
+                let node_client = if conn.is_cluster() {
+                    feedbridge::db::redis::node_client(&client, &node.addr).unwrap()
+                } else {
+                    client.clone()
+                };
+                let mut direct = feedbridge::db::redis::connect_node(&node_client, timeout)
+                    .await
+                    .unwrap();
+                redis::cmd("CONFIG")
+                    .arg("SET")
+                    .arg("notify-keyspace-events")
+                    .arg("KA")
+                    .query_async::<()>(&mut direct)
+                    .await
+                    .unwrap();
+                let mut pubsub = node_client.get_async_pubsub().await.unwrap();
+                pubsub.psubscribe("__keyspace@0__:{bench.*").await.unwrap();
+                streams.push(pubsub.into_on_message());
+            }
+            let mut messages = futures_util::stream::select_all(streams);
             tokio::spawn(async move {
-                let mut messages = pubsub.into_on_message();
                 loop {
                     let first = tokio::select! {
                         _ = stop.cancelled() => return,
@@ -175,12 +193,19 @@ pub(crate) async fn plain_watcher(
                             break;
                         }
                     }
-                    let mut pipe = redis::pipe();
-                    for k in &keys {
-                        pipe.cmd("GET").arg(k);
-                    }
-                    let values: Vec<Option<Vec<u8>>> =
-                        pipe.query_async(&mut conn).await.unwrap_or_default();
+                    let values: Vec<Option<Vec<u8>>> = if conn.is_cluster() {
+                        let gets = keys.iter().map(|k| {
+                            let mut c = conn.clone();
+                            async move { redis::cmd("GET").arg(k).query_async(&mut c).await.ok().flatten() }
+                        });
+                        futures_util::future::join_all(gets).await
+                    } else {
+                        let mut pipe = redis::pipe();
+                        for k in &keys {
+                            pipe.cmd("GET").arg(k);
+                        }
+                        pipe.query_async(&mut conn).await.unwrap_or_default()
+                    };
                     for v in values.into_iter().flatten() {
                         rec.record(&v);
                     }

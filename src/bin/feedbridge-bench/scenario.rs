@@ -24,15 +24,19 @@ pub(crate) fn bridge_config(db: &Db, backend: Backend, zmq_port: u16) -> String 
             "[source]\ntype = \"etcd\"\nendpoints = [\"{}\"]\nprefix = \"/bench/\"\n",
             e.endpoint()
         ),
-        Db::Redis(r) => format!("[source]\ntype = \"redis\"\nurl = \"{}\"\n", r.url()),
+        Db::Redis(_) | Db::RedisCluster(_) => format!(
+            "[source]\ntype = \"redis\"\nurl = \"{}\"\n",
+            db.redis_url().expect("a Redis")
+        ),
     };
     let backend = match (backend, db) {
         (Backend::Zmq, _) => {
             format!("[backend]\ntype = \"zmq\"\nbind = \"tcp://127.0.0.1:{zmq_port}\"\n")
         }
-        (Backend::Redis, Db::Redis(r)) => {
-            format!("[backend]\ntype = \"redis\"\nurl = \"{}\"\n", r.url())
-        }
+        (Backend::Redis, Db::Redis(_) | Db::RedisCluster(_)) => format!(
+            "[backend]\ntype = \"redis\"\nurl = \"{}\"\n",
+            db.redis_url().expect("a Redis")
+        ),
         (Backend::Etcd, Db::Etcd(e)) => format!(
             "[backend]\ntype = \"etcd\"\nendpoints = [\"{}\"]\n",
             e.endpoint()
@@ -54,8 +58,8 @@ pub(crate) fn subscriber_backend(db: &Db, backend: Backend, zmq_port: u16) -> Ba
             linger: Duration::ZERO,
             rejoin_wait: Duration::ZERO,
         }),
-        (Backend::Redis, Db::Redis(r)) => BackendConfig::Redis(RedisBackendConfig {
-            url: r.url(),
+        (Backend::Redis, Db::Redis(_) | Db::RedisCluster(_)) => BackendConfig::Redis(RedisBackendConfig {
+            url: db.redis_url().expect("a Redis"),
             codec: Codec::Msgpack,
             connect_timeout: Duration::from_secs(5),
             sharded: false,

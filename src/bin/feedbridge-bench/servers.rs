@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use feedbridge::testing::{EtcdServer, RedisServer};
+use feedbridge::testing::{EtcdServer, RedisCluster, RedisServer};
 
 use crate::measure::{value, Recorder};
 use crate::{Args, Source};
@@ -15,6 +15,18 @@ use crate::{Args, Source};
 pub(crate) enum Db {
     Etcd(EtcdServer),
     Redis(RedisServer),
+    RedisCluster(RedisCluster),
+}
+
+/// A Redis key of the benchmark: on a cluster spread over 16 hash tags
+/// (so over every master), else under one.
+pub(crate) fn redis_key(name: &str, cluster: bool) -> String {
+    if cluster {
+        let tag = name.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32)) % 16;
+        format!("{{bench.t{tag}}}{name}")
+    } else {
+        format!("{{bench.}}{name}")
+    }
 }
 
 impl Db {
@@ -23,28 +35,45 @@ impl Db {
             Source::Etcd => Db::Etcd(EtcdServer::start().await),
             // No AOF fsync per write: a benchmark of the bridge, not the disk.
             Source::Redis => Db::Redis(RedisServer::start_with(&["appendonly no"]).await),
+            Source::RedisCluster => Db::RedisCluster(RedisCluster::start(3, 0).await),
+        }
+    }
+
+    /// A URL of the database (a seed node for a cluster).
+    pub(crate) fn redis_url(&self) -> Option<String> {
+        match self {
+            Db::Etcd(_) => None,
+            Db::Redis(r) => Some(r.url()),
+            Db::RedisCluster(c) => Some(c.url()),
+        }
+    }
+
+    /// The database's processes.
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        match self {
+            Db::Etcd(e) => e.pid().into_iter().collect(),
+            Db::Redis(r) => r.pid().into_iter().collect(),
+            Db::RedisCluster(c) => c.nodes.iter().filter_map(|n| n.pid()).collect(),
         }
     }
 
     pub(crate) fn key(&self, name: &str) -> String {
         match self {
             Db::Etcd(_) => format!("/bench/{name}"),
-            Db::Redis(_) => format!("{{bench.}}{name}"),
+            Db::Redis(_) => redis_key(name, false),
+            Db::RedisCluster(_) => redis_key(name, true),
         }
     }
 
     pub(crate) async fn writer(&self) -> Writer {
-        match self {
-            Db::Etcd(e) => Writer::Etcd(Box::new(e.client().await)),
-            Db::Redis(r) => Writer::Redis(r.connection().await),
-        }
+        Target::of(self).writer().await
     }
 }
 
 /// A connection that writes the load.
 pub(crate) enum Writer {
     Etcd(Box<etcd_client::Client>),
-    Redis(redis::aio::MultiplexedConnection),
+    Redis(feedbridge::db::redis::Conn),
 }
 
 impl Writer {
@@ -78,6 +107,7 @@ pub(crate) async fn preload(db: &Db, n: usize, size: usize) {
 pub(crate) enum Target {
     Etcd(String),
     Redis(String),
+    RedisCluster(String),
 }
 
 impl Target {
@@ -85,6 +115,7 @@ impl Target {
         match db {
             Db::Etcd(e) => Target::Etcd(e.endpoint()),
             Db::Redis(r) => Target::Redis(r.url()),
+            Db::RedisCluster(c) => Target::RedisCluster(c.url()),
         }
     }
 
@@ -92,6 +123,7 @@ impl Target {
         match spec.split_once(':') {
             Some(("etcd", url)) => Target::Etcd(url.to_owned()),
             Some(("redis", url)) => Target::Redis(url.to_owned()),
+            Some(("redis-cluster", url)) => Target::RedisCluster(url.to_owned()),
             _ => panic!("--writer-child takes etcd:URL or redis:URL, not {spec}"),
         }
     }
@@ -100,13 +132,15 @@ impl Target {
         match self {
             Target::Etcd(u) => format!("etcd:{u}"),
             Target::Redis(u) => format!("redis:{u}"),
+            Target::RedisCluster(u) => format!("redis-cluster:{u}"),
         }
     }
 
     pub(crate) fn key(&self, name: &str) -> String {
         match self {
             Target::Etcd(_) => format!("/bench/{name}"),
-            Target::Redis(_) => format!("{{bench.}}{name}"),
+            Target::Redis(_) => redis_key(name, false),
+            Target::RedisCluster(_) => redis_key(name, true),
         }
     }
 
@@ -115,12 +149,13 @@ impl Target {
             Target::Etcd(url) => Writer::Etcd(Box::new(
                 etcd_client::Client::connect([url], None).await.unwrap(),
             )),
-            Target::Redis(url) => Writer::Redis(
-                redis::Client::open(url.as_str())
-                    .unwrap()
-                    .get_multiplexed_async_connection()
-                    .await
-                    .unwrap(),
+            Target::Redis(url) | Target::RedisCluster(url) => Writer::Redis(
+                feedbridge::db::redis::connect(
+                    &redis::Client::open(url.as_str()).unwrap(),
+                    Duration::from_secs(5),
+                )
+                .await
+                .unwrap(),
             ),
         }
     }
@@ -139,7 +174,7 @@ pub(crate) async fn run_writers(target: &Target, args: &Args, written: Arc<Atomi
             args.writers as u64,
         );
         let keys_per_writer = args.keys_per_writer;
-        let prefix = target.key(&format!("w{w}-"));
+        let target = target.clone();
         tasks.push(tokio::spawn(async move {
             let mut tick = (rate > 0).then(|| {
                 let mut t =
@@ -159,7 +194,7 @@ pub(crate) async fn run_writers(target: &Target, args: &Args, written: Arc<Atomi
                 } else {
                     i
                 };
-                writer.put(format!("{prefix}{n}"), value(size)).await;
+                writer.put(target.key(&format!("w{w}-{n}")), value(size)).await;
                 written.fetch_add(1, Relaxed);
                 i += 1;
             }
@@ -270,11 +305,9 @@ impl Drop for KillOnDrop {
 pub(crate) async fn fresh_db(args: &Args) -> Db {
     let db = Db::start(args.source).await;
     if args.pin {
-        let db_pid = match &db {
-            Db::Etcd(e) => e.pid(),
-            Db::Redis(r) => r.pid(),
-        };
-        pin(db_pid.expect("the database runs"), 0);
+        for pid in db.pids() {
+            pin(pid, 0);
+        }
     }
     if args.preload > 0 {
         preload(&db, args.preload, args.value_size).await;
