@@ -154,7 +154,9 @@ pub(crate) async fn plain_watcher(
                 .await
                 .unwrap();
             let addr = feedbridge::db::redis::addr_of(&client);
-            let nodes = feedbridge::db::redis::nodes(&mut conn, &addr).await.unwrap();
+            let nodes = feedbridge::db::redis::nodes(&mut conn, &addr)
+                .await
+                .unwrap();
             let mut streams = Vec::new();
             for node in nodes.iter().filter(|n| n.master) {
                 let node_client = if conn.is_cluster() {
@@ -196,7 +198,14 @@ pub(crate) async fn plain_watcher(
                     let values: Vec<Option<Vec<u8>>> = if conn.is_cluster() {
                         let gets = keys.iter().map(|k| {
                             let mut c = conn.clone();
-                            async move { redis::cmd("GET").arg(k).query_async(&mut c).await.ok().flatten() }
+                            async move {
+                                redis::cmd("GET")
+                                    .arg(k)
+                                    .query_async(&mut c)
+                                    .await
+                                    .ok()
+                                    .flatten()
+                            }
                         });
                         futures_util::future::join_all(gets).await
                     } else {

@@ -58,13 +58,15 @@ pub(crate) fn subscriber_backend(db: &Db, backend: Backend, zmq_port: u16) -> Ba
             linger: Duration::ZERO,
             rejoin_wait: Duration::ZERO,
         }),
-        (Backend::Redis, Db::Redis(_) | Db::RedisCluster(_)) => BackendConfig::Redis(RedisBackendConfig {
-            url: db.redis_url().expect("a Redis"),
-            codec: Codec::Msgpack,
-            connect_timeout: Duration::from_secs(5),
-            sharded: false,
-            auth: Default::default(),
-        }),
+        (Backend::Redis, Db::Redis(_) | Db::RedisCluster(_)) => {
+            BackendConfig::Redis(RedisBackendConfig {
+                url: db.redis_url().expect("a Redis"),
+                codec: Codec::Msgpack,
+                connect_timeout: Duration::from_secs(5),
+                sharded: false,
+                auth: Default::default(),
+            })
+        }
         (Backend::Etcd, Db::Etcd(e)) => BackendConfig::Etcd(EtcdBackendConfig {
             endpoints: vec![e.endpoint()],
             prefix: "/pubsub/".into(),

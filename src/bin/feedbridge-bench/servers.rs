@@ -22,7 +22,10 @@ pub(crate) enum Db {
 /// (so over every master), else under one.
 pub(crate) fn redis_key(name: &str, cluster: bool) -> String {
     if cluster {
-        let tag = name.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32)) % 16;
+        let tag = name
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32))
+            % 16;
         format!("{{bench.t{tag}}}{name}")
     } else {
         format!("{{bench.}}{name}")
@@ -194,7 +197,9 @@ pub(crate) async fn run_writers(target: &Target, args: &Args, written: Arc<Atomi
                 } else {
                     i
                 };
-                writer.put(target.key(&format!("w{w}-{n}")), value(size)).await;
+                writer
+                    .put(target.key(&format!("w{w}-{n}")), value(size))
+                    .await;
                 written.fetch_add(1, Relaxed);
                 i += 1;
             }
