@@ -52,9 +52,21 @@ fn compose_uses_existing_configs_and_health_checks() {
             "{name}"
         );
     }
+    // Every config the compose file names exists.
+    for word in compose.split(|c: char| c.is_whitespace() || c == '"' || c == '/' || c == '=') {
+        if let Some(name) = word.strip_suffix(".toml").filter(|n| !n.contains('{')) {
+            assert!(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("config")
+                    .join(format!("{name}.toml"))
+                    .exists(),
+                "docker-compose.yml names config/{name}.toml"
+            );
+        }
+    }
     assert_eq!(
         compose.matches("healthcheck:").count(),
-        3,
-        "etcd, redis and feedbridge have health checks"
+        5,
+        "etcd, redis, feedbridge, the cluster nodes (one anchor) and the cluster's bridge have health checks"
     );
 }
