@@ -151,11 +151,23 @@ impl EtcdStore {
         if self.own_write == Some(revision) {
             return Ok(());
         }
-        let resp = self
-            .kv
-            .put(self.key.clone(), revision.to_string(), None)
-            .await
-            .map_err(|e| self.error(e))?;
+        // A cluster client may first try a member that is down: a few
+        // quick attempts before the error is the caller's.
+        let mut attempt = 0;
+        let resp = loop {
+            match self
+                .kv
+                .put(self.key.clone(), revision.to_string(), None)
+                .await
+            {
+                Ok(resp) => break resp,
+                Err(_) if attempt < 3 => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(self.error(e)),
+            }
+        };
         self.own_write = resp.header().map(|h| h.revision());
         Ok(())
     }

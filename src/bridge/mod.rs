@@ -204,7 +204,13 @@ async fn run_once(
     let mut result = join(producers, registration).await;
     let deposed = lead.as_ref().is_some_and(|l| !l.is_valid());
     match unpublished {
-        None => pipeline.save_checkpoint(true).await?,
+        None => {
+            if let Err(e) = pipeline.save_checkpoint(true).await {
+                // Everything was published; an older checkpoint only means
+                // a longer replay at the next start (at-least-once).
+                tracing::warn!(error = %e, "Cannot save the final checkpoint; the next start replays from the last saved one.");
+            }
+        }
         Some(n) if result.is_ok() && !deposed && shutdown.is_cancelled() => {
             result = Err(BridgeError::Unpublished {
                 unpublished: n,
