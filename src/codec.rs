@@ -122,6 +122,27 @@ impl Codec {
 
     /// Encodes an update with its envelope.
     pub fn encode(self, update: &DbUpdate, envelope: &Envelope) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + update.value.as_ref().map_or(0, String::len));
+        self.encode_into(
+            update,
+            envelope.publisher.as_deref(),
+            envelope.epoch,
+            envelope.seq,
+            &mut out,
+        );
+        out
+    }
+
+    /// Appends the encoding of an update with the envelope's fields to
+    /// `out`: the hot path reuses one buffer and borrows the publisher id.
+    pub fn encode_into(
+        self,
+        update: &DbUpdate,
+        publisher: Option<&str>,
+        epoch: Option<u64>,
+        seq: Option<u64>,
+        out: &mut Vec<u8>,
+    ) {
         let wire = WireOut {
             table: &update.table,
             key: &update.key,
@@ -129,17 +150,19 @@ impl Codec {
             value: update.value.as_deref(),
             topic: &update.topic,
             revision: update.revision,
-            publisher: envelope.publisher.as_deref(),
-            epoch: envelope.epoch,
-            seq: envelope.seq,
+            publisher,
+            epoch,
+            seq,
         };
         match self {
-            // `to_vec_named` writes a map with str keys (not a positional
+            // `write_named` writes a map with str keys (not a positional
             // array), which is what Dragonflow's `unpackb` expects.
             Codec::Msgpack => {
-                rmp_serde::to_vec_named(&wire).expect("a map of strings always encodes")
+                rmp_serde::encode::write_named(out, &wire).expect("a map of strings always encodes")
             }
-            Codec::Json => serde_json::to_vec(&wire).expect("a map of strings always encodes"),
+            Codec::Json => {
+                serde_json::to_writer(out, &wire).expect("a map of strings always encodes")
+            }
         }
     }
 

@@ -132,7 +132,8 @@ impl Mapper {
     /// cannot be carried is never silently dropped: a delete goes out
     /// without its previous value, and a create / set becomes a `sync` for
     /// that row, so subscribers know to re-read it.
-    pub fn map(&self, change: &Change) -> Mapped {
+    /// The change's value is taken (moved into the update), not copied.
+    pub fn map(&self, change: &mut Change) -> Mapped {
         let Ok(key) = std::str::from_utf8(&change.key) else {
             return Mapped::Skip(Skip::NonUtf8Key);
         };
@@ -146,10 +147,18 @@ impl Mapper {
         let Some(row) = self.layout.parse_key(key) else {
             return Mapped::Skip(Skip::OutsideLayout);
         };
-        let (value, uncarried) = match change.value.as_deref().map(|v| self.check_value(v)) {
+        let (value, uncarried) = match change.value.take() {
             None => (None, None),
-            Some(Ok(v)) => (Some(v.to_owned()), None),
-            Some(Err(skip)) => (None, Some(skip)),
+            Some(v) => match self.check_value(&v) {
+                Ok(()) => (
+                    Some(String::from_utf8(v).expect("checked to be UTF-8")),
+                    None,
+                ),
+                Err(skip) => {
+                    change.value = Some(v); // kept for its topic, below
+                    (None, Some(skip))
+                }
+            },
         };
         let topic = match row.topic {
             Some(t) => t.to_owned(),
@@ -190,11 +199,13 @@ impl Mapper {
     }
 
     /// The value as text, or why it cannot be carried.
-    fn check_value<'v>(&self, value: &'v [u8]) -> Result<&'v str, Skip> {
+    fn check_value(&self, value: &[u8]) -> Result<(), Skip> {
         if value.len() > self.max_value_bytes {
             return Err(Skip::Oversize);
         }
-        std::str::from_utf8(value).map_err(|_| Skip::NonUtf8Value)
+        std::str::from_utf8(value)
+            .map(|_| ())
+            .map_err(|_| Skip::NonUtf8Value)
     }
 
     /// The topic named by the value's topic field, when the value is a JSON
@@ -228,7 +239,7 @@ mod tests {
         )
     }
 
-    fn update(m: &Mapper, c: &Change) -> DbUpdate {
+    fn update(m: &Mapper, c: &mut Change) -> DbUpdate {
         match m.map(c) {
             Mapped::Update(u) => u,
             other => panic!("expected an update, got {other:?}"),
@@ -249,7 +260,7 @@ mod tests {
         let m = mapper("/{table}/{key}");
         let u = update(
             &m,
-            &change(
+            &mut change(
                 b"/lport/p1",
                 Some(br#"{"topic": "t1"}"#),
                 ChangeKind::Create,
@@ -265,9 +276,12 @@ mod tests {
             ),
             ("lport", "p1", &Action::Create, "t1", Some(9))
         );
-        let u = update(&m, &change(b"/lport/p1", Some(b"plain"), ChangeKind::Set));
+        let u = update(
+            &m,
+            &mut change(b"/lport/p1", Some(b"plain"), ChangeKind::Set),
+        );
         assert_eq!((u.action, u.topic.as_str()), (Action::Set, "D"));
-        let u = update(&m, &change(b"/lport/p1", None, ChangeKind::Delete));
+        let u = update(&m, &mut change(b"/lport/p1", None, ChangeKind::Delete));
         assert_eq!(
             (u.action, u.value, u.topic.as_str()),
             (Action::Delete, None, "D")
@@ -279,7 +293,7 @@ mod tests {
             b"[1]",
         ] {
             assert_eq!(
-                update(&m, &change(b"/a/b", Some(v), ChangeKind::Set)).topic,
+                update(&m, &mut change(b"/a/b", Some(v), ChangeKind::Set)).topic,
                 "D"
             );
         }
@@ -290,7 +304,7 @@ mod tests {
         let m = mapper("{{table}.{topic}}{key}");
         let u = update(
             &m,
-            &change(
+            &mut change(
                 b"{lport.ten}p1",
                 Some(br#"{"topic":"other"}"#),
                 ChangeKind::Set,
@@ -299,7 +313,7 @@ mod tests {
         assert_eq!(u.topic, "ten");
         let u = update(
             &m,
-            &change(
+            &mut change(
                 b"{lport.}p1",
                 Some(br#"{"topic":"other"}"#),
                 ChangeKind::Set,
@@ -319,7 +333,7 @@ mod tests {
         ];
         for (k, skip) in cases {
             for kind in [ChangeKind::Set, ChangeKind::Delete] {
-                assert_eq!(m.map(&change(k, Some(b"x"), kind)), Mapped::Skip(skip));
+                assert_eq!(m.map(&mut change(k, Some(b"x"), kind)), Mapped::Skip(skip));
             }
         }
     }
@@ -333,7 +347,7 @@ mod tests {
             (big.as_bytes(), Skip::Oversize, "t9"),
         ] {
             for kind in [ChangeKind::Create, ChangeKind::Set] {
-                let Mapped::Resync(u, why) = m.map(&change(b"/a/b", Some(value), kind)) else {
+                let Mapped::Resync(u, why) = m.map(&mut change(b"/a/b", Some(value), kind)) else {
                     panic!("expected a resync");
                 };
                 assert_eq!(why, skip);
@@ -344,13 +358,13 @@ mod tests {
                 assert!(u.value.unwrap().contains(skip.as_str()));
             }
             // A delete is always delivered; the previous value is left out.
-            let u = update(&m, &change(b"/a/b", Some(value), ChangeKind::Delete));
+            let u = update(&m, &mut change(b"/a/b", Some(value), ChangeKind::Delete));
             assert_eq!(
                 (u.action, u.value, u.topic.as_str()),
                 (Action::Delete, None, topic)
             );
         }
-        let u = update(&m, &change(b"/a/b", Some(&[b'x'; 64]), ChangeKind::Set));
+        let u = update(&m, &mut change(b"/a/b", Some(&[b'x'; 64]), ChangeKind::Set));
         assert_eq!(u.value.as_deref(), Some(&"x".repeat(64)[..]));
     }
 }

@@ -188,6 +188,19 @@ impl Default for Stats {
     }
 }
 
+/// Counts equal items, in first-seen order (a batch holds few distinct
+/// labels: a linear scan beats hashing).
+fn tally<T: PartialEq>(items: impl Iterator<Item = T>) -> Vec<(T, u64)> {
+    let mut counts: Vec<(T, u64)> = Vec::new();
+    for item in items {
+        match counts.iter_mut().find(|(seen, _)| *seen == item) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((item, 1)),
+        }
+    }
+    counts
+}
+
 impl Stats {
     /// Names the backend (for labels) and whether a source is configured
     /// (for readiness).
@@ -208,23 +221,39 @@ impl Stats {
             .inc();
     }
 
-    /// Counts updates the backend took.
+    /// Counts updates the backend took, one label lookup per topic of the
+    /// batch rather than per update.
     pub fn published(&self, updates: &[DbUpdate]) {
         self.updates_published.inc_by(updates.len() as u64);
         let backend = self.backend_name.get().cloned().unwrap_or_default();
-        for u in updates {
+        for (topic, n) in tally(updates.iter().map(|u| u.topic.as_str())) {
             self.published_by
                 .get_or_create(&PublishedLabels {
                     backend: backend.clone(),
-                    topic: u.topic.clone(),
+                    topic: topic.to_owned(),
                 })
-                .inc();
+                .inc_by(n);
         }
     }
 
-    /// Counts a skipped change; logs the first of each kind as a warning
-    /// (with the key) and later ones at debug level, so bad input cannot
-    /// flood the log.
+    /// Counts changes read from `source` that became `updates`, one label
+    /// lookup per (table, action) of the batch.
+    pub fn read_batch<'a>(&self, source: &str, updates: impl Iterator<Item = &'a DbUpdate>) {
+        let mut total = 0;
+        for ((table, action), n) in tally(updates.map(|u| (u.table.as_str(), u.action.as_str()))) {
+            total += n;
+            self.read_by
+                .get_or_create(&ReadLabels {
+                    source: source.to_owned(),
+                    table: table.to_owned(),
+                    action: action.to_owned(),
+                })
+                .inc_by(n);
+        }
+        self.changes_read.inc_by(total);
+    }
+
+    /// Counts a change read and skipped for `kind`, logging the first of each kind.
     pub fn skip(&self, kind: Skip, key: &[u8]) {
         self.changes_read.inc();
         self.uncarried(kind, key);

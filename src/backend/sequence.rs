@@ -56,14 +56,28 @@ impl Sequencer {
     /// The envelope of the next message on `topic`. Callers stamp and send
     /// under one lock (or on one thread) so numbers go out in order.
     pub fn stamp(&self, topic: &str) -> crate::codec::Envelope {
-        let mut next = self.next.lock().expect("sequencer lock");
-        let seq = next.entry(topic.to_owned()).or_insert(0);
-        *seq += 1;
         crate::codec::Envelope {
             publisher: Some(self.id.clone()),
             epoch: Some(self.epoch),
-            seq: Some(*seq),
+            seq: Some(self.next_seq(topic)),
         }
+    }
+
+    /// The next sequence number on `topic` (no allocation once the topic
+    /// is known).
+    pub fn next_seq(&self, topic: &str) -> u64 {
+        let mut next = self.next.lock().expect("sequencer lock");
+        let seq = match next.get_mut(topic) {
+            Some(seq) => seq,
+            None => next.entry(topic.to_owned()).or_insert(0),
+        };
+        *seq += 1;
+        *seq
+    }
+
+    /// This run's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 }
 

@@ -31,6 +31,9 @@ enum Outgoing {
     /// Stamped and encoded on the socket thread, so sequence numbers leave
     /// in the order they were given.
     Update { update: DbUpdate, topic: String },
+    /// Several updates on their own topics: one queue operation (and at
+    /// most one wake-up of the socket thread) for a whole batch.
+    Batch(Vec<DbUpdate>),
     /// Answered once everything queued before it went to the socket.
     Flush(oneshot::Sender<()>),
     /// Time to announce the last sequence numbers (see [`HEARTBEAT_TOPIC`]).
@@ -178,6 +181,29 @@ impl ZmqPublisher {
                 if let Some(wait) = rejoin_wait {
                     wait_for_rejoin(&socket, wait, &name);
                 }
+                // One buffer for every payload; the id is borrowed.
+                let mut buf = Vec::with_capacity(1024);
+                let send = |update: &DbUpdate, topic: &str, buf: &mut Vec<u8>| {
+                    buf.clear();
+                    match &sequencer {
+                        Some(s) => codec.encode_into(update, Some(s.id()), Some(s.epoch()), Some(s.next_seq(topic)), buf),
+                        None => codec.encode_into(update, None, None, None, buf),
+                    }
+                    // PUB never blocks: at the high-water mark libzmq
+                    // drops for that subscriber, which bounds memory. PUSH
+                    // times out (EAGAIN) while no peer takes it: retried
+                    // until close.
+                    loop {
+                        match socket.send_multipart([topic.as_bytes(), &buf[..]], 0) {
+                            Ok(()) => break,
+                            Err(zmq::Error::EAGAIN) if !stop_retrying.load(Ordering::Relaxed) => continue,
+                            Err(e) => {
+                                tracing::warn!(endpoint = %name, error = %e, "ZeroMQ send failed; message dropped.");
+                                break;
+                            }
+                        }
+                    }
+                };
                 while let Some(cmd) = rx.blocking_recv() {
                     match cmd {
                         Outgoing::Heartbeat => {
@@ -188,21 +214,11 @@ impl ZmqPublisher {
                             }
                         }
                         Outgoing::Update { update, topic } => {
-                            let envelope = sequencer.as_ref().map(|s| s.stamp(&topic)).unwrap_or_default();
-                            let payload = codec.encode(&update, &envelope);
-                            // PUB never blocks: at the high-water mark libzmq
-                            // drops for that subscriber, which bounds memory.
-                            // PUSH times out (EAGAIN) while no peer takes it:
-                            // retried until close.
-                            loop {
-                                match socket.send_multipart([topic.as_bytes(), &payload], 0) {
-                                    Ok(()) => break,
-                                    Err(zmq::Error::EAGAIN) if !stop_retrying.load(Ordering::Relaxed) => continue,
-                                    Err(e) => {
-                                        tracing::warn!(endpoint = %name, error = %e, "ZeroMQ send failed; message dropped.");
-                                        break;
-                                    }
-                                }
+                            send(&update, &topic, &mut buf);
+                        }
+                        Outgoing::Batch(updates) => {
+                            for update in &updates {
+                                send(update, &update.topic, &mut buf);
                             }
                         }
                         Outgoing::Flush(done) => {
@@ -270,6 +286,16 @@ impl crate::pubsub::Publisher for ZmqPublisher {
                 update: update.clone(),
                 topic,
             })
+            .await
+            .map_err(|_| PublishError::Closed)
+    }
+
+    async fn send_batch(&self, updates: &[DbUpdate]) -> Result<(), PublishError> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        self.sender()?
+            .send(Outgoing::Batch(updates.to_vec()))
             .await
             .map_err(|_| PublishError::Closed)
     }

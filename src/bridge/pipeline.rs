@@ -25,6 +25,10 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// Updates handed to the publisher at once when the queue holds more.
 const MAX_BATCH: usize = 256;
 
+/// Where the current run of updates started in the batch, and where they
+/// were read from (`None`: not counted as read, e.g. a sync).
+type Run = (usize, Option<&'static str>);
+
 pub(super) struct Pipeline {
     /// Under HA: publishing stops the moment this is no longer valid.
     pub(super) lead: Option<Arc<Leadership>>,
@@ -82,14 +86,18 @@ impl Pipeline {
             // for backends that can pipeline. Order is kept: a checkpoint
             // or sync first publishes everything before it.
             let mut next = Some(event);
+            // Reads are counted per run of updates of one origin, not one
+            // label lookup per update.
+            let mut run: Run = (batch.len(), None);
             while let Some(event) = next.take() {
                 match event {
-                    SourceEvent::Change(change) => match self.mapper.map(&change) {
+                    SourceEvent::Change(mut change) => match self.mapper.map(&mut change) {
                         Mapped::Update(update) => {
-                            self.stats.read(self.source_name, &update);
+                            self.count_reads(batch, &mut run, Some(self.source_name));
                             batch.push(update);
                         }
                         Mapped::Resync(update, skip) => {
+                            self.count_reads(batch, &mut run, None);
                             self.stats.skip(skip, &change.key);
                             self.stats.syncs_published.inc();
                             batch.push(update);
@@ -97,18 +105,21 @@ impl Pipeline {
                         Mapped::Skip(skip) => self.stats.skip(skip, &change.key),
                     },
                     SourceEvent::Update(update) => {
-                        self.stats.read("multiproc", &update);
+                        self.count_reads(batch, &mut run, Some("multiproc"));
                         batch.push(update);
                     }
                     SourceEvent::Sync(reason) => {
+                        self.count_reads(batch, &mut run, None);
                         tracing::warn!(%reason, "Publishing a sync notice: subscribers should re-read their state.");
                         self.stats.syncs_published.inc();
                         batch.push(DbUpdate::sync(reason));
                     }
                     SourceEvent::Checkpoint(revision) => {
+                        self.count_reads(batch, &mut run, None);
                         if !self.publish(batch).await {
                             return false;
                         }
+                        run = (0, None);
                         self.published_revision = Some(revision);
                         self.try_checkpoint().await;
                     }
@@ -117,6 +128,7 @@ impl Pipeline {
                     next = rx.try_recv().ok();
                 }
             }
+            self.count_reads(batch, &mut run, None);
             self.stats
                 .queue_depth
                 .set((rx.max_capacity() - rx.capacity()) as i64);
@@ -124,6 +136,18 @@ impl Pipeline {
                 return false;
             }
         }
+    }
+
+    /// Ends the current run of updates read from one origin (counting them
+    /// at once) when the next update's `origin` differs.
+    fn count_reads(&self, batch: &[DbUpdate], run: &mut Run, origin: Option<&'static str>) {
+        if run.1 == origin {
+            return;
+        }
+        if let Some(source) = run.1 {
+            self.stats.read_batch(source, batch[run.0..].iter());
+        }
+        *run = (batch.len(), origin);
     }
 
     /// Publishes and empties `batch`, retrying with backoff until the
