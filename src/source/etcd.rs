@@ -469,7 +469,7 @@ impl EtcdSource {
             if let Some(h) = message.as_ref().and_then(|r| r.header()) {
                 self.stats.source_revision.set(h.revision());
             }
-            let Some(resp) = message else {
+            let Some(mut resp) = message else {
                 return Err((
                     next,
                     etcd_client::Error::WatchError("watch stream closed by the server".into()),
@@ -508,31 +508,31 @@ impl EtcdSource {
                 e.kv()
                     .is_some_and(|kv| self.own_prefixes.iter().any(|p| kv.key().starts_with(p)))
             });
-            for event in events {
-                let Some(kv) = event.kv() else { continue };
-                let revision = kv.mod_revision();
-                let change = match event.event_type() {
-                    EventType::Put => {
-                        self.index.insert(kv.key().to_vec(), revision);
-                        Change {
-                            key: kv.key().to_vec(),
-                            value: Some(kv.value().to_vec()),
-                            kind: if kv.version() == 1 {
-                                ChangeKind::Create
-                            } else {
-                                ChangeKind::Set
-                            },
-                            revision: Some(revision),
-                        }
+            let fragment = resp.0.fragment;
+            // The response's events are taken, not copied: key and value
+            // move into the change.
+            for event in std::mem::take(&mut resp.0.events) {
+                let Some(kv) = event.kv else { continue };
+                let revision = kv.mod_revision;
+                let change = if event.r#type == EventType::Delete as i32 {
+                    self.index.remove(&kv.key);
+                    Change {
+                        key: kv.key,
+                        value: event.prev_kv.map(|p| p.value),
+                        kind: ChangeKind::Delete,
+                        revision: Some(revision),
                     }
-                    EventType::Delete => {
-                        self.index.remove(kv.key());
-                        Change {
-                            key: kv.key().to_vec(),
-                            value: event.prev_kv().map(|p| p.value().to_vec()),
-                            kind: ChangeKind::Delete,
-                            revision: Some(revision),
-                        }
+                } else {
+                    self.index.insert(kv.key.clone(), revision);
+                    Change {
+                        key: kv.key,
+                        value: Some(kv.value),
+                        kind: if kv.version == 1 {
+                            ChangeKind::Create
+                        } else {
+                            ChangeKind::Set
+                        },
+                        revision: Some(revision),
                     }
                 };
                 last = last.max(revision);
@@ -545,7 +545,7 @@ impl EtcdSource {
                     return Ok(WatchEnd::Stopped);
                 }
             }
-            if resp.0.fragment {
+            if fragment {
                 // More of this revision follows: not a checkpoint yet, and a
                 // re-watch must start at this revision again.
                 next = last;
