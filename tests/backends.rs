@@ -306,3 +306,52 @@ async fn tail_on_a_shared_redis_ignores_its_keyspace_notifications() {
         "{warnings} warnings for 500 notifications:\n{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_backend_batches_topics_into_transactions_in_order() {
+    let etcd = EtcdServer::start().await;
+    let pubsub = PubSub::new(etcd_backend(&etcd));
+    let publisher = pubsub.get_publisher().await.unwrap();
+    let sub = pubsub.get_subscriber();
+    sub.register_topic("");
+    let (mut rx, _task) = sub.clone().updates(1024);
+    await_publisher_flow(&mut rx, &publisher).await;
+    let mut kv = etcd.client().await;
+    let before = kv
+        .get("x", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    // 40 updates over 10 topics, each topic coming back 4 times.
+    let batch: Vec<DbUpdate> = (0..40)
+        .map(|i| {
+            DbUpdate::new("lport", format!("k{i}"), Action::Set, Some(i.to_string()))
+                .with_topic(format!("t{}", i % 10))
+        })
+        .collect();
+    publisher.send_batch(&batch).await.unwrap();
+    let after = kv
+        .get("x", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    assert_eq!(after - before, 4, "four transactions of ten topics each");
+    let got = collect_until(&mut rx, "the batch", WAIT, |g| {
+        g.iter().filter(|u| u.table == "lport").count() == 40
+    })
+    .await;
+    for t in 0..10 {
+        let topic = format!("t{t}");
+        let keys: Vec<_> = got
+            .iter()
+            .filter(|u| u.topic == topic)
+            .map(|u| u.key.clone())
+            .collect();
+        let want: Vec<_> = (0..4).map(|r| format!("k{}", r * 10 + t)).collect();
+        assert_eq!(keys, want, "order on {topic}");
+    }
+}

@@ -5,7 +5,7 @@
 //! value.
 
 use async_trait::async_trait;
-use etcd_client::{Client, EventType, WatchOptions};
+use etcd_client::{Client, EventType, Txn, TxnOp, WatchOptions};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
@@ -83,10 +83,48 @@ impl Publisher for EtcdPublisher {
         })
     }
 
+    /// Updates on different topics share one transaction (etcd's default
+    /// `--max-txn-ops` is 128), one round trip and one revision for them
+    /// all; a transaction may not put one key twice, so a topic that comes
+    /// again starts the next one, and the order per topic is kept. A
+    /// stream on a single topic is still one PUT per update.
+    async fn send_batch(&self, updates: &[DbUpdate]) -> Result<(), PublishError> {
+        let _order = self.order.lock().await;
+        let mut rest = updates;
+        while !rest.is_empty() {
+            let mut topics: Vec<&str> = Vec::new();
+            let mut ops = Vec::new();
+            for update in rest {
+                let topic = update.topic.as_str();
+                if topics.len() == MAX_TXN_OPS || topics.contains(&topic) {
+                    break;
+                }
+                topics.push(topic);
+                let payload = self.codec.encode(update, &self.sequencer.stamp(topic));
+                ops.push(TxnOp::put(format!("{}{topic}", self.prefix), payload, None));
+            }
+            let sent = self.client.clone().txn(Txn::new().and_then(ops)).await;
+            if let Err(e) = sent {
+                for topic in topics.iter().rev() {
+                    self.sequencer.rollback(topic);
+                }
+                return Err(PublishError::Send {
+                    backend: "etcd",
+                    message: e.to_string(),
+                });
+            }
+            rest = &rest[topics.len()..];
+        }
+        Ok(())
+    }
+
     async fn close(&self) -> Result<(), PublishError> {
         Ok(())
     }
 }
+
+/// Operations in one transaction at most (etcd's default `--max-txn-ops`).
+const MAX_TXN_OPS: usize = 128;
 
 /// Watch subscriber of the topic keys.
 pub struct EtcdSubscriber {

@@ -53,6 +53,10 @@ pub(crate) struct Args {
     /// Bytes per value.
     #[arg(long, default_value_t = 200)]
     pub(crate) value_size: usize,
+    /// Topics the writes spread over (a `topic` field in each JSON value;
+    /// 0: none, every update on `D`).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) topics: usize,
     /// Keys each writer cycles through (0: a new key for every write).
     #[arg(long, default_value_t = 0)]
     pub(crate) keys_per_writer: usize,

@@ -22,7 +22,15 @@ pub(crate) fn now_nanos() -> u64 {
 
 /// A value of `size` bytes that carries its send time.
 pub(crate) fn value(size: usize) -> String {
-    let head = format!("{{\"t\":{},\"pad\":\"", now_nanos());
+    value_on(size, None)
+}
+
+/// The same naming a topic (the bridge publishes it there).
+pub(crate) fn value_on(size: usize, topic: Option<usize>) -> String {
+    let topic = topic
+        .map(|t| format!("\"topic\":\"t{t}\","))
+        .unwrap_or_default();
+    let head = format!("{{\"t\":{},{topic}\"pad\":\"", now_nanos());
     let pad = size.saturating_sub(head.len() + 2);
     format!("{head}{}\"}}", "x".repeat(pad))
 }

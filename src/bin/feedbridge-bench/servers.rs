@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use feedbridge::testing::{EtcdServer, RedisCluster, RedisServer};
 
-use crate::measure::{value, Recorder};
+use crate::measure::{value, value_on, Recorder};
 use crate::{Args, Source};
 
 /// The database under test.
@@ -177,6 +177,7 @@ pub(crate) async fn run_writers(target: &Target, args: &Args, written: Arc<Atomi
             args.writers as u64,
         );
         let keys_per_writer = args.keys_per_writer;
+        let topics = args.topics;
         let target = target.clone();
         tasks.push(tokio::spawn(async move {
             let mut tick = (rate > 0).then(|| {
@@ -198,7 +199,10 @@ pub(crate) async fn run_writers(target: &Target, args: &Args, written: Arc<Atomi
                     i
                 };
                 writer
-                    .put(target.key(&format!("w{w}-{n}")), value(size))
+                    .put(
+                        target.key(&format!("w{w}-{n}")),
+                        value_on(size, (topics > 0).then(|| i % topics)),
+                    )
                     .await;
                 written.fetch_add(1, Relaxed);
                 i += 1;
@@ -233,6 +237,7 @@ pub(crate) async fn write_phase(
                 .args(["--rate", &args.rate.to_string()])
                 .args(["--value-size", &args.value_size.to_string()])
                 .args(["--keys-per-writer", &args.keys_per_writer.to_string()])
+                .args(["--topics", &args.topics.to_string()])
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap(),
