@@ -89,6 +89,7 @@ impl Pipeline {
             // Reads are counted per run of updates of one origin, not one
             // label lookup per update.
             let mut run: Run = (batch.len(), None);
+            let mut checkpoint = None;
             while let Some(event) = next.take() {
                 match event {
                     SourceEvent::Change(mut change) => match self.mapper.map(&mut change) {
@@ -114,15 +115,12 @@ impl Pipeline {
                         self.stats.syncs_published.inc();
                         batch.push(DbUpdate::sync(reason));
                     }
-                    SourceEvent::Checkpoint(revision) => {
-                        self.count_reads(batch, &mut run, None);
-                        if !self.publish(batch).await {
-                            return false;
-                        }
-                        run = (0, None);
-                        self.published_revision = Some(revision);
-                        self.try_checkpoint().await;
-                    }
+                    // Everything before it is in the batch: once the batch
+                    // is out, this revision is published. Publishing waits
+                    // for the batch to fill (or the queue to empty), so a
+                    // backend that is slower than the source gets whole
+                    // batches, not one watch response at a time.
+                    SourceEvent::Checkpoint(revision) => checkpoint = Some(revision),
                 }
                 if batch.len() < MAX_BATCH {
                     next = rx.try_recv().ok();
@@ -134,6 +132,10 @@ impl Pipeline {
                 .set((rx.max_capacity() - rx.capacity()) as i64);
             if !self.publish(batch).await {
                 return false;
+            }
+            if let Some(revision) = checkpoint.take() {
+                self.published_revision = Some(revision);
+                self.try_checkpoint().await;
             }
         }
     }

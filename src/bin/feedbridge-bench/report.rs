@@ -37,7 +37,7 @@ pub(crate) fn print_table(rows: &[Row]) {
     println!(
         "{:<12} {:>4} {:>5} {:>8} {:>7} {:>10} {:>10} {:>10} {:>6} {:>7} {:>22} {:>22} {:>9} {:>7} {:>7} {:>10} {:>8}",
         "path", "subs", "rate", "keys", "written", "ceiling/s", "written/s", "bridged/s", "ratio", "keep-up",
-        "plain p50/p99/p999 ms", "bridged p50/p99/p999", "added p99", "missing", "max lag", "cpu ms/1k", "rss MB"
+        "plain p50/p99/p999 ms", "bridged p50/p99/p999", "added p99", "missing", "max lag", "cpu µs/chg", "rss MB"
     );
     for r in rows {
         let rate = if r.target_rate == 0 {
