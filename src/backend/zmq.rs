@@ -1,8 +1,11 @@
 //! The ZeroMQ backend on libzmq (the `zmq` crate): a PUB socket sending
 //! two-frame `[topic, payload]` messages, and a SUB socket receiving them.
 //!
-//! libzmq sockets are blocking and not thread-safe, so each socket is owned
-//! by one dedicated thread fed through a channel; the rest stays async.
+//! libzmq sockets are not thread-safe. The PUB socket never blocks (at its
+//! high-water mark it drops for the slow subscriber), so it is used under a
+//! mutex straight from the publishing task: no hand-off to another thread
+//! per batch. A PUSH socket can block (no peer), so it is owned by a thread
+//! fed through a channel, and so is each SUB socket.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,18 +29,150 @@ use crate::zmq_socket::{bind, CONTEXT};
 /// requests while no message arrives.
 const POLL_INTERVAL_MS: i64 = 50;
 
-/// Commands to the publisher's socket thread.
+/// Commands to a PUSH publisher's socket thread.
 enum Outgoing {
-    /// Stamped and encoded on the socket thread, so sequence numbers leave
-    /// in the order they were given.
+    /// One update on `topic`.
     Update { update: DbUpdate, topic: String },
     /// Several updates on their own topics: one queue operation (and at
     /// most one wake-up of the socket thread) for a whole batch.
     Batch(Vec<DbUpdate>),
     /// Answered once everything queued before it went to the socket.
     Flush(oneshot::Sender<()>),
-    /// Time to announce the last sequence numbers (see [`HEARTBEAT_TOPIC`]).
-    Heartbeat,
+}
+
+/// A PUB (XPUB) socket shared by the publishing task and the heartbeat:
+/// sequence numbers are stamped and messages sent under one lock, so they
+/// leave in order and a heartbeat never announces a number not yet sent.
+struct PubSocket {
+    state: Mutex<PubState>,
+    codec: Codec,
+    sequencer: Arc<Sequencer>,
+    endpoint: String,
+    /// When the socket was bound and how long publishing may wait for
+    /// subscribers to rejoin; `None` once that wait is over.
+    rejoin: tokio::sync::Mutex<Option<(std::time::Instant, Duration)>>,
+    rejoined: AtomicBool,
+}
+
+impl std::fmt::Debug for PubSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PubSocket")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+struct PubState {
+    /// `None` once closed.
+    socket: Option<zmq::Socket>,
+    /// One buffer for every payload.
+    buf: Vec<u8>,
+}
+
+impl PubSocket {
+    /// Holds publishing back after a (re)start until the subscribers that
+    /// stayed up have rejoined: until their subscriptions have arrived and
+    /// gone quiet (at least [`REJOIN_MIN`]), or `rejoin_wait` at most when
+    /// none arrive.
+    async fn await_rejoin(&self) {
+        if self.rejoined.load(Ordering::Acquire) {
+            return;
+        }
+        let mut pending = self.rejoin.lock().await;
+        let Some((start, max)) = *pending else {
+            return;
+        };
+        let mut last = None;
+        let mut subscriptions = 0;
+        while start.elapsed() < max {
+            if let Some(t) = last {
+                if start.elapsed() >= REJOIN_MIN && std::time::Instant::elapsed(&t) >= REJOIN_QUIET
+                {
+                    break;
+                }
+            }
+            let n = {
+                let state = self.state.lock().expect("zmq socket lock");
+                state.socket.as_ref().map(take_subscriptions).unwrap_or(0)
+            };
+            if n > 0 {
+                subscriptions += n;
+                last = Some(std::time::Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!(endpoint = %self.endpoint, subscriptions, waited_ms = start.elapsed().as_millis() as u64, "Publishing: subscribers had the chance to rejoin.");
+        *pending = None;
+        self.rejoined.store(true, Ordering::Release);
+    }
+
+    /// Stamps, encodes and sends `updates` (each on `topic`, or its own).
+    fn send<'a>(
+        &self,
+        updates: impl Iterator<Item = &'a DbUpdate>,
+        topic: Option<&str>,
+    ) -> Result<(), PublishError> {
+        let mut state = self.state.lock().expect("zmq socket lock");
+        let PubState { socket, buf } = &mut *state;
+        let socket = socket.as_ref().ok_or(PublishError::Closed)?;
+        let id = self.sequencer.id();
+        let epoch = self.sequencer.epoch();
+        for update in updates {
+            let topic = topic.unwrap_or(&update.topic);
+            buf.clear();
+            let seq = self.sequencer.next_seq(topic);
+            self.codec
+                .encode_into(update, Some(id), Some(epoch), Some(seq), buf);
+            // PUB never blocks: at the high-water mark libzmq drops for
+            // that subscriber, which bounds memory.
+            if let Err(e) = socket.send_multipart([topic.as_bytes(), &buf[..]], zmq::DONTWAIT) {
+                tracing::warn!(endpoint = %self.endpoint, error = %e, "ZeroMQ send failed; message dropped.");
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads arrived subscriptions and announces the last sequence numbers.
+    fn heartbeat(&self) {
+        let mut state = self.state.lock().expect("zmq socket lock");
+        let PubState { socket, buf } = &mut *state;
+        let Some(socket) = socket.as_ref() else {
+            return;
+        };
+        take_subscriptions(socket);
+        if let Some((update, envelope)) = self.sequencer.heartbeat() {
+            buf.clear();
+            self.codec.encode_into(
+                &update,
+                envelope.publisher.as_deref(),
+                envelope.epoch,
+                None,
+                buf,
+            );
+            let _ = socket.send_multipart([HEARTBEAT_TOPIC.as_bytes(), &buf[..]], zmq::DONTWAIT);
+        }
+    }
+}
+
+/// Sends a heartbeat every [`HEARTBEAT_INTERVAL`] once publishing has
+/// started, while the publisher exists (it holds only a weak reference).
+fn spawn_pub_heartbeat(socket: std::sync::Weak<PubSocket>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(socket) = socket.upgrade() else {
+                return;
+            };
+            if socket.rejoined.load(Ordering::Acquire) {
+                socket.heartbeat();
+            }
+        }
+    });
 }
 
 /// Subscriptions are taken as complete once none arrived for this long...
@@ -56,34 +191,12 @@ fn take_subscriptions(socket: &zmq::Socket) -> usize {
     n
 }
 
-/// Holds publishing back after a (re)start until the subscribers that stayed
-/// up have rejoined: until their subscriptions have arrived and gone quiet
-/// (at least [`REJOIN_MIN`]), or `max` at most when none arrive.
-fn wait_for_rejoin(socket: &zmq::Socket, max: Duration, endpoint: &str) {
-    let start = std::time::Instant::now();
-    let mut last = None;
-    let mut subscriptions = 0;
-    while start.elapsed() < max {
-        if let Some(t) = last {
-            if start.elapsed() >= REJOIN_MIN && std::time::Instant::elapsed(&t) >= REJOIN_QUIET {
-                break;
-            }
-        }
-        if socket.poll(zmq::POLLIN, 20).unwrap_or(0) > 0 {
-            let n = take_subscriptions(socket);
-            if n > 0 {
-                subscriptions += n;
-                last = Some(std::time::Instant::now());
-            }
-        }
-    }
-    tracing::info!(%endpoint, subscriptions, waited_ms = start.elapsed().as_millis() as u64, "Publishing: subscribers had the chance to rejoin.");
-}
-
 /// A ZeroMQ publisher: a PUB socket bound for subscribers, or a PUSH socket
 /// connected to the publisher service's multiproc channel.
 #[derive(Debug)]
 pub struct ZmqPublisher {
+    /// The PUB socket, used directly (`bind`); `None` for a PUSH publisher.
+    direct: Option<Arc<PubSocket>>,
     linger: Duration,
     queue: Mutex<Option<mpsc::Sender<Outgoing>>>,
     thread: Mutex<Option<thread::JoinHandle<()>>>,
@@ -124,13 +237,25 @@ impl ZmqPublisher {
             message,
         })?;
         tracing::info!(%endpoint, codec = %config.codec, send_hwm = config.send_hwm, "ZeroMQ publisher bound.");
-        Self::start(
-            socket,
+        let direct = Arc::new(PubSocket {
+            state: Mutex::new(PubState {
+                socket: Some(socket),
+                buf: Vec::with_capacity(1024),
+            }),
+            codec: config.codec,
+            sequencer,
             endpoint,
-            config.codec,
-            Some((sequencer, config.rejoin_wait)),
-            config.linger,
-        )
+            rejoin: tokio::sync::Mutex::new(Some((std::time::Instant::now(), config.rejoin_wait))),
+            rejoined: AtomicBool::new(false),
+        });
+        spawn_pub_heartbeat(Arc::downgrade(&direct));
+        Ok(ZmqPublisher {
+            direct: Some(direct),
+            linger: config.linger,
+            queue: Mutex::new(None),
+            thread: Mutex::new(None),
+            closing: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// A publisher that PUSHes to the publisher service's multiproc socket
@@ -154,45 +279,29 @@ impl ZmqPublisher {
         socket
             .connect(endpoint)
             .map_err(|e| setup_error(endpoint, "cannot connect to", e))?;
-        Self::start(socket, endpoint.to_owned(), codec, None, linger)
+        Self::start(socket, endpoint.to_owned(), codec, linger)
     }
 
     fn start(
         socket: zmq::Socket,
         endpoint: String,
         codec: Codec,
-        publisher: Option<(Arc<Sequencer>, Duration)>,
         linger: Duration,
     ) -> Result<Self, PublishError> {
         let (tx, mut rx) = mpsc::channel::<Outgoing>(1024);
         let name = endpoint;
         let closing = Arc::new(AtomicBool::new(false));
         let stop_retrying = closing.clone();
-        let (sequencer, rejoin_wait) = match publisher {
-            Some((s, wait)) => (Some(s), Some(wait)),
-            None => (None, None),
-        };
-        if sequencer.is_some() {
-            spawn_heartbeat(tx.downgrade());
-        }
         let thread = thread::Builder::new()
-            .name("zmq-publisher".into())
+            .name("zmq-push".into())
             .spawn(move || {
-                if let Some(wait) = rejoin_wait {
-                    wait_for_rejoin(&socket, wait, &name);
-                }
-                // One buffer for every payload; the id is borrowed.
+                // One buffer for every payload.
                 let mut buf = Vec::with_capacity(1024);
                 let send = |update: &DbUpdate, topic: &str, buf: &mut Vec<u8>| {
                     buf.clear();
-                    match &sequencer {
-                        Some(s) => codec.encode_into(update, Some(s.id()), Some(s.epoch()), Some(s.next_seq(topic)), buf),
-                        None => codec.encode_into(update, None, None, None, buf),
-                    }
-                    // PUB never blocks: at the high-water mark libzmq
-                    // drops for that subscriber, which bounds memory. PUSH
-                    // times out (EAGAIN) while no peer takes it: retried
-                    // until close.
+                    codec.encode_into(update, None, None, None, buf);
+                    // PUSH times out (EAGAIN) while no peer takes it:
+                    // retried until close.
                     loop {
                         match socket.send_multipart([topic.as_bytes(), &buf[..]], 0) {
                             Ok(()) => break,
@@ -206,16 +315,7 @@ impl ZmqPublisher {
                 };
                 while let Some(cmd) = rx.blocking_recv() {
                     match cmd {
-                        Outgoing::Heartbeat => {
-                            take_subscriptions(&socket);
-                            if let Some((update, envelope)) = sequencer.as_ref().and_then(|s| s.heartbeat()) {
-                                let payload = codec.encode(&update, &envelope);
-                                let _ = socket.send_multipart([HEARTBEAT_TOPIC.as_bytes(), &payload], zmq::DONTWAIT);
-                            }
-                        }
-                        Outgoing::Update { update, topic } => {
-                            send(&update, &topic, &mut buf);
-                        }
+                        Outgoing::Update { update, topic } => send(&update, &topic, &mut buf),
                         Outgoing::Batch(updates) => {
                             for update in &updates {
                                 send(update, &update.topic, &mut buf);
@@ -233,6 +333,7 @@ impl ZmqPublisher {
                 message: format!("cannot start the socket thread: {e}"),
             })?;
         Ok(ZmqPublisher {
+            direct: None,
             linger,
             queue: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
@@ -259,27 +360,13 @@ impl ZmqPublisher {
     }
 }
 
-/// Queues a heartbeat every [`HEARTBEAT_INTERVAL`] while the publisher is
-/// open (it holds only a weak sender, so it never keeps the queue open).
-/// Skipped when the queue is full: then data, with its numbers, is flowing.
-fn spawn_heartbeat(queue: mpsc::WeakSender<Outgoing>) {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    runtime.spawn(async move {
-        let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let Some(queue) = queue.upgrade() else { return };
-            let _ = queue.try_send(Outgoing::Heartbeat);
-        }
-    });
-}
-
 #[async_trait]
 impl crate::pubsub::Publisher for ZmqPublisher {
     async fn send_event(&self, update: &DbUpdate, topic: Option<&str>) -> Result<(), PublishError> {
+        if let Some(direct) = &self.direct {
+            direct.await_rejoin().await;
+            return direct.send(std::iter::once(update), topic);
+        }
         let topic = topic.unwrap_or(&update.topic).to_owned();
         self.sender()?
             .send(Outgoing::Update {
@@ -294,6 +381,10 @@ impl crate::pubsub::Publisher for ZmqPublisher {
         if updates.is_empty() {
             return Ok(());
         }
+        if let Some(direct) = &self.direct {
+            direct.await_rejoin().await;
+            return direct.send(updates.iter(), None);
+        }
         self.sender()?
             .send(Outgoing::Batch(updates.to_vec()))
             .await
@@ -301,10 +392,29 @@ impl crate::pubsub::Publisher for ZmqPublisher {
     }
 
     async fn flush(&self) -> Result<(), PublishError> {
+        if let Some(direct) = &self.direct {
+            // Sends went to libzmq at once.
+            let closed = direct
+                .state
+                .lock()
+                .expect("zmq socket lock")
+                .socket
+                .is_none();
+            return if closed {
+                Err(PublishError::Closed)
+            } else {
+                Ok(())
+            };
+        }
         self.flush_queue().await
     }
 
     async fn close(&self) -> Result<(), PublishError> {
+        if let Some(direct) = &self.direct {
+            // Dropping the socket lets libzmq linger as configured.
+            direct.state.lock().expect("zmq socket lock").socket.take();
+            return Ok(());
+        }
         // Give queued messages up to `linger` to leave, then stop retrying.
         let _ = tokio::time::timeout(self.linger, self.flush_queue()).await;
         self.closing.store(true, Ordering::Relaxed);
