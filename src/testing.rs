@@ -111,6 +111,36 @@ impl TestCerts {
     }
 }
 
+/// The command line of an etcd member: its name, data dir, client and
+/// peer URLs, the initial cluster, progress notifications every 500 ms.
+fn etcd_args(name: &str, data: &Path, client: &str, peer: &str, cluster: &str) -> Vec<String> {
+    [
+        "--name",
+        name,
+        "--data-dir",
+        data.to_str().expect("a UTF-8 temp dir"),
+        "--listen-client-urls",
+        client,
+        "--advertise-client-urls",
+        client,
+        "--listen-peer-urls",
+        peer,
+        "--initial-advertise-peer-urls",
+        peer,
+        "--initial-cluster",
+        cluster,
+        "--experimental-watch-progress-notify-interval",
+        "500ms",
+        "--log-level",
+        "warn",
+        "--logger",
+        "zap",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// A single-member etcd cluster.
 pub struct EtcdServer {
     dir: TempDir,
@@ -161,31 +191,14 @@ impl EtcdServer {
 
     async fn spawn(&mut self) {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let mut args: Vec<String> = [
-            "--name",
+        let data = self.dir.path().join("data");
+        let mut args = etcd_args(
             "default",
-            "--data-dir",
-            self.dir.path().join("data").to_str().unwrap(),
-            "--listen-client-urls",
+            &data,
             &self.endpoint(),
-            "--advertise-client-urls",
-            &self.endpoint(),
-            "--listen-peer-urls",
             &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-            "--initial-cluster",
             &format!("default={peer}"),
-            "--experimental-watch-progress-notify-interval",
-            "500ms",
-            "--log-level",
-            "warn",
-            "--logger",
-            "zap",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        );
         if let Some((ca, cert, key)) = &self.tls {
             for (flag, path) in [
                 ("--trusted-ca-file", ca),
@@ -524,33 +537,8 @@ impl EtcdCluster {
         let peer = format!("http://127.0.0.1:{peer}");
         let client = self.endpoint(i);
         let data = self.dir.path().join(name);
-        let args: Vec<String> = [
-            "--name",
-            name,
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--listen-client-urls",
-            &client,
-            "--advertise-client-urls",
-            &client,
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-            "--initial-cluster",
-            &initial.join(","),
-            "--initial-cluster-state",
-            "new",
-            "--experimental-watch-progress-notify-interval",
-            "500ms",
-            "--log-level",
-            "warn",
-            "--logger",
-            "zap",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args = etcd_args(name, &data, &client, &peer, &initial.join(","));
+        args.extend(["--initial-cluster-state".into(), "new".into()]);
         let log = self.dir.path().join(format!("{name}.log"));
         self.members[i].3 = Some(spawn_logged("etcd", &args, &log));
     }

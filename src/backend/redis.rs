@@ -285,14 +285,7 @@ impl RedisSubscriber {
         }
         apply!();
         let mut undecodable = 0u64;
-        reconnect.up();
-        tracing::info!(url = %self.url, topics = ?wanted.topics, "Redis subscriber subscribed.");
-        if !first
-            && sink
-                .send(DbUpdate::sync("redis subscriber reconnected"))
-                .await
-                .is_err()
-        {
+        if !self.subscribed(reconnect, &wanted, first, sink).await {
             return Ended::Stopped;
         }
         loop {
@@ -418,11 +411,10 @@ impl RedisSubscriber {
         let mut applied = BTreeSet::new();
         let mut confirmed: BTreeSet<Vec<u8>> = BTreeSet::new();
         let mut undecodable = 0u64;
-        for t in channels(&wanted) {
-            if let Err(e) = conn.ssubscribe(&t).await {
-                return Ended::Lost(e.to_string());
-            }
-            applied.insert(t);
+        if let Err(e) =
+            resubscribe(&mut conn, &channels(&wanted), &mut applied, &mut confirmed).await
+        {
+            return Ended::Lost(e);
         }
         // Which node serves each channel: after a failover or a slot move
         // the subscription is made again from scratch on the new owner.
@@ -447,14 +439,7 @@ impl RedisSubscriber {
         };
         let mut check = tokio::time::interval(Duration::from_secs(1));
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        reconnect.up();
-        tracing::info!(url = %self.url, topics = ?wanted.topics, "Redis sharded subscriber subscribed.");
-        if !first
-            && sink
-                .send(DbUpdate::sync("redis subscriber reconnected"))
-                .await
-                .is_err()
-        {
+        if !self.subscribed(reconnect, &wanted, first, sink).await {
             return Ended::Stopped;
         }
         loop {
@@ -464,17 +449,9 @@ impl RedisSubscriber {
                 changed = registration.changed() => {
                     if changed.is_ok() {
                         wanted = registration.borrow_and_update().clone();
-                        let target = channels(&wanted);
-                        for t in target.difference(&applied) {
-                            if let Err(e) = conn.ssubscribe(t).await {
-                                return Ended::Lost(e.to_string());
-                            }
+                        if let Err(e) = resubscribe(&mut conn, &channels(&wanted), &mut applied, &mut confirmed).await {
+                            return Ended::Lost(e);
                         }
-                        for t in applied.difference(&target) {
-                            let _ = conn.sunsubscribe(t).await;
-                            confirmed.remove(t.as_bytes());
-                        }
-                        applied = target;
                         if let Ok(nodes) = crate::db::redis::nodes(&mut topology, "").await {
                             subscribed_at = owners(&nodes, &applied);
                         }
@@ -531,6 +508,45 @@ impl RedisSubscriber {
             }
         }
     }
+}
+
+impl RedisSubscriber {
+    /// A session is subscribed: the connection counts as up, and after a
+    /// reconnect the subscriber delivers a `sync` (messages published while
+    /// it was away are gone). `false` when the sink is gone.
+    async fn subscribed(
+        &self,
+        reconnect: &mut Reconnect,
+        wanted: &Registration,
+        first: bool,
+        sink: &mpsc::Sender<DbUpdate>,
+    ) -> bool {
+        reconnect.up();
+        tracing::info!(url = %self.url, topics = ?wanted.topics, sharded = self.sharded, "Redis subscriber subscribed.");
+        first
+            || sink
+                .send(DbUpdate::sync("redis subscriber reconnected"))
+                .await
+                .is_ok()
+    }
+}
+
+/// Brings a sharded subscription from `applied` to `target` channels.
+async fn resubscribe(
+    conn: &mut redis::cluster_async::ClusterConnection,
+    target: &BTreeSet<String>,
+    applied: &mut BTreeSet<String>,
+    confirmed: &mut BTreeSet<Vec<u8>>,
+) -> Result<(), String> {
+    for t in target.difference(applied) {
+        conn.ssubscribe(t).await.map_err(|e| e.to_string())?;
+    }
+    for t in applied.difference(target) {
+        let _ = conn.sunsubscribe(t).await;
+        confirmed.remove(t.as_bytes());
+    }
+    *applied = target.clone();
+    Ok(())
 }
 
 #[async_trait]
