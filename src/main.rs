@@ -80,6 +80,17 @@ enum Command {
         /// Payload codec.
         #[arg(long, value_enum, default_value = "msgpack")]
         codec: TailCodec,
+        /// Output: one JSON object per line, or a readable line coloured by
+        /// action. Default: pretty on a terminal, JSON otherwise.
+        #[arg(long, value_enum)]
+        format: Option<TailFormat>,
+        /// Exit after this many updates (exit 0).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Exit after this long, e.g. `5s` (exit 0, or 1 when `--count`
+        /// updates did not arrive in time).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
     },
 }
 
@@ -88,6 +99,12 @@ enum TailBackend {
     Zmq,
     Redis,
     Etcd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum TailFormat {
+    Json,
+    Pretty,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -140,6 +157,9 @@ fn main() -> ExitCode {
             discover,
             topic,
             codec,
+            format,
+            count,
+            timeout,
         } => {
             let codec = match codec {
                 TailCodec::Msgpack => Codec::Msgpack,
@@ -177,7 +197,14 @@ fn main() -> ExitCode {
             } else {
                 connect
             };
-            runtime().block_on(tail(config, connect, discover, topic))
+            let format =
+                format.unwrap_or(if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                    TailFormat::Pretty
+                } else {
+                    TailFormat::Json
+                });
+            let until = Until { count, timeout };
+            runtime().block_on(tail(config, connect, discover, topic, format, until))
         }
     }
 }
@@ -307,11 +334,48 @@ struct Line<'a> {
     topic: &'a str,
 }
 
+/// When `tail` stops by itself.
+struct Until {
+    count: Option<u64>,
+    timeout: Option<std::time::Duration>,
+}
+
+/// One update as a readable line: time, action (coloured on a terminal),
+/// table/key, topic, value.
+fn pretty(u: &feedbridge::DbUpdate, colour: bool) -> String {
+    let (code, action) = match u.action {
+        feedbridge::Action::Create => ("32", "create"),
+        feedbridge::Action::Set => ("33", "set"),
+        feedbridge::Action::Delete => ("31", "delete"),
+        feedbridge::Action::Sync => ("35", "sync"),
+        _ => ("2", u.action.as_str()),
+    };
+    let action = if colour {
+        format!("\x1b[{code}m{action:<6}\x1b[0m")
+    } else {
+        format!("{action:<6}")
+    };
+    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    let time = now.get(11..23).unwrap_or(&now);
+    let row = if u.table.is_empty() {
+        String::new()
+    } else {
+        format!("{}/{}", u.table, u.key)
+    };
+    format!(
+        "{time}  {action}  {row}  @{}  {}",
+        u.topic,
+        u.value.as_deref().unwrap_or("-")
+    )
+}
+
 async fn tail(
     config: BackendConfig,
     connect: Vec<String>,
     discover: Option<String>,
     topics: Vec<String>,
+    format: TailFormat,
+    until: Until,
 ) -> ExitCode {
     let is_zmq = matches!(config, BackendConfig::Zmq(_));
     let subscriber = PubSub::new(config).get_subscriber();
@@ -339,25 +403,52 @@ async fn tail(
     }
     let (mut updates, task) = subscriber.clone().updates(1024);
     let mut out = std::io::stdout().lock();
-    loop {
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let deadline = until.timeout.map(|t| tokio::time::Instant::now() + t);
+    let timed_out = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(timed_out);
+    let mut printed = 0u64;
+    let mut short = false;
+    while until.count.is_none_or(|n| printed < n) {
         let update = tokio::select! {
             _ = stop.cancelled() => break,
+            _ = &mut timed_out => {
+                short = until.count.is_some();
+                break;
+            }
             u = updates.recv() => u,
         };
         let Some(u) = update else { break };
-        let line = Line {
-            table: &u.table,
-            key: &u.key,
-            action: u.action.as_str(),
-            value: u.value.as_deref(),
-            topic: &u.topic,
+        let text = match format {
+            TailFormat::Json => serde_json::to_string(&Line {
+                table: &u.table,
+                key: &u.key,
+                action: u.action.as_str(),
+                value: u.value.as_deref(),
+                topic: &u.topic,
+            })
+            .expect("strings serialize"),
+            TailFormat::Pretty => pretty(&u, colour),
         };
-        let text = serde_json::to_string(&line).expect("strings serialize");
         if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
             break; // stdout closed (e.g. piped into head)
         }
+        printed += 1;
     }
     subscriber.stop();
+    if short {
+        eprintln!(
+            "error: timed out after {} with {printed} of {} updates",
+            humantime::format_duration(until.timeout.unwrap_or_default()),
+            until.count.unwrap_or_default()
+        );
+        return ExitCode::FAILURE;
+    }
     match task.await {
         Ok(Err(e)) => {
             eprintln!("error: {e}");

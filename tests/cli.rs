@@ -185,3 +185,68 @@ fn check_warns_about_unauthenticated_listeners_on_every_address() {
     );
     assert!(!out.contains("warning"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_stops_after_count_or_timeout_and_prints_pretty_lines() {
+    let redis = RedisServer::start().await;
+    let tail = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["tail", "--backend", "redis", "--redis-url", &redis.url()])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // --count: exits 0 after two updates, in the readable format.
+    let child = tail(&["--count", "2", "--timeout", "30s", "--format", "pretty"]);
+    await_pattern_subscriber(&redis).await;
+    let backend =
+        feedbridge::config::BackendConfig::Redis(feedbridge::config::RedisBackendConfig {
+            url: redis.url(),
+            codec: feedbridge::codec::Codec::Msgpack,
+            connect_timeout: Duration::from_secs(5),
+            sharded: false,
+            auth: Default::default(),
+        });
+    let publisher = feedbridge::backend::PubSub::new(backend)
+        .get_publisher()
+        .await
+        .unwrap();
+    for (key, action) in [
+        ("p1", feedbridge::Action::Create),
+        ("p1", feedbridge::Action::Delete),
+        ("p2", feedbridge::Action::Create),
+    ] {
+        let u =
+            feedbridge::DbUpdate::new("lport", key, action, Some("v".into())).with_topic("tenant1");
+        publisher.send_event(&u, None).await.unwrap();
+    }
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].contains("create")
+            && lines[0].contains("lport/p1")
+            && lines[0].contains("@tenant1"),
+        "{stdout}"
+    );
+    assert!(lines[1].contains("delete"), "{stdout}");
+    assert!(!lines[0].starts_with('{'), "pretty, not JSON: {stdout}");
+
+    // --timeout with too few updates: exits 1 and says so.
+    let start = std::time::Instant::now();
+    let child = tail(&["--count", "5", "--timeout", "1s"]);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("timed out after 1s with 0 of 5"));
+    assert!(start.elapsed() < Duration::from_secs(15));
+}
