@@ -250,3 +250,26 @@ async fn tail_stops_after_count_or_timeout_and_prints_pretty_lines() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("timed out after 1s with 0 of 5"));
     assert!(start.elapsed() < Duration::from_secs(15));
 }
+
+#[test]
+fn completions_and_man_page_come_from_the_cli_definition() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(BIN)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        for word in ["tail", "check", "count", "sharded"] {
+            assert!(text.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let out = Command::new(BIN).arg("man").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(".ie") || text.contains(".TH feedbridge"),
+        "{text}"
+    );
+    assert!(text.contains("tail"));
+}
