@@ -88,6 +88,16 @@ pub async fn serve(
 /// `GET url` with a plain HTTP/1.0 request: `Ok` on a 200 answer. For
 /// container health checks, where the runtime image has no curl.
 pub fn probe(url: &str) -> Result<(), String> {
+    let (status, body) = get(url)?;
+    if status == 200 {
+        Ok(())
+    } else {
+        Err(format!("{url}: {status} {}", body.trim()))
+    }
+}
+
+/// A plain HTTP/1.0 GET of `http://HOST:PORT/PATH`: status code and body.
+pub fn get(url: &str) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
     let rest = url
         .strip_prefix("http://")
@@ -103,11 +113,16 @@ pub fn probe(url: &str) -> Result<(), String> {
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").map_err(|e| e.to_string())?;
     let mut answer = String::new();
     let _ = stream.read_to_string(&mut answer);
-    let status = answer.lines().next().unwrap_or_default();
-    if status.split_whitespace().nth(1) == Some("200") {
-        Ok(())
-    } else {
-        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default().trim();
-        Err(format!("{url}: {status} {body}"))
-    }
+    let status = answer
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("{url}: no HTTP answer"))?;
+    let body = answer
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    Ok((status, body))
 }

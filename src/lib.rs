@@ -23,6 +23,7 @@
 //! - [`checkpoint`]: the atomically written last-published revision.
 //! - [`retry`]: reconnection with capped, jittered exponential backoff.
 //! - [`stats`]: Prometheus metrics of what the bridge did.
+//! - [`status`]: `feedbridge status`, one screen read from the admin listener.
 //! - [`admin`]: the admin HTTP listener: `/metrics`, `/healthz`, `/readyz`.
 //! - [`zmq_socket`]: the libzmq context and safe binding, shared by the
 //!   ZeroMQ backend and the multiproc channel.
@@ -48,6 +49,7 @@ pub mod retry;
 pub mod service;
 pub mod source;
 pub mod stats;
+pub mod status;
 #[cfg(feature = "test-util")]
 pub mod testing;
 pub mod update;

@@ -40,6 +40,16 @@ enum Command {
     },
     /// Print the manual page (roff), from the same definition as `--help`.
     Man,
+    /// One screen about a running bridge, from its admin listener: role,
+    /// readiness, what it read and published, skips, lag, reconnects.
+    Status {
+        /// The admin listener (`[admin] listen`).
+        #[arg(long, default_value = "http://127.0.0.1:9095")]
+        url: String,
+        /// Refresh in place every this long (e.g. `2s`), with rates.
+        #[arg(long, value_parser = humantime::parse_duration, num_args = 0..=1, default_missing_value = "2s")]
+        watch: Option<std::time::Duration>,
+    },
     /// Run the bridge until SIGINT or SIGTERM.
     Run {
         /// The config file.
@@ -130,6 +140,7 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut command, "feedbridge", &mut std::io::stdout());
             ExitCode::SUCCESS
         }
+        Command::Status { url, watch } => status(&url, watch),
         Command::Man => {
             let command = <Cli as clap::CommandFactory>::command();
             match clap_mangen::Man::new(command).render(&mut std::io::stdout()) {
@@ -341,6 +352,35 @@ async fn run(config: Config) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `feedbridge status`: exit 0 when ready, 1 when the listener does not
+/// answer, 2 when the bridge answers but is not ready.
+fn status(url: &str, watch: Option<std::time::Duration>) -> ExitCode {
+    let mut before: Option<(feedbridge::status::Snapshot, std::time::Instant)> = None;
+    loop {
+        let snapshot = match feedbridge::status::read(url) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: no bridge answers at {url} ({e}); is [admin] listen set?");
+                return ExitCode::FAILURE;
+            }
+        };
+        let screen = snapshot.render(url, before.as_ref().map(|(s, t)| (s, t.elapsed())));
+        let Some(every) = watch else {
+            print!("{screen}");
+            return if snapshot.ready.0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            };
+        };
+        // Clear the screen and draw again in place.
+        print!("\x1b[2J\x1b[H{screen}");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        before = Some((snapshot, std::time::Instant::now()));
+        std::thread::sleep(every);
     }
 }
 

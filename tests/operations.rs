@@ -138,7 +138,34 @@ async fn metrics_count_what_was_written_and_health_endpoints_answer() {
         .status()
         .unwrap();
     assert!(ok.success());
+    // `feedbridge status`: one screen of the same figures
+    let status = std::process::Command::new(BIN)
+        .args(["status", "--url", &format!("http://{admin}")])
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{screen}");
+    let read: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("feedbridge_updates_read_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    for needle in [
+        "ready (leader)".to_string(),
+        "leader".to_string(),
+        format!("read            {read} changes"),
+        "published".to_string(),
+        "lag".to_string(),
+    ] {
+        assert!(screen.contains(&needle), "{needle:?} not in:\n{screen}");
+    }
     bridge.stop().await;
+    let gone = std::process::Command::new(BIN)
+        .args(["status", "--url", &format!("http://{admin}")])
+        .output()
+        .unwrap();
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("no bridge answers"));
     let down = std::process::Command::new(BIN)
         .args(["health", "--url", &format!("http://{admin}/readyz")])
         .stderr(std::process::Stdio::null())
