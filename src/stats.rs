@@ -86,6 +86,13 @@ pub struct Stats {
     pub queue_depth: Gauge,
     /// 1 while this instance publishes (always, without HA).
     pub leader: Gauge,
+    /// Seconds since the pipeline last had published everything it read
+    /// (0 while caught up): the lag in time, for any source.
+    lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// When the pipeline was last caught up (Unix milliseconds).
+    caught_up_ms: std::sync::atomic::AtomicU64,
+    /// The process's resident memory, read at each scrape.
+    resident_memory: Gauge,
     /// The source's connection.
     pub source: ConnState,
     /// The backend's connection.
@@ -122,6 +129,9 @@ impl Default for Stats {
             lag: Gauge::default(),
             queue_depth: Gauge::default(),
             leader: Gauge::default(),
+            lag_seconds: Gauge::default(),
+            caught_up_ms: std::sync::atomic::AtomicU64::new(unix_ms()),
+            resident_memory: Gauge::default(),
             source,
             backend,
             has_source: AtomicBool::new(false),
@@ -184,8 +194,25 @@ impl Default for Stats {
             "1 while this instance publishes",
             s.leader.clone(),
         );
+        registry.register(
+            "lag_seconds",
+            "Seconds since everything read was last published (0 while caught up)",
+            s.lag_seconds.clone(),
+        );
+        registry.register(
+            "resident_memory_bytes",
+            "Resident memory of the bridge process",
+            s.resident_memory.clone(),
+        );
         Stats { registry, ..s }
     }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Counts equal items, in first-seen order (a batch holds few distinct
@@ -303,8 +330,28 @@ impl Stats {
         Ok("leader")
     }
 
+    /// The pipeline has published everything it read so far.
+    pub fn caught_up(&self) {
+        self.caught_up_ms.store(unix_ms(), Relaxed);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
+        let behind = self.queue_depth.get() > 0
+            || self.source_revision.get() > self.checkpoint_revision.get();
+        let since = unix_ms().saturating_sub(self.caught_up_ms.load(Relaxed));
+        self.lag_seconds
+            .set(if behind { since as f64 / 1000.0 } else { 0.0 });
+        if let Some(kb) = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok())
+            })
+        {
+            self.resident_memory.set(kb * 1024);
+        }
         self.lag.set(
             self.source_revision
                 .get()

@@ -133,10 +133,18 @@ impl Snapshot {
         line(
             "lag",
             format!(
-                "{} revisions (source at {}, checkpoint {})",
+                "{} revisions, {:.1} s (source at {}, checkpoint {})",
                 self.get("lag_revisions"),
+                self.get("lag_seconds"),
                 self.get("source_revision"),
                 self.get("checkpoint_revision")
+            ),
+        );
+        line(
+            "memory",
+            format!(
+                "{:.1} MB resident",
+                self.get("resident_memory_bytes") / 1_048_576.0
             ),
         );
         line("queue", format!("{} waiting", self.get("queue_depth")));
@@ -183,6 +191,6 @@ mod tests {
         let screen = later.render("http://h:1", Some((&s, Duration::from_secs(2))));
         assert!(screen.contains("30 changes  (10.0/s)"), "{screen}");
         assert!(screen.contains("leader") && screen.contains("oversize_value 2"));
-        assert!(screen.contains("4 revisions"));
+        assert!(screen.contains("4 revisions, 0.0 s"), "{screen}");
     }
 }

@@ -138,6 +138,33 @@ async fn metrics_count_what_was_written_and_health_endpoints_answer() {
         .status()
         .unwrap();
     assert!(ok.success());
+    // Every metric the Grafana dashboard queries is exported, so the two
+    // cannot drift apart.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(workspace_path("deploy/grafana/feedbridge.json")).unwrap(),
+    )
+    .unwrap();
+    let mut queried = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_alphanumeric() || c == '_')) {
+                if word.starts_with("feedbridge_") {
+                    queried.insert(word.to_string());
+                }
+            }
+        }
+    }
+    assert!(queried.len() >= 12, "{queried:?}");
+    for name in &queried {
+        let base = name.strip_suffix("_total").unwrap_or(name);
+        assert!(
+            body.lines().any(|l| l.starts_with(&format!("{name} "))
+                || l.starts_with(&format!("{name}{{"))
+                || l.starts_with(&format!("# TYPE {base} "))),
+            "the dashboard queries {name}, which the bridge does not export"
+        );
+    }
     // `feedbridge status`: one screen of the same figures
     let status = std::process::Command::new(BIN)
         .args(["status", "--url", &format!("http://{admin}")])

@@ -133,6 +133,9 @@ impl Pipeline {
             if !self.publish(batch).await {
                 return false;
             }
+            if rx.is_empty() {
+                self.stats.caught_up();
+            }
             if let Some(revision) = checkpoint.take() {
                 self.published_revision = Some(revision);
                 self.try_checkpoint().await;
