@@ -77,6 +77,8 @@ pub struct Stats {
     pub flushes_detected: Counter,
     skipped: Family<ReasonLabels, Counter>,
     reconnects: Family<ConnectionLabels, Counter>,
+    /// 1 while the connection is up, by connection (set at each scrape).
+    connected: Family<ConnectionLabels, Gauge>,
     /// The source database's latest revision seen (etcd).
     pub source_revision: Gauge,
     /// Last revision whose updates were all published.
@@ -124,6 +126,7 @@ impl Default for Stats {
             flushes_detected: Counter::default(),
             skipped: Family::default(),
             reconnects,
+            connected: Family::default(),
             source_revision: Gauge::default(),
             checkpoint_revision: Gauge::default(),
             lag: Gauge::default(),
@@ -193,6 +196,11 @@ impl Default for Stats {
             "leader",
             "1 while this instance publishes",
             s.leader.clone(),
+        );
+        registry.register(
+            "connected",
+            "1 while the connection is up, by connection",
+            s.connected.clone(),
         );
         registry.register(
             "lag_seconds",
@@ -337,6 +345,15 @@ impl Stats {
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
+        for (name, state) in [("source", &self.source), ("backend", &self.backend)] {
+            if name == "backend" || self.has_source.load(Relaxed) {
+                self.connected
+                    .get_or_create(&ConnectionLabels {
+                        connection: name.into(),
+                    })
+                    .set(state.is_up() as i64);
+            }
+        }
         let behind = self.queue_depth.get() > 0
             || self.source_revision.get() > self.checkpoint_revision.get();
         let since = unix_ms().saturating_sub(self.caught_up_ms.load(Relaxed));

@@ -18,6 +18,8 @@ pub struct Snapshot {
     pub skipped: BTreeMap<String, f64>,
     /// `reconnects` by connection.
     pub reconnects: BTreeMap<String, f64>,
+    /// `connected` (1 up, 0 down) by connection.
+    pub connected: BTreeMap<String, f64>,
 }
 
 impl Snapshot {
@@ -52,6 +54,11 @@ impl Snapshot {
                 "reconnects_total" => {
                     if let Some(c) = label("connection") {
                         *s.reconnects.entry(c).or_default() += value;
+                    }
+                }
+                "connected" => {
+                    if let Some(c) = label("connection") {
+                        s.connected.insert(c, value);
                     }
                 }
                 _ => {}
@@ -102,6 +109,14 @@ impl Snapshot {
         };
         line("feedbridge", format!("{url}  {state}"));
         line("role", role.to_owned());
+        let connections: Vec<String> = self
+            .connected
+            .iter()
+            .map(|(c, up)| format!("{c} {}", if *up >= 1.0 { "up" } else { "DOWN" }))
+            .collect();
+        if !connections.is_empty() {
+            line("connections", connections.join(", "));
+        }
         line(
             "read",
             format!(

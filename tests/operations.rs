@@ -183,6 +183,7 @@ async fn metrics_count_what_was_written_and_health_endpoints_answer() {
         format!("read            {read} changes"),
         "published".to_string(),
         "lag".to_string(),
+        "backend up, source up".to_string(),
     ] {
         assert!(screen.contains(&needle), "{needle:?} not in:\n{screen}");
     }
