@@ -13,14 +13,15 @@
 //! - [`mapper`]: the pure transform, raw change → `DbUpdate` or a counted skip.
 //! - [`config`]: typed TOML config, defaults and validation.
 //! - [`db`]: the etcd and Redis clients everything else connects through.
-//! - [`pubsub`]: the `Publisher` / `Subscriber` traits and the `PubSub` manager.
+//! - [`pubsub`]: the `Publisher` / `Subscriber` traits (Dragonflow's API); no backend.
 //! - [`source`]: change sources (etcd watch, Redis keyspace notifications).
-//! - [`backend`]: publish backends (ZeroMQ, Redis, etcd), publisher and subscriber.
+//! - [`backend`]: publish backends (ZeroMQ, Redis, etcd), publisher and subscriber,
+//!   and the `PubSub` manager that picks one from config.
 //! - [`discovery`]: publisher ids, registration in the `publisher` table, discovery.
-//! - [`ha`]: active/standby instances through etcd leader election.
+//! - [`ha`]: active/standby instances through etcd leader election or a Redis lock.
 //! - [`bridge`]: the source → mapper → publisher pipeline, checkpoints, shutdown.
 //! - [`service`]: the publisher service's multiproc (PULL) channel.
-//! - [`checkpoint`]: the atomically written last-published revision.
+//! - [`checkpoint`]: the last-published revision, in etcd or an atomically written file.
 //! - [`retry`]: reconnection with capped, jittered exponential backoff.
 //! - [`stats`]: Prometheus metrics of what the bridge did.
 //! - [`status`]: `feedbridge status`, one screen read from the admin listener.
