@@ -193,7 +193,14 @@ pub async fn connect(client: &redis::Client, timeout: Duration) -> Result<Conn, 
                 continue;
             }
         };
-        if !cluster_enabled(&mut node).await.map_err(|e| explain(&e))? {
+        // A user that may not run INFO (a restrictive ACL) talks to a
+        // standalone server as before.
+        let cluster = match cluster_enabled(&mut node).await {
+            Ok(cluster) => cluster,
+            Err(e) if e.is_io_error() || e.is_connection_dropped() => return Err(explain(&e)),
+            Err(_) => false,
+        };
+        if !cluster {
             return Ok(Conn::Single(node));
         }
         let cluster = redis::cluster::ClusterClientBuilder::new(
