@@ -86,16 +86,6 @@ pub enum Mapped {
     Skip(Skip),
 }
 
-impl Mapped {
-    /// The update, if the change is published in any form.
-    pub fn update(self) -> Option<DbUpdate> {
-        match self {
-            Mapped::Update(u) | Mapped::Resync(u, _) => Some(u),
-            Mapped::Skip(_) => None,
-        }
-    }
-}
-
 /// Turns changes into updates for one layout.
 #[derive(Debug, Clone)]
 pub struct Mapper {

@@ -479,10 +479,8 @@ impl RedisCluster {
             .query_async(&mut c)
             .await
             .unwrap();
-        let node = crate::db::redis::parse_cluster_nodes(&text)
-            .into_iter()
-            .find(|n| n.master && n.slots.iter().any(|&(a, b)| a <= slot && slot <= b))
-            .expect("a master serves every slot");
+        let nodes = crate::db::redis::parse_cluster_nodes(&text);
+        let node = crate::db::redis::master_of(&nodes, slot).expect("a master serves every slot");
         self.nodes
             .iter()
             .position(|n| node.addr == format!("127.0.0.1:{}", n.port))

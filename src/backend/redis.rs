@@ -425,10 +425,7 @@ impl RedisSubscriber {
                 .iter()
                 .map(|c| {
                     let slot = crate::db::redis::slot(c.as_bytes());
-                    let owner = nodes
-                        .iter()
-                        .find(|n| n.master && n.slots.iter().any(|&(a, b)| a <= slot && slot <= b))
-                        .map(|n| n.addr.clone());
+                    let owner = crate::db::redis::master_of(nodes, slot).map(|n| n.addr.clone());
                     (c.clone(), owner)
                 })
                 .collect::<BTreeMap<_, _>>()

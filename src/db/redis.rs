@@ -273,6 +273,16 @@ pub struct Node {
     pub slots: Vec<(u16, u16)>,
 }
 
+/// Whether `slot` lies in one of the inclusive `ranges`.
+pub fn in_slots(slot: u16, ranges: &[(u16, u16)]) -> bool {
+    ranges.iter().any(|&(a, b)| a <= slot && slot <= b)
+}
+
+/// The master serving `slot`, if any.
+pub fn master_of(nodes: &[Node], slot: u16) -> Option<&Node> {
+    nodes.iter().find(|n| n.master && in_slots(slot, &n.slots))
+}
+
 /// The cluster's nodes that are not failed, sorted; a standalone server is
 /// one master of every slot at `standalone_addr`.
 pub async fn nodes(conn: &mut Conn, standalone_addr: &str) -> redis::RedisResult<Vec<Node>> {
@@ -331,12 +341,8 @@ pub async fn owner_of(
     key: &[u8],
 ) -> Result<MultiplexedConnection, String> {
     let slot = slot(key);
-    let owner = nodes(conn, "")
-        .await
-        .map_err(|e| explain(&e))?
-        .into_iter()
-        .find(|n| n.master && n.slots.iter().any(|&(a, b)| a <= slot && slot <= b))
-        .ok_or_else(|| format!("no master serves slot {slot}"))?;
+    let nodes = nodes(conn, "").await.map_err(|e| explain(&e))?;
+    let owner = master_of(&nodes, slot).ok_or_else(|| format!("no master serves slot {slot}"))?;
     connect_node(&node_client(client, &owner.addr)?, Duration::from_secs(5)).await
 }
 

@@ -36,7 +36,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{emit, SourceError, SourceEvent};
 use crate::config::RedisSourceConfig;
-use crate::db::redis::{connect, connect_node, explain, redacted, slot, Conn, Node, SLOTS};
+use crate::db::redis::{
+    connect, connect_node, explain, in_slots, redacted, slot, Conn, Node, SLOTS,
+};
 use crate::keymap::KeyLayout;
 use crate::mapper::{Change, ChangeKind};
 use crate::retry::Reconnect;
@@ -284,19 +286,20 @@ struct Topology {
     masters: Vec<(Node, redis::Client, MultiplexedConnection)>,
 }
 
-fn in_slots(slot: u16, ranges: &[(u16, u16)]) -> bool {
-    ranges.iter().any(|&(a, b)| a <= slot && slot <= b)
-}
-
-fn overlaps((a, b): (u16, u16), ranges: &[(u16, u16)]) -> bool {
-    ranges.iter().any(|&(c, d)| a <= d && c <= b)
+/// Whether `node` is a master owning any of the followed `slots`.
+fn followed(node: &Node, slots: &[(u16, u16)]) -> bool {
+    node.master
+        && node
+            .slots
+            .iter()
+            .any(|&(a, b)| slots.iter().any(|&(c, d)| a <= d && c <= b))
 }
 
 /// The masters that own any of the followed slots, by address.
 fn followed_masters(nodes: &[Node], slots: &[(u16, u16)]) -> Vec<String> {
     nodes
         .iter()
-        .filter(|n| n.master && n.slots.iter().any(|r| overlaps(*r, slots)))
+        .filter(|n| followed(n, slots))
         .map(|n| n.addr.clone())
         .collect()
 }
@@ -396,10 +399,7 @@ impl RedisSource {
             .await
             .map_err(|e| explain(&e))?;
         let mut masters = Vec::new();
-        for node in nodes
-            .iter()
-            .filter(|n| n.master && n.slots.iter().any(|r| overlaps(*r, &self.slots)))
-        {
+        for node in nodes.iter().filter(|n| followed(n, &self.slots)) {
             let node_client = if data.is_cluster() {
                 crate::db::redis::node_client(client, &node.addr)?
             } else {
