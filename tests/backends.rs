@@ -317,13 +317,7 @@ async fn etcd_backend_batches_topics_into_transactions_in_order() {
     let (mut rx, _task) = sub.clone().updates(1024);
     await_publisher_flow(&mut rx, &publisher).await;
     let mut kv = etcd.client().await;
-    let before = kv
-        .get("x", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
+    let before = etcd_revision(&mut kv).await;
     // 40 updates over 10 topics, each topic coming back 4 times.
     let batch: Vec<DbUpdate> = (0..40)
         .map(|i| {
@@ -332,13 +326,7 @@ async fn etcd_backend_batches_topics_into_transactions_in_order() {
         })
         .collect();
     publisher.send_batch(&batch).await.unwrap();
-    let after = kv
-        .get("x", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
+    let after = etcd_revision(&mut kv).await;
     assert_eq!(after - before, 4, "four transactions of ten topics each");
     let got = collect_until(&mut rx, "the batch", WAIT, |g| {
         g.iter().filter(|u| u.table == "lport").count() == 40

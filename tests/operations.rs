@@ -118,13 +118,7 @@ async fn metrics_count_what_was_written_and_health_endpoints_answer() {
         metric(&body, "feedbridge_skipped_total{reason=\"outside_layout\"}"),
         1.0
     );
-    let revision = kv
-        .get("/nokey", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision() as f64;
+    let revision = etcd_revision(&mut kv).await as f64;
     assert_eq!(metric(&body, "feedbridge_source_revision"), revision);
     assert!(body.contains("feedbridge_checkpoint_revision"), "{body}");
     assert!(

@@ -36,18 +36,7 @@ fn zmq_updates(port: u16) -> mpsc::Receiver<DbUpdate> {
 /// Sets `{probe.tN}x` keys (over many slots, so over every master) until
 /// one reaches the subscriber.
 async fn await_cluster_flow(rx: &mut mpsc::Receiver<DbUpdate>, conn: &ClusterConnection) {
-    await_flow(rx, |i| {
-        let mut c = conn.clone();
-        async move {
-            redis::cmd("SET")
-                .arg(format!("{{probe.t{i}}}x"))
-                .arg("x")
-                .query_async::<()>(&mut c)
-                .await
-                .unwrap();
-        }
-    })
-    .await;
+    await_redis_keys_flow(rx, conn.clone(), |i| format!("{{probe.t{i}}}x")).await;
 }
 
 /// Every `lport` row in the cluster: key → value.

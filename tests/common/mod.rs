@@ -139,6 +139,16 @@ pub fn view(updates: &[DbUpdate]) -> std::collections::BTreeMap<(String, String)
     state
 }
 
+/// etcd's current revision.
+pub async fn etcd_revision(kv: &mut etcd_client::Client) -> i64 {
+    kv.get("/", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision()
+}
+
 /// Sets Redis `{probe.}N` keys until one reaches the subscriber.
 pub async fn await_redis_flow(rx: &mut mpsc::Receiver<DbUpdate>, redis: &RedisServer) {
     await_redis_flow_on(rx, redis.connection().await).await;
@@ -149,11 +159,23 @@ pub async fn await_redis_flow_on(
     rx: &mut mpsc::Receiver<DbUpdate>,
     conn: redis::aio::MultiplexedConnection,
 ) {
+    await_redis_keys_flow(rx, conn, |i| format!("{{probe.}}{i}")).await;
+}
+
+/// Sets the Redis keys `key(N)` through `conn` (a node or a whole
+/// cluster) until one reaches the subscriber.
+pub async fn await_redis_keys_flow<C>(
+    rx: &mut mpsc::Receiver<DbUpdate>,
+    conn: C,
+    key: impl Fn(u32) -> String,
+) where
+    C: redis::aio::ConnectionLike + Clone + Send,
+{
     await_flow(rx, |i| {
-        let mut c = conn.clone();
+        let (mut c, key) = (conn.clone(), key(i));
         async move {
             redis::cmd("SET")
-                .arg(format!("{{probe.}}{i}"))
+                .arg(key)
                 .arg("x")
                 .query_async::<()>(&mut c)
                 .await
