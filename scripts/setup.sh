@@ -34,7 +34,17 @@ protoc_works() {
 
 need_apt=()
 protoc_works || need_apt+=(protobuf-compiler libprotobuf-dev)
-command -v c++ >/dev/null || need_apt+=(g++)
+# zmq-sys builds libzmq from source: a C++ compiler that can link.
+cxx_works() {
+    command -v c++ >/dev/null || return 1
+    local d ok=0
+    d=$(mktemp -d)
+    printf '#include <string>\nint main() { std::string s("ok"); return s.size() == 2 ? 0 : 1; }\n' >"$d/probe.cpp"
+    c++ "$d/probe.cpp" -o "$d/probe" 2>/dev/null || ok=1
+    rm -rf "$d"
+    return $ok
+}
+cxx_works || need_apt+=(g++)
 if [ "${1:-}" != "--build" ]; then
     command -v etcd >/dev/null || need_apt+=(etcd-server)
     command -v etcdctl >/dev/null || need_apt+=(etcd-client)
@@ -54,6 +64,11 @@ fi
 if ! protoc_works; then
     echo "setup: protoc cannot compile a file importing google/protobuf/descriptor.proto;" >&2
     echo "setup: install the protobuf well-known types (Debian: libprotobuf-dev)" >&2
+    exit 1
+fi
+
+if ! cxx_works; then
+    echo "setup: no working C++ compiler (libzmq is built from source); install g++" >&2
     exit 1
 fi
 

@@ -153,21 +153,20 @@ impl EtcdStore {
         }
         // A cluster client may first try a member that is down: a few
         // quick attempts before the error is the caller's.
-        let mut attempt = 0;
-        let resp = loop {
-            match self
-                .kv
-                .put(self.key.clone(), revision.to_string(), None)
-                .await
-            {
-                Ok(resp) => break resp,
-                Err(_) if attempt < 3 => {
-                    attempt += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-                Err(e) => return Err(self.error(e)),
-            }
+        use backon::Retryable;
+        let (kv, key, value) = (self.kv.clone(), self.key.clone(), revision.to_string());
+        let put = || {
+            let (mut kv, key, value) = (kv.clone(), key.clone(), value.clone());
+            async move { kv.put(key, value, None).await }
         };
+        let resp = put
+            .retry(
+                backon::ConstantBuilder::default()
+                    .with_delay(std::time::Duration::from_millis(100))
+                    .with_max_times(3),
+            )
+            .await
+            .map_err(|e| self.error(e))?;
         self.own_write = resp.header().map(|h| h.revision());
         Ok(())
     }

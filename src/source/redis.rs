@@ -485,13 +485,22 @@ impl RedisSource {
                 source_name: "redis",
                 message,
             })?;
-        drop(topo);
+        // The first session uses these connections: no second round of
+        // connecting to every master at start-up.
+        let mut connected = Some(topo);
         let mut reconnect =
             Reconnect::new(format!("redis source {url}")).with_state(self.stats.source.clone());
         let mut first = true;
         loop {
             match self
-                .session(&client, &tx, &shutdown, first, &mut reconnect)
+                .session(
+                    &client,
+                    &tx,
+                    &shutdown,
+                    first,
+                    &mut reconnect,
+                    connected.take(),
+                )
                 .await
             {
                 Ended::Stopped => return Ok(()),
@@ -654,9 +663,13 @@ impl RedisSource {
         shutdown: &CancellationToken,
         first: bool,
         reconnect: &mut Reconnect,
+        connected: Option<Topology>,
     ) -> Ended {
         let result = async {
-            let mut topo = self.topology(client).await.map_err(Ended::Lost)?;
+            let mut topo = match connected {
+                Some(topo) => topo,
+                None => self.topology(client).await.map_err(Ended::Lost)?,
+            };
             if !first {
                 // A restarted Redis forgot a CONFIG SET made at runtime, and
                 // a promoted replica may never have had it.
