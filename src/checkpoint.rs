@@ -177,10 +177,10 @@ const INDEX_HEADER: &str = "feedbridge-index-v1";
 /// Saves an etcd key index (key → mod revision) as of `revision`: a header
 /// line, then one `hex(key) mod_revision` line per key (hex, because keys
 /// are bytes).
-pub fn save_index(
+pub fn save_index<S>(
     path: &Path,
     revision: i64,
-    index: &HashMap<Vec<u8>, i64>,
+    index: &HashMap<Vec<u8>, i64, S>,
 ) -> Result<(), CheckpointError> {
     use std::fmt::Write as _;
     let mut out = String::with_capacity(32 + index.len() * 40);
@@ -196,10 +196,10 @@ pub fn save_index(
 
 /// Loads an index saved at exactly `revision`; `None` when there is none,
 /// or it was saved at another revision (then it describes another state).
-pub fn load_index(
+pub fn load_index<S: std::hash::BuildHasher + Default>(
     path: &Path,
     revision: i64,
-) -> Result<Option<HashMap<Vec<u8>, i64>>, CheckpointError> {
+) -> Result<Option<HashMap<Vec<u8>, i64, S>>, CheckpointError> {
     let Some(text) = read_if_exists(path)? else {
         return Ok(None);
     };
@@ -212,7 +212,7 @@ pub fn load_index(
     if header != format!("{INDEX_HEADER} {revision}") {
         return Ok(None);
     }
-    let mut index = HashMap::new();
+    let mut index = HashMap::default();
     for line in lines {
         let (hex, rev) = line.split_once(' ').ok_or_else(corrupt)?;
         if hex.len() % 2 != 0 {
@@ -250,7 +250,7 @@ mod tests {
         save_index(&idx, 9, &index).unwrap();
         assert_eq!(load_index(&idx, 9).unwrap(), Some(index));
         assert_eq!(
-            load_index(&idx, 8).unwrap(),
+            load_index::<std::hash::RandomState>(&idx, 8).unwrap(),
             None,
             "another revision's index is not used"
         );

@@ -254,10 +254,7 @@ fn init_logging(level: &str) {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
+    feedbridge::bridge::runtime().expect("tokio runtime")
 }
 
 fn describe(c: &Config) -> String {

@@ -8,14 +8,13 @@
 //! re-lists at the current revision, diffs against the index and emits the
 //! missed create / set / delete before watching on: never a silent restart.
 
-use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{emit, SourceError, SourceEvent, Stopped};
+use super::{emit, KeyIndex, KeySet, SourceError, SourceEvent, Stopped};
 use std::sync::Arc;
 
 use crate::checkpoint;
@@ -124,7 +123,7 @@ pub struct EtcdSource {
     /// Revision to resume from (the last checkpoint), if any.
     resume_from: Option<i64>,
     /// key → mod revision of every key the subscribers know of.
-    index: HashMap<Vec<u8>, i64>,
+    index: KeyIndex<i64>,
     /// Whether `index` is exactly what subscribers know (false after a
     /// resume whose revision was already compacted).
     index_complete: bool,
@@ -149,7 +148,7 @@ impl EtcdSource {
         EtcdSource {
             config,
             resume_from: checkpoint,
-            index: HashMap::new(),
+            index: KeyIndex::default(),
             index_complete: true,
             indexed_revision: 0,
             stats,
@@ -387,7 +386,7 @@ impl EtcdSource {
             )
             .await?;
         }
-        let mut seen = HashSet::with_capacity(kvs.len());
+        let mut seen = KeySet::with_capacity_and_hasher(kvs.len(), Default::default());
         let (mut created, mut set, mut deleted) = (0u64, 0u64, 0u64);
         for kv in kvs {
             seen.insert(kv.key.clone());

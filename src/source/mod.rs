@@ -5,6 +5,8 @@
 pub mod etcd;
 pub mod redis;
 
+use std::collections::{HashMap, HashSet};
+
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -42,12 +44,17 @@ pub(crate) async fn emit(
     }
 }
 
+/// What a source knows per key (etcd: the mod revision; Redis: a value
+/// fingerprint). Hashed with foldhash, randomly seeded per process: SipHash
+/// cost more than the rest of the index update for every change.
+pub(crate) type KeyIndex<V> = HashMap<Vec<u8>, V, foldhash::fast::RandomState>;
+
+/// A set of keys, hashed like [`KeyIndex`].
+pub(crate) type KeySet = HashSet<Vec<u8>, foldhash::fast::RandomState>;
+
 /// Removes from `index` every key a re-list did not `seen`, and returns
 /// them: the keys deleted while the source was not watching.
-pub(crate) fn remove_unseen<V>(
-    index: &mut std::collections::HashMap<Vec<u8>, V>,
-    seen: &std::collections::HashSet<Vec<u8>>,
-) -> Vec<Vec<u8>> {
+pub(crate) fn remove_unseen<V>(index: &mut KeyIndex<V>, seen: &KeySet) -> Vec<Vec<u8>> {
     let mut gone = Vec::new();
     index.retain(|key, _| {
         let keep = seen.contains(key);
@@ -71,13 +78,14 @@ pub struct SourceError {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::{HashMap, HashSet};
+    use super::{KeyIndex, KeySet};
 
     #[test]
     fn remove_unseen_returns_exactly_the_missing_keys() {
-        let mut index: HashMap<Vec<u8>, i64> =
-            [(b"a".to_vec(), 1), (b"b".to_vec(), 2), (b"c".to_vec(), 3)].into();
-        let seen: HashSet<Vec<u8>> = [b"b".to_vec()].into();
+        let mut index: KeyIndex<i64> = [(b"a".to_vec(), 1), (b"b".to_vec(), 2), (b"c".to_vec(), 3)]
+            .into_iter()
+            .collect();
+        let seen: KeySet = [b"b".to_vec()].into_iter().collect();
         let mut gone = super::remove_unseen(&mut index, &seen);
         gone.sort();
         assert_eq!(gone, vec![b"a".to_vec(), b"c".to_vec()]);

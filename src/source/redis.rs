@@ -23,9 +23,8 @@
 //! publishing a `set` with no value, and it converges on the database's
 //! real state whatever order reads and events interleave in.
 
-use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::hash::{Hash, Hasher};
+use std::collections::{BTreeMap, HashSet};
+use std::hash::BuildHasher;
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
@@ -34,7 +33,7 @@ use redis::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{emit, SourceError, SourceEvent};
+use super::{emit, KeyIndex, KeySet, SourceError, SourceEvent};
 use crate::config::RedisSourceConfig;
 use crate::db::redis::{
     connect, connect_node, explain, in_slots, redacted, slot, Conn, Node, SLOTS,
@@ -92,10 +91,13 @@ pub fn missing_flags(current: &str) -> String {
         .collect()
 }
 
+/// Seed of [`fingerprint`]: fixed, so runs are reproducible.
+const FINGERPRINT_SEED: u64 = 0x6665_6564_6272_6964; // "feedbrid"
+
+/// 64 bits standing for a value in the index: a new value is published
+/// when its fingerprint differs (a collision, 2^-64, would hide a change).
 fn fingerprint(value: &[u8]) -> u64 {
-    let mut h = DefaultHasher::new();
-    value.hash(&mut h);
-    h.finish()
+    foldhash::quality::FixedState::with_seed(FINGERPRINT_SEED).hash_one(value)
 }
 
 /// Escapes glob characters so a literal prefix can go in a MATCH pattern.
@@ -262,7 +264,7 @@ impl From<super::Stopped> for Ended {
 pub struct RedisSource {
     config: RedisSourceConfig,
     /// key → fingerprint of the value subscribers were last sent.
-    index: HashMap<Vec<u8>, u64>,
+    index: KeyIndex<u64>,
     unsupported_logged: HashSet<String>,
     stats: Arc<Stats>,
     /// Taking over from another leader (HA): what it published is unknown.
@@ -323,7 +325,7 @@ impl RedisSource {
         RedisSource {
             slots,
             config,
-            index: HashMap::new(),
+            index: KeyIndex::default(),
             unsupported_logged: HashSet::new(),
             stats,
             takeover: false,
@@ -731,7 +733,7 @@ impl RedisSource {
                     }
                 };
                 let mut keys = Vec::new();
-                let mut unique = HashSet::new();
+                let mut unique = KeySet::default();
                 let mut ended = false;
                 self.add_key(&mut keys, &mut unique, channel_prefix.as_bytes(), msg);
                 // Batch whatever else already arrived: one round trip for all.
@@ -767,7 +769,7 @@ impl RedisSource {
     fn add_key(
         &self,
         keys: &mut Vec<Vec<u8>>,
-        unique: &mut HashSet<Vec<u8>>,
+        unique: &mut KeySet,
         channel_prefix: &[u8],
         m: redis::Msg,
     ) {
@@ -796,7 +798,7 @@ impl RedisSource {
         shutdown: &CancellationToken,
         emit_diff: bool,
     ) -> Result<(), Ended> {
-        let mut seen: HashSet<Vec<u8>> = HashSet::with_capacity(self.index.len());
+        let mut seen = KeySet::with_capacity_and_hasher(self.index.len(), Default::default());
         let mut emitted = 0u64;
         for m in 0..topo.masters.len() {
             let mut cursor: u64 = 0;

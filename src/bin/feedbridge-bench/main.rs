@@ -169,7 +169,9 @@ fn main() {
         // The bridge under test, in its own process.
         let config = Config::load(cfg).unwrap_or_else(|e| panic!("{e}"));
         let stats = Arc::new(feedbridge::stats::Stats::default());
-        runtime
+        // The runtime the `feedbridge` binary runs the bridge on.
+        feedbridge::bridge::runtime()
+            .unwrap()
             .block_on(feedbridge::bridge::run(
                 config,
                 CancellationToken::new(),
