@@ -11,5 +11,9 @@ scripts/setup.sh
 cargo fmt --check
 cargo clippy --all-targets --all-features --locked -- -D warnings
 docker-compose -f docker-compose.yml config -q
-cargo run --locked --quiet --features test-util --bin feedbridge-bench -- --smoke
-cargo test --locked --no-fail-fast "$@"
+plot="$(mktemp --suffix=.svg)"
+trap 'rm -f "$plot"' EXIT
+cargo run --locked --quiet --features bench --bin feedbridge-bench -- --smoke --plot "$plot"
+grep -q '<svg' "$plot" || { echo "the benchmark drew no plot" >&2; exit 1; }
+# `bench` also builds the benchmark's own unit tests.
+cargo test --locked --no-fail-fast --features bench "$@"

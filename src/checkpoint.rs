@@ -254,7 +254,10 @@ mod tests {
             None,
             "another revision's index is not used"
         );
-        assert_eq!(load_index(&dir.path().join("none"), 9).unwrap(), None);
+        assert_eq!(
+            load_index::<std::hash::RandomState>(&dir.path().join("none"), 9).unwrap(),
+            None
+        );
         let e = load(&p).unwrap_err().to_string();
         assert!(e.contains("delete it"), "{e}");
     }

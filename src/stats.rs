@@ -75,6 +75,9 @@ pub struct Stats {
     /// Redis FLUSHDB / FLUSHALL / SWAPDB detected (each answered by a full
     /// reconciliation).
     pub flushes_detected: Counter,
+    /// Times the Redis source let go of its notifications because the
+    /// pipeline stayed full (each followed by a reconciliation).
+    pub source_paused: Counter,
     skipped: Family<ReasonLabels, Counter>,
     reconnects: Family<ConnectionLabels, Counter>,
     /// 1 while the connection is up, by connection (set at each scrape).
@@ -124,6 +127,7 @@ impl Default for Stats {
             publish_errors: Counter::default(),
             syncs_published: Counter::default(),
             flushes_detected: Counter::default(),
+            source_paused: Counter::default(),
             skipped: Family::default(),
             reconnects,
             connected: Family::default(),
@@ -166,6 +170,11 @@ impl Default for Stats {
             "flushes_detected",
             "Redis FLUSHDB / FLUSHALL / SWAPDB detected and reconciled",
             s.flushes_detected.clone(),
+        );
+        registry.register(
+            "source_paused",
+            "Times the Redis source unsubscribed because publishing stayed behind, reconciling once it caught up",
+            s.source_paused.clone(),
         );
         registry.register(
             "reconnects",

@@ -100,6 +100,39 @@ fn fingerprint(value: &[u8]) -> u64 {
     foldhash::quality::FixedState::with_seed(FINGERPRINT_SEED).hash_one(value)
 }
 
+/// How long the pipeline may stay full before the source lets go of its
+/// notifications (at 80,000 changes/s, about 16 MB of them queue meanwhile).
+const BEHIND_AFTER: Duration = Duration::from_secs(1);
+
+/// A slot in the pipeline's queue, unless shutdown comes first.
+async fn reserve<'a>(
+    tx: &'a mpsc::Sender<SourceEvent>,
+    shutdown: &CancellationToken,
+) -> Result<mpsc::Permit<'a, SourceEvent>, super::Stopped> {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => Err(super::Stopped),
+        permit = tx.reserve() => permit.map_err(|_| super::Stopped),
+    }
+}
+
+/// Waits until the pipeline's queue is at most half full.
+async fn wait_for_room(
+    tx: &mpsc::Sender<SourceEvent>,
+    shutdown: &CancellationToken,
+) -> Result<(), super::Stopped> {
+    while tx.capacity() < tx.max_capacity() / 2 {
+        if tx.is_closed() {
+            return Err(super::Stopped);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(super::Stopped),
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    Ok(())
+}
+
 /// Escapes glob characters so a literal prefix can go in a MATCH pattern.
 fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -246,6 +279,8 @@ enum Ended {
     Stopped,
     Lost(String),
     Topology,
+    /// The pipeline stayed full: the notifications were let go of.
+    Behind,
 }
 
 impl From<redis::RedisError> for Ended {
@@ -509,6 +544,16 @@ impl RedisSource {
                 Ended::Topology => {
                     first = false;
                 }
+                Ended::Behind => {
+                    first = false;
+                    // Subscribe again only once publishing has room: until
+                    // then nothing is buffered, and the reconciliation
+                    // finds what changed meanwhile (each key once).
+                    if wait_for_room(&tx, &shutdown).await.is_err() {
+                        return Ok(());
+                    }
+                    tracing::info!("Publishing caught up; subscribing again and reconciling.");
+                }
                 Ended::Lost(e) => {
                     if shutdown.is_cancelled() || tx.is_closed() {
                         return Ok(());
@@ -750,7 +795,24 @@ impl RedisSource {
                 let reads = read_values(&mut topo.data, &keys).await?;
                 for (key, read) in keys.into_iter().zip(reads) {
                     if let Some(change) = self.diff(key, read) {
-                        emit(tx, shutdown, SourceEvent::Change(change)).await?;
+                        // redis-rs reads notifications into an unbounded
+                        // queue whether or not they are taken: a pipeline
+                        // that stays full (backend down or slower than the
+                        // writes) would grow it without limit. Let go of the
+                        // subscriptions instead; the index already counts
+                        // this change, so it is still handed over, and the
+                        // rest of the batch is left to the reconciliation.
+                        let permit = match tokio::time::timeout(BEHIND_AFTER, reserve(tx, shutdown)).await {
+                            Ok(permit) => permit?,
+                            Err(_) => {
+                                drop(messages);
+                                self.stats.source_paused.inc();
+                                tracing::warn!(waited = ?BEHIND_AFTER, "Publishing is behind the Redis source; unsubscribing until it catches up, then reconciling (no change is lost; memory stays bounded).");
+                                reserve(tx, shutdown).await?.send(SourceEvent::Change(change));
+                                return Err(Ended::Behind);
+                            }
+                        };
+                        permit.send(SourceEvent::Change(change));
                     }
                 }
                 if ended {

@@ -10,6 +10,7 @@
 //! latency is write call → subscriber callback.
 
 mod measure;
+mod plot;
 mod report;
 mod scenario;
 mod servers;
@@ -22,7 +23,7 @@ use clap::{Parser, ValueEnum};
 use feedbridge::config::Config;
 use tokio_util::sync::CancellationToken;
 
-use crate::report::{csv, print_table, Row};
+use crate::report::{csv, median, print_table, Row};
 use crate::scenario::scenario;
 use crate::servers::{pin, writer_child};
 
@@ -76,6 +77,18 @@ pub(crate) struct Args {
     /// Also write the results as CSV here.
     #[arg(long)]
     pub(crate) csv: Option<PathBuf>,
+    /// Also draw throughput and latency percentiles per scenario in this
+    /// SVG file (the medians when `--repeat` is above 1).
+    #[arg(long)]
+    pub(crate) plot: Option<PathBuf>,
+    /// Print (and with `--plot`, draw) the results saved by an earlier
+    /// `--json` run instead of running anything.
+    #[arg(long, conflicts_with_all = ["matrix", "smoke", "json", "csv", "repeat"])]
+    pub(crate) from: Option<PathBuf>,
+    /// Run every scenario this many times (interleaved), print every run
+    /// and the median of each figure.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) repeat: u32,
     /// Pin the bridge process to this CPU (start the harness itself with
     /// `taskset -c` on the others), so the bridge does not take CPU from
     /// the database and the writers it is measured against.
@@ -180,22 +193,63 @@ fn main() {
             .unwrap();
         return;
     }
-    let rows: Vec<Row> = runtime.block_on(async {
-        let mut rows = Vec::new();
-        for sc in scenarios(&args) {
-            eprintln!(
-                "running {:?}->{:?} with {} subscriber(s), rate {}, {} preloaded keys, {:?}...",
-                sc.source, sc.backend, sc.subscribers, sc.rate, sc.preload, sc.duration
-            );
-            rows.push(scenario(&sc).await);
+    if let Some(saved) = &args.from {
+        let rows: Vec<Row> = std::fs::read_to_string(saved)
+            .map_err(|e| e.to_string())
+            .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
+            .unwrap_or_else(|e| {
+                eprintln!("cannot read results from {}: {e}", saved.display());
+                std::process::exit(2);
+            });
+        print_table(&rows);
+        draw(&args, &rows);
+        return;
+    }
+    let scenarios = scenarios(&args);
+    // runs[run][scenario]: one pass over every scenario per run, so a
+    // noisy stretch of time does not land on a single scenario's runs.
+    let runs: Vec<Vec<Row>> = runtime.block_on(async {
+        let mut runs = Vec::new();
+        for run in 1..=args.repeat {
+            let mut rows = Vec::new();
+            for sc in &scenarios {
+                eprintln!(
+                    "run {run}/{}: {:?}->{:?} with {} subscriber(s), rate {}, {} preloaded keys, {:?}...",
+                    args.repeat, sc.source, sc.backend, sc.subscribers, sc.rate, sc.preload, sc.duration
+                );
+                rows.push(scenario(sc).await);
+            }
+            runs.push(rows);
         }
-        rows
+        runs
     });
+    let rows: Vec<Row> = runs.iter().flatten().cloned().collect();
     print_table(&rows);
+    let summary: Vec<Row> = if args.repeat > 1 {
+        let medians: Vec<Row> = (0..scenarios.len())
+            .map(|i| median(&runs.iter().map(|run| run[i].clone()).collect::<Vec<_>>()))
+            .collect();
+        println!("\nmedian of {} runs:", args.repeat);
+        print_table(&medians);
+        medians
+    } else {
+        rows.clone()
+    };
+    draw(&args, &summary);
     if let Some(p) = &args.json {
         std::fs::write(p, serde_json::to_string_pretty(&rows).unwrap()).unwrap();
     }
     if let Some(p) = &args.csv {
         std::fs::write(p, csv(&rows)).unwrap();
+    }
+}
+
+/// `--plot`, when asked for.
+fn draw(args: &Args, rows: &[Row]) {
+    if let Some(p) = &args.plot {
+        if let Err(e) = plot::plot(rows, p) {
+            eprintln!("cannot draw {}: {e}", p.display());
+            std::process::exit(1);
+        }
     }
 }

@@ -1,9 +1,9 @@
 //! One result row per scenario, and the table / CSV / JSON it is printed as.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One scenario's figures; the JSON field names are stable.
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub(crate) struct Row {
     pub(crate) path: String,
     pub(crate) subscribers: usize,
@@ -30,6 +30,39 @@ pub(crate) struct Row {
     pub(crate) max_lag: u64,
     pub(crate) bridge_cpu_ms_per_1k: f64,
     pub(crate) bridge_peak_rss_mb: f64,
+}
+
+/// Each figure's median over several runs of one scenario (the upper
+/// middle for an even count); counts are medians too, not sums.
+pub(crate) fn median(runs: &[Row]) -> Row {
+    fn mid<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+        v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN in results"));
+        v[v.len() / 2]
+    }
+    let mut m = runs[0].clone();
+    macro_rules! fields {
+        ($($f:ident),*) => {$( m.$f = mid(runs.iter().map(|r| r.$f).collect()); )*};
+    }
+    fields!(
+        written,
+        ceiling_per_s,
+        written_per_s,
+        bridged_per_s,
+        ratio,
+        keep_up,
+        plain_p50_ms,
+        plain_p99_ms,
+        plain_p999_ms,
+        bridged_p50_ms,
+        bridged_p99_ms,
+        bridged_p999_ms,
+        added_p99_ms,
+        missing,
+        max_lag,
+        bridge_cpu_ms_per_1k,
+        bridge_peak_rss_mb
+    );
+    m
 }
 
 /// The human-readable table.
@@ -67,4 +100,44 @@ pub(crate) fn csv(rows: &[Row]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(cpu: f64, missing: u64) -> Row {
+        Row {
+            path: "etcd->zmq".into(),
+            subscribers: 1,
+            writers: 8,
+            target_rate: 0,
+            keys_known: 0,
+            written: 100,
+            ceiling_per_s: 10.0,
+            written_per_s: 10.0,
+            bridged_per_s: 10.0,
+            ratio: 1.0,
+            keep_up: 1.0,
+            plain_p50_ms: 1.0,
+            plain_p99_ms: 2.0,
+            plain_p999_ms: 3.0,
+            bridged_p50_ms: 1.0,
+            bridged_p99_ms: 2.0,
+            bridged_p999_ms: 3.0,
+            added_p99_ms: 0.0,
+            missing,
+            max_lag: 0,
+            bridge_cpu_ms_per_1k: cpu,
+            bridge_peak_rss_mb: 20.0,
+        }
+    }
+
+    #[test]
+    fn median_takes_each_figure_on_its_own() {
+        let m = median(&[row(30.0, 0), row(10.0, 7), row(20.0, 1)]);
+        assert_eq!(m.bridge_cpu_ms_per_1k, 20.0);
+        assert_eq!(m.missing, 1, "a count is a median too, not a sum");
+        assert_eq!(m.path, "etcd->zmq");
+    }
 }
