@@ -75,8 +75,9 @@ pub struct Stats {
     /// Redis FLUSHDB / FLUSHALL / SWAPDB detected (each answered by a full
     /// reconciliation).
     pub flushes_detected: Counter,
-    /// Times the Redis source let go of its notifications because the
-    /// pipeline stayed full (each followed by a reconciliation).
+    /// Times the Redis source let go of its notifications because it was
+    /// behind: the pipeline stayed full, or notifications were read late
+    /// (each followed by a reconciliation).
     pub source_paused: Counter,
     skipped: Family<ReasonLabels, Counter>,
     reconnects: Family<ConnectionLabels, Counter>,
@@ -173,7 +174,7 @@ impl Default for Stats {
         );
         registry.register(
             "source_paused",
-            "Times the Redis source unsubscribed because publishing stayed behind, reconciling once it caught up",
+            "Times the Redis source unsubscribed because it was behind (publishing stuck, or notifications read late), reconciling once it could keep up",
             s.source_paused.clone(),
         );
         registry.register(

@@ -438,3 +438,70 @@ async fn flushdb_flushall_and_swapdb_are_answered_with_deletes() {
     assert_eq!(bridge.stats.flushes_detected.get(), 3);
     bridge.stop().await;
 }
+
+/// A bridge short of CPU reads notifications slower than Redis sends them;
+/// once they are read more than two seconds late (measured with its
+/// sentinel key's own notifications) it lets go of them and reconciles,
+/// instead of letting the client's queue grow. Here two tasks hold the
+/// test runtime's two threads 90 % of the time while another thread writes
+/// 20,000 changes a second for 5 s. The backend never blocks (ZeroMQ), so
+/// only that delay can trigger the pause; the subscriber still ends with
+/// every key's last value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_read_too_late_are_dropped_for_a_reconciliation() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let redis = RedisServer::start().await;
+    let port = free_port();
+    let bridge = Bridge::start(&(redis_to_zmq(&redis, port) + "send_hwm = 10000000\n"));
+    let mut rx = zmq_updates(port).await;
+    await_redis_flow(&mut rx, &redis).await;
+
+    let starve = Arc::new(AtomicBool::new(true));
+    for _ in 0..2 {
+        let starve = starve.clone();
+        tokio::spawn(async move {
+            while starve.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(90)); // holds the thread
+                tokio::task::yield_now().await;
+            }
+        });
+    }
+    let client = redis::Client::open(redis.url()).unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut c = client.get_connection().unwrap();
+        for round in 0..100 {
+            let mut pipe = redis::pipe();
+            for k in 0..1000 {
+                pipe.cmd("SET")
+                    .arg(format!("{{lport.}}k{k}"))
+                    .arg(format!("v{round}"))
+                    .ignore();
+            }
+            pipe.query::<()>(&mut c).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    tokio::task::spawn_blocking(move || writer.join().unwrap())
+        .await
+        .unwrap();
+    starve.store(false, Ordering::Relaxed);
+
+    let mut done = std::collections::BTreeSet::new();
+    collect_until(&mut rx, "every key's last value", WAIT * 3, |got| {
+        // called after each update: the newest is the one to look at
+        if let Some(u) = got.last().filter(|u| u.table == "lport") {
+            if u.value.as_deref() == Some("v99") {
+                done.insert(u.key.clone());
+            } else {
+                done.remove(&u.key);
+            }
+        }
+        done.len() == 1000
+    })
+    .await;
+    assert!(
+        bridge.stats.source_paused.get() > 0,
+        "the notifications were read one by one, however late"
+    );
+    bridge.stop().await;
+}

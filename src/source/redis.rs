@@ -23,9 +23,9 @@
 //! publishing a `set` with no value, and it converges on the database's
 //! real state whatever order reads and events interleave in.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
 use redis::aio::MultiplexedConnection;
@@ -103,6 +103,10 @@ fn fingerprint(value: &[u8]) -> u64 {
 /// How long the pipeline may stay full before the source lets go of its
 /// notifications (at 80,000 changes/s, about 16 MB of them queue meanwhile).
 const BEHIND_AFTER: Duration = Duration::from_secs(1);
+
+/// How late notifications may be read (measured with the sentinel's own)
+/// before the source lets go of them and reconciles instead.
+const NOTIFICATION_DELAY_MAX: Duration = Duration::from_secs(2);
 
 /// A slot in the pipeline's queue, unless shutdown comes first.
 async fn reserve<'a>(
@@ -311,6 +315,10 @@ pub struct RedisSource {
     sentinel_refused: bool,
     /// The hash slots followed (`source.slots`; all by default).
     slots: Vec<(u16, u16)>,
+    /// Sentinel SETs whose keyspace notification has not come back yet,
+    /// by sentinel key: when each was sent. The oldest one's age is how far
+    /// behind the notifications are read (see [`NOTIFICATION_DELAY_MAX`]).
+    sentinel_sent: HashMap<Vec<u8>, VecDeque<Instant>>,
 }
 
 /// What one session follows: the data connection (a standalone server or
@@ -376,6 +384,7 @@ impl RedisSource {
                 (format!("{SENTINEL_PREFIX}{token}"), token)
             },
             sentinel_refused: false,
+            sentinel_sent: HashMap::new(),
         }
     }
 
@@ -390,6 +399,7 @@ impl RedisSource {
             let mut flushed = false;
             for (node, _, _) in &topo.masters {
                 let key = key_in_slots(&self.sentinel.0, &node.slots, &token);
+                let sent = Instant::now();
                 let result: redis::RedisResult<(Option<String>, ())> = redis::pipe()
                     .cmd("GET")
                     .arg(&key)
@@ -401,7 +411,13 @@ impl RedisSource {
                     .query_async(&mut topo.data)
                     .await;
                 match result {
-                    Ok((found, ())) => flushed |= found.as_deref() != Some(token.as_str()),
+                    Ok((found, ())) => {
+                        flushed |= found.as_deref() != Some(token.as_str());
+                        self.sentinel_sent
+                            .entry(key.into_bytes())
+                            .or_default()
+                            .push_back(sent);
+                    }
                     Err(e) if e.is_io_error() || e.is_connection_dropped() => return Err(e),
                     Err(e) => {
                         tracing::warn!(error = %e, "Cannot write the sentinel key that reveals FLUSHDB / FLUSHALL / SWAPDB; falling back to the key count, which a quick refill can hide. Allow SET on keys {SENTINEL_PREFIX}* for this user.");
@@ -419,6 +435,39 @@ impl RedisSource {
             size += redis::cmd("DBSIZE").query_async::<usize>(conn).await?;
         }
         Ok(size < self.index.len())
+    }
+
+    /// A sentinel's notification came back: its SET is no longer pending.
+    fn sentinel_notified(&mut self, key: &[u8]) {
+        if let Some(sent) = self.sentinel_sent.get_mut(key) {
+            sent.pop_front();
+        }
+    }
+
+    /// How long the oldest sentinel SET has waited for its notification:
+    /// the delay of everything notified after it, queued unread.
+    fn notification_delay(&self) -> Duration {
+        self.sentinel_sent
+            .values()
+            .filter_map(|sent| sent.front())
+            .map(|t| t.elapsed())
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// A reconciliation just ended: notifications queued while it ran are
+    /// its own delay, not a backlog the reading cannot catch up with.
+    fn restart_sentinel_clocks(&mut self) {
+        let now = Instant::now();
+        for t in self.sentinel_sent.values_mut().flatten() {
+            *t = now;
+        }
+    }
+
+    /// Counts and logs letting go of the notifications (see [`Ended::Behind`]).
+    fn pause(&self, why: &str) {
+        self.stats.source_paused.inc();
+        tracing::warn!(why, "The Redis source is behind; unsubscribing until publishing has room, then reconciling (no change is lost; memory stays bounded).");
     }
 
     /// Whether this bridge follows `key` (its slot is in `source.slots`).
@@ -728,9 +777,14 @@ impl RedisSource {
             // key: one subscription per master, merged. Each stream ends
             // with a `None`, so a dropped node ends the session.
             let mut streams = Vec::with_capacity(topo.masters.len());
+            self.sentinel_sent.clear();
             for (_, node_client, _) in &topo.masters {
                 let mut pubsub = node_client.get_async_pubsub().await?;
                 pubsub.psubscribe(format!("{channel_prefix}{prefix}*")).await?;
+                if !prefix.is_empty() {
+                    // The sentinels' own notifications measure the delay.
+                    pubsub.psubscribe(format!("{channel_prefix}{SENTINEL_PREFIX}*")).await?;
+                }
                 streams.push(
                     pubsub
                         .into_on_message()
@@ -748,6 +802,7 @@ impl RedisSource {
             }
             self.flushed(&mut topo).await?; // places the sentinels
             self.reconcile(&mut topo, &prefix, tx, shutdown, emit_diff).await?;
+            self.restart_sentinel_clocks();
             // Up only once reconciled: a Redis that accepts connections
             // but fails the SCAN (still loading its data after a restart)
             // is one outage, logged once, not one per attempt.
@@ -757,15 +812,24 @@ impl RedisSource {
             check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             check.tick().await;
             loop {
+                // The check before the notifications: under a backlog they
+                // are always ready, and would starve it.
                 let msg = tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => return Err(Ended::Stopped),
-                    m = messages.next() => m.flatten().ok_or_else(|| Ended::Lost("a node's notification connection closed".into()))?,
                     _ = check.tick() => {
                         if self.flushed(&mut topo).await? {
                             tracing::warn!(db = Self::db(client), "The database was flushed or swapped (FLUSHDB / FLUSHALL / SWAPDB send no per-key notification); reconciling every key.");
                             self.stats.flushes_detected.inc();
                             self.reconcile(&mut topo, &prefix, tx, shutdown, true).await?;
+                            self.restart_sentinel_clocks();
+                        }
+                        // Reading slower than Redis notifies (short of CPU):
+                        // the client's queue would grow without limit.
+                        let delay = self.notification_delay();
+                        if delay > NOTIFICATION_DELAY_MAX {
+                            self.pause(&format!("keyspace notifications are read {} s late", delay.as_secs()));
+                            return Err(Ended::Behind);
                         }
                         if topo.data.is_cluster() {
                             let nodes = crate::db::redis::nodes(&mut topo.data, "").await?;
@@ -776,6 +840,7 @@ impl RedisSource {
                         }
                         continue;
                     }
+                    m = messages.next() => m.flatten().ok_or_else(|| Ended::Lost("a node's notification connection closed".into()))?,
                 };
                 let mut keys = Vec::new();
                 let mut unique = KeySet::default();
@@ -806,8 +871,7 @@ impl RedisSource {
                             Ok(permit) => permit?,
                             Err(_) => {
                                 drop(messages);
-                                self.stats.source_paused.inc();
-                                tracing::warn!(waited = ?BEHIND_AFTER, "Publishing is behind the Redis source; unsubscribing until it catches up, then reconciling (no change is lost; memory stays bounded).");
+                                self.pause("publishing has had no room for a second");
                                 reserve(tx, shutdown).await?.send(SourceEvent::Change(change));
                                 return Err(Ended::Behind);
                             }
@@ -829,7 +893,7 @@ impl RedisSource {
 
     /// Adds the followed key a notification names, once per batch.
     fn add_key(
-        &self,
+        &mut self,
         keys: &mut Vec<Vec<u8>>,
         unique: &mut KeySet,
         channel_prefix: &[u8],
@@ -837,7 +901,11 @@ impl RedisSource {
     ) {
         if let Ok(channel) = m.get_channel::<Vec<u8>>() {
             if let Some(key) = channel.strip_prefix(channel_prefix) {
-                if key.starts_with(SENTINEL_PREFIX.as_bytes()) || !self.follows(key) {
+                if key.starts_with(SENTINEL_PREFIX.as_bytes()) {
+                    self.sentinel_notified(key);
+                    return;
+                }
+                if !self.follows(key) {
                     return;
                 }
                 if unique.insert(key.to_vec()) {
