@@ -19,72 +19,33 @@ struct Series {
 /// percentiles (plain watcher vs through the bridge) of every row.
 pub(crate) fn plot(rows: &[Row], path: &Path) -> Result<(), String> {
     let labels: Vec<String> = rows.iter().map(label).collect();
-    let pick = |f: fn(&Row) -> f64| rows.iter().map(f).collect::<Vec<_>>();
+    let series = |name, colour, figure: fn(&Row) -> f64| Series {
+        name,
+        colour,
+        values: rows.iter().map(figure).collect(),
+    };
     // One chart above the other, wide enough for every scenario's label.
     let width = (170 * labels.len() as u32).max(900);
     let root = SVGBackend::new(path, (width, 900)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let (left, right) = root.split_vertically(450);
+    let (top, bottom) = root.split_vertically(450);
     let blue = |shade: u8| RGBColor(shade, shade + 60, 220);
     let orange = |shade: u8| RGBColor(240, shade + 60, shade);
-    grouped_bars(
-        &left,
-        "Throughput",
-        "changes/s",
-        &labels,
-        &[
-            Series {
-                name: "database ceiling",
-                colour: blue(120),
-                values: pick(|r| r.ceiling_per_s),
-            },
-            Series {
-                name: "through the bridge",
-                colour: orange(100),
-                values: pick(|r| r.bridged_per_s),
-            },
-        ],
-        false,
-    )?;
-    grouped_bars(
-        &right,
-        "Latency, write to subscriber (log scale)",
-        "ms",
-        &labels,
-        &[
-            Series {
-                name: "plain p50",
-                colour: blue(170),
-                values: pick(|r| r.plain_p50_ms),
-            },
-            Series {
-                name: "plain p99",
-                colour: blue(110),
-                values: pick(|r| r.plain_p99_ms),
-            },
-            Series {
-                name: "plain p99.9",
-                colour: blue(40),
-                values: pick(|r| r.plain_p999_ms),
-            },
-            Series {
-                name: "bridged p50",
-                colour: orange(170),
-                values: pick(|r| r.bridged_p50_ms),
-            },
-            Series {
-                name: "bridged p99",
-                colour: orange(100),
-                values: pick(|r| r.bridged_p99_ms),
-            },
-            Series {
-                name: "bridged p99.9",
-                colour: orange(20),
-                values: pick(|r| r.bridged_p999_ms),
-            },
-        ],
-        true,
-    )?;
+    let throughput = [
+        series("database ceiling", blue(120), |r| r.ceiling_per_s),
+        series("through the bridge", orange(100), |r| r.bridged_per_s),
+    ];
+    grouped_bars(&top, "Throughput", "changes/s", &labels, &throughput, false)?;
+    let latency = [
+        series("plain p50", blue(170), |r| r.plain_p50_ms),
+        series("plain p99", blue(110), |r| r.plain_p99_ms),
+        series("plain p99.9", blue(40), |r| r.plain_p999_ms),
+        series("bridged p50", orange(170), |r| r.bridged_p50_ms),
+        series("bridged p99", orange(100), |r| r.bridged_p99_ms),
+        series("bridged p99.9", orange(20), |r| r.bridged_p999_ms),
+    ];
+    let caption = "Latency, write to subscriber (log scale)";
+    grouped_bars(&bottom, caption, "ms", &labels, &latency, true)?;
     root.present().map_err(|e| e.to_string())
 }
 
