@@ -902,7 +902,10 @@ impl RedisSource {
         if let Ok(channel) = m.get_channel::<Vec<u8>>() {
             if let Some(key) = channel.strip_prefix(channel_prefix) {
                 if key.starts_with(SENTINEL_PREFIX.as_bytes()) {
-                    self.sentinel_notified(key);
+                    // `SET … EX` also notifies `expire`: one per SET counts.
+                    if m.get_payload_bytes() == b"set" {
+                        self.sentinel_notified(key);
+                    }
                     return;
                 }
                 if !self.follows(key) {
@@ -1117,5 +1120,50 @@ mod tests {
             std::str::from_utf8(&v).is_err(),
             "non-UTF-8 bytes are kept, never replaced"
         );
+    }
+
+    #[test]
+    fn each_sentinel_set_is_settled_by_its_set_notification_only() {
+        let mut s = RedisSource::new(
+            RedisSourceConfig {
+                url: String::new(),
+                layout: "{{table}.{topic}}{key}".into(),
+                topic_field: String::new(),
+                snapshot: false,
+                scan_count: 10,
+                slots: None,
+                connect_timeout: Duration::from_secs(1),
+                auth: Default::default(),
+            },
+            Arc::default(),
+        );
+        let prefix = b"__keyspace@0__:";
+        let key = format!("{SENTINEL_PREFIX}{{fb0}}token");
+        let notification = |event: &str| {
+            redis::Msg::from_owned_value(Value::Array(vec![
+                Value::BulkString(b"pmessage".to_vec()),
+                Value::BulkString(b"__keyspace@0__:*".to_vec()),
+                Value::BulkString([&prefix[..], key.as_bytes()].concat()),
+                Value::BulkString(event.as_bytes().to_vec()),
+            ]))
+            .unwrap()
+        };
+        let old = Instant::now() - Duration::from_secs(5);
+        let pending = s.sentinel_sent.entry(key.clone().into_bytes()).or_default();
+        pending.extend([old, old + Duration::from_secs(4)]);
+        assert!(s.notification_delay() >= Duration::from_secs(5));
+        let (mut keys, mut unique) = (Vec::new(), KeySet::default());
+        // The first SET comes back: "set", then "expire".
+        for event in ["set", "expire"] {
+            s.add_key(&mut keys, &mut unique, prefix, notification(event));
+        }
+        let delay = s.notification_delay();
+        assert!(
+            delay >= Duration::from_secs(1) && delay < Duration::from_secs(2),
+            "the second SET is still pending: {delay:?}"
+        );
+        assert!(keys.is_empty(), "a sentinel is never published");
+        s.restart_sentinel_clocks();
+        assert!(s.notification_delay() < Duration::from_secs(1));
     }
 }
