@@ -343,3 +343,64 @@ async fn etcd_backend_batches_topics_into_transactions_in_order() {
         assert_eq!(keys, want, "order on {topic}");
     }
 }
+
+/// An application that stops taking updates: redis-rs would keep every
+/// message published meanwhile in a queue of its own, without limit. After
+/// 10 s the subscriber lets go of its connection instead; once the
+/// application takes updates again it gets what was already handed over,
+/// then a `sync`, then the live stream — not the stalled backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_application_gets_a_sync_instead_of_an_unbounded_backlog() {
+    use feedbridge::pubsub::Publisher;
+    let redis = RedisServer::start().await;
+    let config = RedisBackendConfig {
+        url: redis.url(),
+        codec: Codec::Msgpack,
+        connect_timeout: Duration::from_secs(5),
+        sharded: false,
+        auth: Default::default(),
+    };
+    let sequencer = std::sync::Arc::new(feedbridge::backend::Sequencer::new("stall"));
+    let publisher = feedbridge::backend::redis::RedisPublisher::connect(&config, sequencer)
+        .await
+        .unwrap();
+    let sub = PubSub::new(BackendConfig::Redis(config)).get_subscriber();
+    sub.register_topic("tenant1");
+    let (mut rx, _task) = sub.clone().updates(4);
+    let row = |k: String| DbUpdate::new("lport", &k, Action::Set, None).with_topic("tenant1");
+    for i in 0.. {
+        publisher
+            .send_event(&row("probe".into()), None)
+            .await
+            .unwrap();
+        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            break;
+        }
+        assert!(i < 100, "the subscriber never received anything");
+    }
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {}
+
+    // The application stalls (nobody reads `rx`) while 2,000 updates go out.
+    let batch: Vec<DbUpdate> = (0..2000).map(|i| row(format!("stalled{i}"))).collect();
+    publisher.send_batch(&batch).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(12)).await; // longer than the 10 s allowed: a stall, not a wait
+    let before_sync = collect_until(&mut rx, "a sync", WAIT, |g| {
+        g.last().is_some_and(|u| u.action == Action::Sync)
+    })
+    .await;
+    assert!(
+        before_sync.len() < 100,
+        "the stalled backlog was kept and delivered: {} updates before the sync",
+        before_sync.len()
+    );
+    // and the live stream flows again
+    publisher
+        .send_event(&row("after".into()), None)
+        .await
+        .unwrap();
+    collect_until(&mut rx, "the update after the stall", WAIT, |g| {
+        g.iter().any(|u| u.key == "after")
+    })
+    .await;
+    sub.stop();
+}

@@ -222,6 +222,26 @@ impl RedisSubscriber {
 enum Ended {
     Stopped,
     Lost(String),
+    /// The application took no update for [`STUCK_AFTER`].
+    Stuck,
+}
+
+/// How long the application may take no update before the subscriber lets
+/// go of its connection. redis-rs reads pub/sub messages into a queue of
+/// its own that has no limit, whether or not they are taken: a stalled
+/// application would otherwise grow this process without bound (Redis' own
+/// `client-output-buffer-limit` never sees the stall). Long enough for an
+/// application that re-reads its state on a `sync`.
+const STUCK_AFTER: Duration = Duration::from_secs(10);
+
+/// Hands `update` to the application: `Stopped` when it is gone, `Stuck`
+/// when it took nothing for [`STUCK_AFTER`].
+async fn hand_over(sink: &mpsc::Sender<DbUpdate>, update: DbUpdate) -> Result<(), Ended> {
+    match tokio::time::timeout(STUCK_AFTER, sink.send(update)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Ended::Stopped),
+        Err(_) => Err(Ended::Stuck),
+    }
 }
 
 impl RedisSubscriber {
@@ -285,8 +305,8 @@ impl RedisSubscriber {
         }
         apply!();
         let mut undecodable = 0u64;
-        if !self.subscribed(reconnect, &wanted, first, sink).await {
-            return Ended::Stopped;
+        if let Err(e) = self.subscribed(reconnect, &wanted, first, sink).await {
+            return e;
         }
         loop {
             tokio::select! {
@@ -303,8 +323,8 @@ impl RedisSubscriber {
                     let delivered = self
                         .deliver(msg.get_channel_name(), msg.get_payload_bytes(), &wanted, tracker, sink, &mut undecodable)
                         .await;
-                    if !delivered {
-                        return Ended::Stopped;
+                    if let Err(e) = delivered {
+                        return e;
                     }
                 }
             }
@@ -312,8 +332,8 @@ impl RedisSubscriber {
     }
 
     /// Handles one message on `channel`: a heartbeat feeds the gap tracker,
-    /// an update goes to `sink` (after a `sync` when a gap shows). `false`
-    /// when the sink is gone.
+    /// an update goes to `sink` (after a `sync` when a gap shows), through
+    /// [`hand_over`].
     async fn deliver(
         &self,
         channel: &str,
@@ -322,16 +342,16 @@ impl RedisSubscriber {
         tracker: &mut GapTracker,
         sink: &mpsc::Sender<DbUpdate>,
         undecodable: &mut u64,
-    ) -> bool {
+    ) -> Result<(), Ended> {
         if channel == HEARTBEAT_TOPIC {
             let Ok((heartbeat, envelope)) = self.codec.decode(payload) else {
-                return true;
+                return Ok(());
             };
             if let Some(reason) = tracker.heartbeat(&heartbeat, &envelope, |t| wanted.wants(t)) {
                 tracing::warn!(%reason, "Delivering a sync: updates may have been missed.");
-                return sink.send(DbUpdate::sync(reason)).await.is_ok();
+                return hand_over(sink, DbUpdate::sync(reason)).await;
             }
-            return true;
+            return Ok(());
         }
         // Redis' own keyspace / keyevent channels (seen with PSUBSCRIBE * on
         // a Redis that also serves data) are no publisher's messages.
@@ -339,16 +359,14 @@ impl RedisSubscriber {
             || channel.starts_with("__keyspace@")
             || channel.starts_with("__keyevent@")
         {
-            return true;
+            return Ok(());
         }
         match self.codec.decode(payload) {
             Ok((update, envelope)) => {
                 if let Some(reason) = tracker.check(channel, &envelope) {
-                    if sink.send(DbUpdate::sync(reason)).await.is_err() {
-                        return false;
-                    }
+                    hand_over(sink, DbUpdate::sync(reason)).await?;
                 }
-                sink.send(update).await.is_ok()
+                hand_over(sink, update).await
             }
             Err(e) => {
                 *undecodable += 1;
@@ -357,7 +375,7 @@ impl RedisSubscriber {
                 if undecodable.is_power_of_two() {
                     tracing::warn!(%channel, error = %e, undecodable, "Dropped an undecodable message (logged at 1, 2, 4, 8... of them).");
                 }
-                true
+                Ok(())
             }
         }
     }
@@ -436,8 +454,8 @@ impl RedisSubscriber {
         };
         let mut check = tokio::time::interval(Duration::from_secs(1));
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        if !self.subscribed(reconnect, &wanted, first, sink).await {
-            return Ended::Stopped;
+        if let Err(e) = self.subscribed(reconnect, &wanted, first, sink).await {
+            return e;
         }
         loop {
             tokio::select! {
@@ -480,8 +498,8 @@ impl RedisSubscriber {
                         redis::PushKind::SMessage if push.data.len() >= 2 => {
                             let channel = String::from_utf8_lossy(&text(&push.data[0])).into_owned();
                             let payload = text(&push.data[1]);
-                            if !self.deliver(&channel, &payload, &wanted, tracker, sink, &mut undecodable).await {
-                                return Ended::Stopped;
+                            if let Err(e) = self.deliver(&channel, &payload, &wanted, tracker, sink, &mut undecodable).await {
+                                return e;
                             }
                         }
                         redis::PushKind::SSubscribe => {
@@ -494,8 +512,8 @@ impl RedisSubscriber {
                                     String::from_utf8_lossy(&channel)
                                 );
                                 tracing::warn!(%reason, "Delivering a sync: updates may have been missed.");
-                                if sink.send(DbUpdate::sync(reason)).await.is_err() {
-                                    return Ended::Stopped;
+                                if let Err(e) = hand_over(sink, DbUpdate::sync(reason)).await {
+                                    return e;
                                 }
                             }
                         }
@@ -510,21 +528,20 @@ impl RedisSubscriber {
 impl RedisSubscriber {
     /// A session is subscribed: the connection counts as up, and after a
     /// reconnect the subscriber delivers a `sync` (messages published while
-    /// it was away are gone). `false` when the sink is gone.
+    /// it was away are gone); an `Err` ends the session (see [`hand_over`]).
     async fn subscribed(
         &self,
         reconnect: &mut Reconnect,
         wanted: &Registration,
         first: bool,
         sink: &mpsc::Sender<DbUpdate>,
-    ) -> bool {
+    ) -> Result<(), Ended> {
         reconnect.up();
         tracing::info!(url = %self.url, topics = ?wanted.topics, sharded = self.sharded, "Redis subscriber subscribed.");
-        first
-            || sink
-                .send(DbUpdate::sync("redis subscriber reconnected"))
-                .await
-                .is_ok()
+        if first {
+            return Ok(());
+        }
+        hand_over(sink, DbUpdate::sync("redis subscriber reconnected")).await
     }
 }
 
@@ -581,6 +598,20 @@ impl Subscriber for RedisSubscriber {
             };
             match session {
                 Ended::Stopped => return Ok(()),
+                Ended::Stuck => {
+                    // Disconnected, so nothing queues meanwhile; back once
+                    // the application takes updates again, with a `sync`.
+                    tracing::warn!(url = %self.url, stuck_for = ?STUCK_AFTER, "The application takes no updates; unsubscribed until it does (messages published meanwhile are not kept; a sync follows).");
+                    first = false;
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return Ok(()),
+                        permit = sink.reserve() => {
+                            if permit.is_err() {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
                 Ended::Lost(e) => {
                     first = false;
                     if !reconnect.down(&e, &self.stop).await {
