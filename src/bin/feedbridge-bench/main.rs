@@ -179,7 +179,14 @@ fn main() {
         pin(std::process::id(), 1);
     }
     if let Some(cfg) = &args.bridge_child {
-        // The bridge under test, in its own process.
+        // The bridge under test, in its own process; it logs when RUST_LOG
+        // says what to log (e.g. RUST_LOG=feedbridge=info).
+        if std::env::var_os("RUST_LOG").is_some() {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_writer(std::io::stderr)
+                .init();
+        }
         let config = Config::load(cfg).unwrap_or_else(|e| panic!("{e}"));
         let stats = Arc::new(feedbridge::stats::Stats::default());
         // The runtime the `feedbridge` binary runs the bridge on.
