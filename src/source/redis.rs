@@ -331,6 +331,39 @@ struct Topology {
     masters: Vec<(Node, redis::Client, MultiplexedConnection)>,
 }
 
+/// One session's keyspace notifications (every followed master's, merged;
+/// each stream ends with a `None`, so a dropped node ends the session) and
+/// the keys they named that are still to be read. redis-rs queues what
+/// arrives without limit until it is taken, so the session takes it often
+/// (between batches, and between the pages of a reconciliation) into
+/// `dirty`, where a key is held once however often it changes: memory is
+/// bounded by the keys, not by the rate.
+struct Notes {
+    stream: futures_util::stream::SelectAll<
+        futures_util::stream::BoxStream<'static, Option<redis::Msg>>,
+    >,
+    /// `__keyspace@<db>__:`
+    channel_prefix: Vec<u8>,
+    /// Keys to read, in the order they were first named...
+    dirty: std::collections::VecDeque<Vec<u8>>,
+    /// ...and the same keys, to hold each once.
+    queued: KeySet,
+    /// A stream ended: a node's notification connection closed.
+    ended: bool,
+}
+
+impl Notes {
+    /// Up to `n` keys to read, oldest first.
+    fn take(&mut self, n: usize) -> Vec<Vec<u8>> {
+        let n = n.min(self.dirty.len());
+        let keys: Vec<Vec<u8>> = self.dirty.drain(..n).collect();
+        for k in &keys {
+            self.queued.remove(k);
+        }
+        keys
+    }
+}
+
 /// Whether `node` is a master owning any of the followed `slots`.
 fn followed(node: &Node, slots: &[(u16, u16)]) -> bool {
     node.master
@@ -793,7 +826,13 @@ impl RedisSource {
                         .boxed(),
                 );
             }
-            let mut messages = futures_util::stream::select_all(streams);
+            let mut notes = Notes {
+                stream: futures_util::stream::select_all(streams),
+                channel_prefix: channel_prefix.clone().into_bytes(),
+                dirty: Default::default(),
+                queued: KeySet::default(),
+                ended: false,
+            };
             // Subscribed first, so nothing that changes during the scan is missed.
             let emit_diff = !first || self.config.snapshot || self.takeover;
             if first && self.takeover {
@@ -801,7 +840,7 @@ impl RedisSource {
                 emit(tx, shutdown, SourceEvent::Sync(reason.into())).await?;
             }
             self.flushed(&mut topo).await?; // places the sentinels
-            self.reconcile(&mut topo, &prefix, tx, shutdown, emit_diff).await?;
+            self.reconcile(&mut topo, &prefix, tx, shutdown, emit_diff, &mut notes).await?;
             self.restart_sentinel_clocks();
             // Up only once reconciled: a Redis that accepts connections
             // but fails the SCAN (still loading its data after a restart)
@@ -812,16 +851,32 @@ impl RedisSource {
             check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             check.tick().await;
             loop {
-                // The check before the notifications: under a backlog they
-                // are always ready, and would starve it.
-                let msg = tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => return Err(Ended::Stopped),
-                    _ = check.tick() => {
+                // The check comes first: under a backlog there is always a
+                // key or a notification ready, and it would starve.
+                let check_due = if notes.dirty.is_empty() {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return Err(Ended::Stopped),
+                        _ = check.tick() => true,
+                        m = notes.stream.next() => match m.flatten() {
+                            Some(m) => {
+                                self.note(&mut notes, m);
+                                false
+                            }
+                            None => return Err(Ended::Lost("a node's notification connection closed".into())),
+                        },
+                    }
+                } else if shutdown.is_cancelled() {
+                    return Err(Ended::Stopped);
+                } else {
+                    check.tick().now_or_never().is_some()
+                };
+                if check_due {
+                    {
                         if self.flushed(&mut topo).await? {
                             tracing::warn!(db = Self::db(client), "The database was flushed or swapped (FLUSHDB / FLUSHALL / SWAPDB send no per-key notification); reconciling every key.");
                             self.stats.flushes_detected.inc();
-                            self.reconcile(&mut topo, &prefix, tx, shutdown, true).await?;
+                            self.reconcile(&mut topo, &prefix, tx, shutdown, true, &mut notes).await?;
                             self.restart_sentinel_clocks();
                         }
                         // Reading slower than Redis notifies (short of CPU):
@@ -840,47 +895,44 @@ impl RedisSource {
                         }
                         continue;
                     }
-                    m = messages.next() => m.flatten().ok_or_else(|| Ended::Lost("a node's notification connection closed".into()))?,
-                };
-                let mut keys = Vec::new();
-                let mut unique = KeySet::default();
-                let mut ended = false;
-                self.add_key(&mut keys, &mut unique, channel_prefix.as_bytes(), msg);
-                // Batch whatever else already arrived: one round trip for all.
-                while keys.len() < BATCH {
-                    match messages.next().now_or_never() {
-                        Some(Some(Some(m))) => self.add_key(&mut keys, &mut unique, channel_prefix.as_bytes(), m),
-                        Some(_) => {
-                            ended = true;
-                            break;
-                        }
-                        None => break,
-                    }
                 }
+                // Take whatever else already arrived, then read one batch of
+                // keys in one round trip.
+                self.drain(&mut notes);
+                if notes.ended {
+                    // The next session's reconciliation covers what is dirty.
+                    return Err(Ended::Lost("a node's notification connection closed".into()));
+                }
+                let keys = notes.take(BATCH);
                 let reads = read_values(&mut topo.data, &keys).await?;
                 for (key, read) in keys.into_iter().zip(reads) {
                     if let Some(change) = self.diff(key, read) {
-                        // redis-rs reads notifications into an unbounded
-                        // queue whether or not they are taken: a pipeline
-                        // that stays full (backend down or slower than the
-                        // writes) would grow it without limit. Let go of the
-                        // subscriptions instead; the index already counts
-                        // this change, so it is still handed over, and the
-                        // rest of the batch is left to the reconciliation.
-                        let permit = match tokio::time::timeout(BEHIND_AFTER, reserve(tx, shutdown)).await {
-                            Ok(permit) => permit?,
-                            Err(_) => {
-                                drop(messages);
-                                self.pause("publishing has had no room for a second");
-                                reserve(tx, shutdown).await?.send(SourceEvent::Change(change));
-                                return Err(Ended::Behind);
+                        // While publishing has no room, notifications keep
+                        // arriving: they are noted as keys meanwhile (redis-rs
+                        // would queue them as messages, without limit). If
+                        // it has had no room for a second (backend down),
+                        // let go of the subscriptions; the index already
+                        // counts this change, so it is still handed over, and
+                        // the rest is left to the reconciliation.
+                        let deadline = tokio::time::Instant::now() + BEHIND_AFTER;
+                        let permit = loop {
+                            tokio::select! {
+                                biased;
+                                permit = reserve(tx, shutdown) => break permit?,
+                                m = notes.stream.next(), if !notes.ended => match m.flatten() {
+                                    Some(m) => self.note(&mut notes, m),
+                                    None => notes.ended = true,
+                                },
+                                _ = tokio::time::sleep_until(deadline) => {
+                                    drop(notes);
+                                    self.pause("publishing has had no room for a second");
+                                    reserve(tx, shutdown).await?.send(SourceEvent::Change(change));
+                                    return Err(Ended::Behind);
+                                }
                             }
                         };
                         permit.send(SourceEvent::Change(change));
                     }
-                }
-                if ended {
-                    return Err(Ended::Lost("a node's notification connection closed".into()));
                 }
             }
         }
@@ -891,29 +943,34 @@ impl RedisSource {
         }
     }
 
-    /// Adds the followed key a notification names, once per batch.
-    fn add_key(
-        &mut self,
-        keys: &mut Vec<Vec<u8>>,
-        unique: &mut KeySet,
-        channel_prefix: &[u8],
-        m: redis::Msg,
-    ) {
-        if let Ok(channel) = m.get_channel::<Vec<u8>>() {
-            if let Some(key) = channel.strip_prefix(channel_prefix) {
-                if key.starts_with(SENTINEL_PREFIX.as_bytes()) {
-                    // `SET … EX` also notifies `expire`: one per SET counts.
-                    if m.get_payload_bytes() == b"set" {
-                        self.sentinel_notified(key);
-                    }
-                    return;
-                }
-                if !self.follows(key) {
-                    return;
-                }
-                if unique.insert(key.to_vec()) {
-                    keys.push(key.to_vec());
-                }
+    /// Notes the followed key a notification names (once while it waits);
+    /// a sentinel's own `set` settles its pending SET instead.
+    fn note(&mut self, notes: &mut Notes, m: redis::Msg) {
+        let Ok(channel) = m.get_channel::<Vec<u8>>() else {
+            return;
+        };
+        let Some(key) = channel.strip_prefix(notes.channel_prefix.as_slice()) else {
+            return;
+        };
+        if key.starts_with(SENTINEL_PREFIX.as_bytes()) {
+            // `SET … EX` also notifies `expire`: one per SET counts.
+            if m.get_payload_bytes() == b"set" {
+                self.sentinel_notified(key);
+            }
+            return;
+        }
+        if self.follows(key) && notes.queued.insert(key.to_vec()) {
+            notes.dirty.push_back(key.to_vec());
+        }
+    }
+
+    /// Takes every notification that has already arrived.
+    fn drain(&mut self, notes: &mut Notes) {
+        while !notes.ended {
+            match notes.stream.next().now_or_never() {
+                Some(Some(Some(m))) => self.note(notes, m),
+                Some(_) => notes.ended = true,
+                None => break,
             }
         }
     }
@@ -930,6 +987,7 @@ impl RedisSource {
         tx: &mpsc::Sender<SourceEvent>,
         shutdown: &CancellationToken,
         emit_diff: bool,
+        notes: &mut Notes,
     ) -> Result<(), Ended> {
         let mut seen = KeySet::with_capacity_and_hasher(self.index.len(), Default::default());
         let mut emitted = 0u64;
@@ -952,6 +1010,8 @@ impl RedisSource {
                 emitted += self
                     .read_and_diff(&mut topo.data, &keys, tx, shutdown, emit_diff)
                     .await?;
+                // What was notified meanwhile waits as keys, not messages.
+                self.drain(notes);
                 cursor = next;
                 if cursor == 0 {
                     break;
@@ -1152,17 +1212,38 @@ mod tests {
         let pending = s.sentinel_sent.entry(key.clone().into_bytes()).or_default();
         pending.extend([old, old + Duration::from_secs(4)]);
         assert!(s.notification_delay() >= Duration::from_secs(5));
-        let (mut keys, mut unique) = (Vec::new(), KeySet::default());
+        let mut notes = Notes {
+            stream: futures_util::stream::select_all(Vec::new()),
+            channel_prefix: prefix.to_vec(),
+            dirty: Default::default(),
+            queued: KeySet::default(),
+            ended: false,
+        };
         // The first SET comes back: "set", then "expire".
         for event in ["set", "expire"] {
-            s.add_key(&mut keys, &mut unique, prefix, notification(event));
+            s.note(&mut notes, notification(event));
         }
         let delay = s.notification_delay();
         assert!(
             delay >= Duration::from_secs(1) && delay < Duration::from_secs(2),
             "the second SET is still pending: {delay:?}"
         );
-        assert!(keys.is_empty(), "a sentinel is never published");
+        assert!(notes.dirty.is_empty(), "a sentinel is never published");
+        // A key named twice waits once.
+        let row = |event: &str| {
+            redis::Msg::from_owned_value(Value::Array(vec![
+                Value::BulkString(b"pmessage".to_vec()),
+                Value::BulkString(b"__keyspace@0__:*".to_vec()),
+                Value::BulkString(b"__keyspace@0__:{t.}k".to_vec()),
+                Value::BulkString(event.as_bytes().to_vec()),
+            ]))
+            .unwrap()
+        };
+        s.note(&mut notes, row("set"));
+        s.note(&mut notes, row("set"));
+        assert_eq!(notes.take(10), vec![b"{t.}k".to_vec()]);
+        s.note(&mut notes, row("del"));
+        assert_eq!(notes.dirty.len(), 1, "taken, then named again");
         s.restart_sentinel_clocks();
         assert!(s.notification_delay() < Duration::from_secs(1));
     }
