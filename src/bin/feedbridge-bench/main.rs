@@ -99,6 +99,10 @@ pub(crate) struct Args {
     /// bridged run give the database the same CPU.
     #[arg(long)]
     pub(crate) pin: bool,
+    /// The bridge's ZeroMQ `send_hwm` (messages queued per subscriber
+    /// before libzmq drops for it); the shipped default when not given.
+    #[arg(long)]
+    pub(crate) send_hwm: Option<i32>,
     /// The plain etcd watcher also asks for the previous value of each
     /// change, as the bridge does (for deletes' values and topics).
     #[arg(long)]

@@ -18,7 +18,8 @@ use crate::servers::{fresh_db, write_phase, Db, KillOnDrop};
 use crate::{Args, Backend};
 
 /// The bridge's config for the database under test and `backend`.
-pub(crate) fn bridge_config(db: &Db, backend: Backend, zmq_port: u16) -> String {
+pub(crate) fn bridge_config(db: &Db, args: &Args, zmq_port: u16) -> String {
+    let backend = args.backend;
     let source = match db {
         Db::Etcd(e) => format!(
             "[source]\ntype = \"etcd\"\nendpoints = [\"{}\"]\nprefix = \"/bench/\"\n",
@@ -31,7 +32,11 @@ pub(crate) fn bridge_config(db: &Db, backend: Backend, zmq_port: u16) -> String 
     };
     let backend = match (backend, db) {
         (Backend::Zmq, _) => {
-            format!("[backend]\ntype = \"zmq\"\nbind = \"tcp://127.0.0.1:{zmq_port}\"\n")
+            let hwm = args
+                .send_hwm
+                .map(|n| format!("send_hwm = {n}\n"))
+                .unwrap_or_default();
+            format!("[backend]\ntype = \"zmq\"\nbind = \"tcp://127.0.0.1:{zmq_port}\"\n{hwm}")
         }
         (Backend::Redis, Db::Redis(_) | Db::RedisCluster(_)) => format!(
             "[backend]\ntype = \"redis\"\nurl = \"{}\"\n",
@@ -101,7 +106,7 @@ pub(crate) async fn scenario(args: &Args) -> Row {
     let zmq_port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let cfg_path = dir.path().join("bench.toml");
-    std::fs::write(&cfg_path, bridge_config(&db, args.backend, zmq_port)).unwrap();
+    std::fs::write(&cfg_path, bridge_config(&db, args, zmq_port)).unwrap();
     let bridge = KillOnDrop(
         Command::new(std::env::current_exe().unwrap())
             .arg("--bridge-child")
