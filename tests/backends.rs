@@ -186,10 +186,26 @@ async fn snapshot_emits_existing_rows_then_watches_without_gap() {
     bridge.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_heartbeats_reveal_a_lost_tail() {
+/// A Redis publisher stamped by `sequencer`, and a subscriber of
+/// `tenant1` handing updates through a channel of `capacity`, already
+/// receiving (Redis delivers only once the SUBSCRIBE is in) and drained.
+struct RedisPair {
+    publisher: feedbridge::backend::redis::RedisPublisher,
+    sub: std::sync::Arc<dyn feedbridge::pubsub::Subscriber>,
+    rx: tokio::sync::mpsc::Receiver<DbUpdate>,
+    _task: tokio::task::JoinHandle<Result<(), feedbridge::pubsub::SubscribeError>>,
+}
+
+fn tenant_row(key: &str) -> DbUpdate {
+    DbUpdate::new("lport", key, Action::Set, None).with_topic("tenant1")
+}
+
+async fn redis_pair(
+    redis: &RedisServer,
+    sequencer: std::sync::Arc<feedbridge::backend::Sequencer>,
+    capacity: usize,
+) -> RedisPair {
     use feedbridge::pubsub::Publisher;
-    let redis = RedisServer::start().await;
     let config = RedisBackendConfig {
         url: redis.url(),
         codec: Codec::Msgpack,
@@ -197,23 +213,43 @@ async fn redis_heartbeats_reveal_a_lost_tail() {
         sharded: false,
         auth: Default::default(),
     };
-    let sequencer = std::sync::Arc::new(feedbridge::backend::Sequencer::new("redis-tail"));
-    let publisher = feedbridge::backend::redis::RedisPublisher::connect(&config, sequencer.clone())
+    let publisher = feedbridge::backend::redis::RedisPublisher::connect(&config, sequencer)
         .await
         .unwrap();
     let sub = PubSub::new(BackendConfig::Redis(config)).get_subscriber();
     sub.register_topic("tenant1");
-    let (mut rx, _task) = sub.clone().updates(64);
-    let row = |k: &str| DbUpdate::new("lport", k, Action::Set, None).with_topic("tenant1");
-    // Redis delivers only once the SUBSCRIBE is in: publish until one arrives.
+    let (mut rx, _task) = sub.clone().updates(capacity);
     for i in 0.. {
-        publisher.send_event(&row("probe"), None).await.unwrap();
+        publisher
+            .send_event(&tenant_row("probe"), None)
+            .await
+            .unwrap();
         if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
             break;
         }
         assert!(i < 100, "the subscriber never received anything");
     }
     while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {}
+    RedisPair {
+        publisher,
+        sub,
+        rx,
+        _task,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_heartbeats_reveal_a_lost_tail() {
+    use feedbridge::pubsub::Publisher;
+    let redis = RedisServer::start().await;
+    let sequencer = std::sync::Arc::new(feedbridge::backend::Sequencer::new("redis-tail"));
+    let RedisPair {
+        publisher,
+        sub,
+        mut rx,
+        _task,
+    } = redis_pair(&redis, sequencer.clone(), 64).await;
+    let row = tenant_row;
     publisher.send_event(&row("k1"), None).await.unwrap();
     let got = collect_until(&mut rx, "k1", WAIT, |g| !g.is_empty()).await;
     assert_eq!(got[0].key, "k1");
@@ -353,32 +389,14 @@ async fn etcd_backend_batches_topics_into_transactions_in_order() {
 async fn a_stalled_application_gets_a_sync_instead_of_an_unbounded_backlog() {
     use feedbridge::pubsub::Publisher;
     let redis = RedisServer::start().await;
-    let config = RedisBackendConfig {
-        url: redis.url(),
-        codec: Codec::Msgpack,
-        connect_timeout: Duration::from_secs(5),
-        sharded: false,
-        auth: Default::default(),
-    };
     let sequencer = std::sync::Arc::new(feedbridge::backend::Sequencer::new("stall"));
-    let publisher = feedbridge::backend::redis::RedisPublisher::connect(&config, sequencer)
-        .await
-        .unwrap();
-    let sub = PubSub::new(BackendConfig::Redis(config)).get_subscriber();
-    sub.register_topic("tenant1");
-    let (mut rx, _task) = sub.clone().updates(4);
-    let row = |k: String| DbUpdate::new("lport", &k, Action::Set, None).with_topic("tenant1");
-    for i in 0.. {
-        publisher
-            .send_event(&row("probe".into()), None)
-            .await
-            .unwrap();
-        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
-            break;
-        }
-        assert!(i < 100, "the subscriber never received anything");
-    }
-    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {}
+    let RedisPair {
+        publisher,
+        sub,
+        mut rx,
+        _task,
+    } = redis_pair(&redis, sequencer, 4).await;
+    let row = |k: String| tenant_row(&k);
 
     // The application stalls (nobody reads `rx`) while 2,000 updates go out.
     let batch: Vec<DbUpdate> = (0..2000).map(|i| row(format!("stalled{i}"))).collect();

@@ -1111,9 +1111,9 @@ mod tests {
         assert_eq!(glob_escape("{a*b?[c]}\\"), "{a\\*b\\?\\[c\\]}\\\\");
     }
 
-    #[test]
-    fn diff_follows_state() {
-        let mut s = RedisSource::new(
+    /// A source of the default layout, never connected.
+    fn test_source() -> RedisSource {
+        RedisSource::new(
             RedisSourceConfig {
                 url: String::new(),
                 layout: "{{table}.{topic}}{key}".into(),
@@ -1125,7 +1125,12 @@ mod tests {
                 auth: Default::default(),
             },
             Arc::default(),
-        );
+        )
+    }
+
+    #[test]
+    fn diff_follows_state() {
+        let mut s = test_source();
         let k = b"{t.}k".to_vec();
         let kind = |c: Option<Change>| c.map(|c| c.kind);
         assert_eq!(kind(s.diff(k.clone(), Read::Gone)), None);
@@ -1184,19 +1189,7 @@ mod tests {
 
     #[test]
     fn each_sentinel_set_is_settled_by_its_set_notification_only() {
-        let mut s = RedisSource::new(
-            RedisSourceConfig {
-                url: String::new(),
-                layout: "{{table}.{topic}}{key}".into(),
-                topic_field: String::new(),
-                snapshot: false,
-                scan_count: 10,
-                slots: None,
-                connect_timeout: Duration::from_secs(1),
-                auth: Default::default(),
-            },
-            Arc::default(),
-        );
+        let mut s = test_source();
         let prefix = b"__keyspace@0__:";
         let key = format!("{SENTINEL_PREFIX}{{fb0}}token");
         let notification = |event: &str| {
