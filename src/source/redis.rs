@@ -872,29 +872,27 @@ impl RedisSource {
                     check.tick().now_or_never().is_some()
                 };
                 if check_due {
-                    {
-                        if self.flushed(&mut topo).await? {
-                            tracing::warn!(db = Self::db(client), "The database was flushed or swapped (FLUSHDB / FLUSHALL / SWAPDB send no per-key notification); reconciling every key.");
-                            self.stats.flushes_detected.inc();
-                            self.reconcile(&mut topo, &prefix, tx, shutdown, true, &mut notes).await?;
-                            self.restart_sentinel_clocks();
-                        }
-                        // Reading slower than Redis notifies (short of CPU):
-                        // the client's queue would grow without limit.
-                        let delay = self.notification_delay();
-                        if delay > NOTIFICATION_DELAY_MAX {
-                            self.pause(&format!("keyspace notifications are read {} s late", delay.as_secs()));
-                            return Err(Ended::Behind);
-                        }
-                        if topo.data.is_cluster() {
-                            let nodes = crate::db::redis::nodes(&mut topo.data, "").await?;
-                            if followed_masters(&nodes, &self.slots) != followed {
-                                tracing::info!(was = ?followed, now = ?followed_masters(&nodes, &self.slots), "The cluster's masters changed (failover, or nodes added or removed); subscribing to the new ones and reconciling.");
-                                return Err(Ended::Topology);
-                            }
-                        }
-                        continue;
+                    if self.flushed(&mut topo).await? {
+                        tracing::warn!(db = Self::db(client), "The database was flushed or swapped (FLUSHDB / FLUSHALL / SWAPDB send no per-key notification); reconciling every key.");
+                        self.stats.flushes_detected.inc();
+                        self.reconcile(&mut topo, &prefix, tx, shutdown, true, &mut notes).await?;
+                        self.restart_sentinel_clocks();
                     }
+                    // Reading slower than Redis notifies (short of CPU):
+                    // the client's queue would grow without limit.
+                    let delay = self.notification_delay();
+                    if delay > NOTIFICATION_DELAY_MAX {
+                        self.pause(&format!("keyspace notifications are read {} s late", delay.as_secs()));
+                        return Err(Ended::Behind);
+                    }
+                    if topo.data.is_cluster() {
+                        let nodes = crate::db::redis::nodes(&mut topo.data, "").await?;
+                        if followed_masters(&nodes, &self.slots) != followed {
+                            tracing::info!(was = ?followed, now = ?followed_masters(&nodes, &self.slots), "The cluster's masters changed (failover, or nodes added or removed); subscribing to the new ones and reconciling.");
+                            return Err(Ended::Topology);
+                        }
+                    }
+                    continue;
                 }
                 // Take whatever else already arrived, then read one batch of
                 // keys in one round trip.
