@@ -23,8 +23,13 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// A Redis-backend subscriber of every topic, already receiving.
 async fn subscribe(redis: &RedisServer, etcd: &EtcdServer) -> Received {
+    subscribe_through(redis, &etcd.client().await).await
+}
+
+/// The same, with the flow probed through `kv` (any etcd, a cluster too).
+async fn subscribe_through(redis: &RedisServer, kv: &etcd_client::Client) -> Received {
     let mut rx = redis_updates(&redis.url());
-    await_etcd_flow(&mut rx, &etcd.client().await).await;
+    await_etcd_flow(&mut rx, kv).await;
     let received = Received::default();
     let sink = received.clone();
     tokio::spawn(async move {
@@ -731,15 +736,7 @@ async fn fault14_killing_etcd_members_one_after_another_loses_nothing() {
         redis.url()
     );
     let bridge = Bridge::start(&config);
-    let mut rx = redis_updates(&redis.url());
-    await_etcd_flow(&mut rx, &etcd.client().await).await;
-    let received = Received::default();
-    let sink = received.clone();
-    tokio::spawn(async move {
-        while let Some(u) = rx.recv().await {
-            sink.0.lock().unwrap().push(u);
-        }
-    });
+    let received = subscribe_through(&redis, &etcd.client().await).await;
     let log = Log::default();
     let writer = tokio::spawn(write_ops_to(endpoints, 0, 2000, log.clone()));
     // The first member (the bridge's first endpoint), then another, each

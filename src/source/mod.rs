@@ -37,10 +37,19 @@ pub(crate) async fn emit(
     shutdown: &CancellationToken,
     event: SourceEvent,
 ) -> Result<(), Stopped> {
+    reserve(tx, shutdown).await?.send(event);
+    Ok(())
+}
+
+/// A slot in the pipeline's queue, unless shutdown comes first.
+pub(crate) async fn reserve<'a>(
+    tx: &'a mpsc::Sender<SourceEvent>,
+    shutdown: &CancellationToken,
+) -> Result<mpsc::Permit<'a, SourceEvent>, Stopped> {
     tokio::select! {
         biased;
         _ = shutdown.cancelled() => Err(Stopped),
-        sent = tx.send(event) => sent.map_err(|_| Stopped),
+        permit = tx.reserve() => permit.map_err(|_| Stopped),
     }
 }
 

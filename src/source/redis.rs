@@ -33,7 +33,7 @@ use redis::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{emit, KeyIndex, KeySet, SourceError, SourceEvent};
+use super::{emit, reserve, KeyIndex, KeySet, SourceError, SourceEvent};
 use crate::config::RedisSourceConfig;
 use crate::db::redis::{
     connect, connect_node, explain, in_slots, redacted, slot, Conn, Node, SLOTS,
@@ -107,18 +107,6 @@ const BEHIND_AFTER: Duration = Duration::from_secs(1);
 /// How late notifications may be read (measured with the sentinel's own)
 /// before the source lets go of them and reconciles instead.
 const NOTIFICATION_DELAY_MAX: Duration = Duration::from_secs(2);
-
-/// A slot in the pipeline's queue, unless shutdown comes first.
-async fn reserve<'a>(
-    tx: &'a mpsc::Sender<SourceEvent>,
-    shutdown: &CancellationToken,
-) -> Result<mpsc::Permit<'a, SourceEvent>, super::Stopped> {
-    tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => Err(super::Stopped),
-        permit = tx.reserve() => permit.map_err(|_| super::Stopped),
-    }
-}
 
 /// Waits until the pipeline's queue is at most half full.
 async fn wait_for_room(
@@ -841,7 +829,6 @@ impl RedisSource {
             }
             self.flushed(&mut topo).await?; // places the sentinels
             self.reconcile(&mut topo, &prefix, tx, shutdown, emit_diff, &mut notes).await?;
-            self.restart_sentinel_clocks();
             // Up only once reconciled: a Redis that accepts connections
             // but fails the SCAN (still loading its data after a restart)
             // is one outage, logged once, not one per attempt.
@@ -876,7 +863,6 @@ impl RedisSource {
                         tracing::warn!(db = Self::db(client), "The database was flushed or swapped (FLUSHDB / FLUSHALL / SWAPDB send no per-key notification); reconciling every key.");
                         self.stats.flushes_detected.inc();
                         self.reconcile(&mut topo, &prefix, tx, shutdown, true, &mut notes).await?;
-                        self.restart_sentinel_clocks();
                     }
                     // Reading slower than Redis notifies (short of CPU):
                     // the client's queue would grow without limit.
@@ -1026,6 +1012,7 @@ impl RedisSource {
             .read_and_diff(&mut topo.data, &unseen, tx, shutdown, emit_diff)
             .await?;
         tracing::info!(keys = self.index.len(), emitted, "Reconciled Redis keys.");
+        self.restart_sentinel_clocks();
         Ok(())
     }
 
