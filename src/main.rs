@@ -109,6 +109,11 @@ enum Command {
         /// updates did not arrive in time).
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<std::time::Duration>,
+        /// How long a feedbridge publisher may be silent (no update, no
+        /// heartbeat) before the connection is taken for dead: tail says
+        /// so, reconnects and prints a `sync` (at least 2s).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        silence_timeout: std::time::Duration,
     },
 }
 
@@ -194,6 +199,7 @@ fn main() -> ExitCode {
             format,
             count,
             timeout,
+            silence_timeout,
         } => {
             let codec = match codec {
                 TailCodec::Msgpack => Codec::Msgpack,
@@ -206,12 +212,14 @@ fn main() -> ExitCode {
                     send_hwm: 1,
                     linger: Default::default(),
                     rejoin_wait: std::time::Duration::ZERO,
+                    silence_timeout,
                 }),
                 TailBackend::Redis => BackendConfig::Redis(RedisBackendConfig {
                     url: redis_url,
                     codec,
                     connect_timeout: std::time::Duration::from_secs(5),
                     sharded,
+                    silence_timeout,
                     auth: Default::default(),
                 }),
                 TailBackend::Etcd => BackendConfig::Etcd(EtcdBackendConfig {
@@ -223,9 +231,14 @@ fn main() -> ExitCode {
                     prefix: etcd_prefix,
                     codec,
                     connect_timeout: std::time::Duration::from_secs(5),
+                    silence_timeout,
                     auth: Default::default(),
                 }),
             };
+            if let Err((field, reason)) = config.check_silence_timeout() {
+                eprintln!("error: --{}: {reason}", field.trim_start_matches("backend.").replace('_', "-"));
+                return ExitCode::from(2);
+            }
             let connect = if connect.is_empty() && discover.is_none() {
                 vec![DEFAULT_ZMQ_BIND.to_owned()]
             } else {

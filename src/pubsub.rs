@@ -97,6 +97,13 @@ pub trait Subscriber: Send + Sync + 'static {
         0
     }
 
+    /// How many times a connection was taken for dead because nothing was
+    /// heard on it for the silence timeout (each one was followed by a
+    /// reconnect and a `sync`).
+    fn silences(&self) -> u64 {
+        0
+    }
+
     /// The backend's receive loop: sends every update into `sink` until
     /// stopped or until `sink` is closed.
     async fn pump(&self, sink: mpsc::Sender<DbUpdate>) -> Result<(), SubscribeError>;

@@ -24,3 +24,32 @@ pub fn bind(socket: &zmq::Socket, endpoint: &str) -> Result<(), String> {
         .bind(endpoint)
         .map_err(|e| format!("cannot bind {endpoint}: {e}"))
 }
+
+/// How often a ZeroMQ connection is pinged (ZMTP heartbeats).
+pub const ZMTP_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// TCP keep-alive of every ZeroMQ connection: probes after this long idle...
+const TCP_KEEPALIVE_IDLE_S: i32 = 10;
+/// ...every this many seconds...
+const TCP_KEEPALIVE_INTERVAL_S: i32 = 2;
+/// ...and the connection is dead after this many unanswered.
+const TCP_KEEPALIVE_COUNT: i32 = 3;
+
+/// Gives `socket`'s connections their own liveness, so a peer that
+/// vanished without a word (a partition, a host powered off) is noticed:
+/// ZMTP heartbeats (a ping every [`ZMTP_PING_INTERVAL`]; the connection is
+/// dropped when nothing came back within `timeout`; the TTL asks the peer
+/// to drop it too when it hears nothing for `timeout`: libzmq ≥ 4.2 peers,
+/// Dragonflow's pyzmq subscribers included, then reconnect by themselves),
+/// and TCP keep-alive underneath.
+pub fn set_liveness(socket: &zmq::Socket, timeout: std::time::Duration) -> zmq::Result<()> {
+    let ms = |d: std::time::Duration| d.as_millis().try_into().unwrap_or(i32::MAX);
+    socket.set_heartbeat_ivl(ms(ZMTP_PING_INTERVAL))?;
+    socket.set_heartbeat_timeout(ms(timeout))?;
+    // The TTL travels in deciseconds, at most 6553.5 s.
+    socket.set_heartbeat_ttl(ms(timeout).min(6_553_500))?;
+    socket.set_tcp_keepalive(1)?;
+    socket.set_tcp_keepalive_idle(TCP_KEEPALIVE_IDLE_S)?;
+    socket.set_tcp_keepalive_intvl(TCP_KEEPALIVE_INTERVAL_S)?;
+    socket.set_tcp_keepalive_cnt(TCP_KEEPALIVE_COUNT)
+}

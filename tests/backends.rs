@@ -15,6 +15,7 @@ const WAIT: Duration = Duration::from_secs(20);
 
 fn etcd_backend(etcd: &EtcdServer) -> BackendConfig {
     BackendConfig::Etcd(EtcdBackendConfig {
+        silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
         endpoints: vec![etcd.endpoint()],
         prefix: "/pubsub/".into(),
         codec: Codec::Msgpack,
@@ -120,6 +121,7 @@ async fn etcd_to_redis_publish() {
     );
     let bridge = Bridge::start(&cfg);
     let backend = BackendConfig::Redis(RedisBackendConfig {
+        silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
         url: redis.url(),
         codec: Codec::Json,
         connect_timeout: Duration::from_secs(5),
@@ -207,6 +209,7 @@ async fn redis_pair(
 ) -> RedisPair {
     use feedbridge::pubsub::Publisher;
     let config = RedisBackendConfig {
+        silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
         url: redis.url(),
         codec: Codec::Msgpack,
         connect_timeout: Duration::from_secs(5),
@@ -310,6 +313,7 @@ async fn tail_on_a_shared_redis_ignores_its_keyspace_notifications() {
         .await
         .unwrap();
     let publisher = PubSub::new(BackendConfig::Redis(RedisBackendConfig {
+        silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
         url: redis.url(),
         codec: Codec::Msgpack,
         connect_timeout: Duration::from_secs(5),

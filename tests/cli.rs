@@ -203,6 +203,7 @@ async fn tail_stops_after_count_or_timeout_and_prints_pretty_lines() {
     await_pattern_subscriber(&redis).await;
     let backend =
         feedbridge::config::BackendConfig::Redis(feedbridge::config::RedisBackendConfig {
+            silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
             url: redis.url(),
             codec: feedbridge::codec::Codec::Msgpack,
             connect_timeout: Duration::from_secs(5),

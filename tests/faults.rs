@@ -795,6 +795,7 @@ async fn fault15_a_long_backend_outage_under_redis_writes_keeps_memory_bounded_a
     let bridge = spawn_bridge(&cfg, &log);
     let sub = feedbridge::backend::PubSub::new(feedbridge::config::BackendConfig::Etcd(
         feedbridge::config::EtcdBackendConfig {
+            silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
             endpoints: vec![etcd.endpoint()],
             prefix: "/pubsub/".into(),
             codec: feedbridge::codec::Codec::Msgpack,

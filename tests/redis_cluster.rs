@@ -344,6 +344,7 @@ async fn sharded_publish_and_subscribe_survive_a_failover_of_the_channels_owner(
     use feedbridge::pubsub::Publisher;
     let mut cluster = RedisCluster::start(3, 1).await;
     let config = RedisBackendConfig {
+        silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
         url: cluster.url(),
         codec: Codec::Msgpack,
         connect_timeout: Duration::from_secs(5),

@@ -301,6 +301,7 @@ async fn redis_to_redis_publish_and_subscribe() {
     );
     let bridge = Bridge::start(&cfg);
     let backend = BackendConfig::Redis(RedisBackendConfig {
+        silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
         url: redis.url(),
         codec: Codec::Msgpack,
         connect_timeout: Duration::from_secs(5),

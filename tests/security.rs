@@ -39,6 +39,7 @@ async fn etcd_over_tls_with_client_certificates() {
         ..Default::default()
     };
     let backend = BackendConfig::Etcd(EtcdBackendConfig {
+        silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
         endpoints: vec![etcd.endpoint()],
         prefix: "/pubsub/".into(),
         codec: Codec::Msgpack,
@@ -144,6 +145,7 @@ async fn redis_password_works_and_a_wrong_one_fails_fast() {
         ..Default::default()
     };
     let sub = PubSub::new(BackendConfig::Redis(RedisBackendConfig {
+        silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
         url: redis.url(),
         codec: Codec::Msgpack,
         connect_timeout: Duration::from_secs(5),

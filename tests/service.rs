@@ -216,6 +216,7 @@ async fn dragonflow_python_multiproc_publisher_is_forwarded() {
 async fn subscriber_reports_gaps_instead_of_missing_data_silently() {
     let port = free_port();
     let cfg = feedbridge::config::ZmqBackendConfig {
+        silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
         bind: format!("tcp://127.0.0.1:{port}"),
         codec: Codec::Msgpack,
         send_hwm: 1,
@@ -576,6 +577,7 @@ async fn multiproc_input_is_validated_like_source_changes() {
 async fn a_gap_at_the_end_of_a_burst_is_reported_by_heartbeats() {
     let port = free_port();
     let cfg = feedbridge::config::ZmqBackendConfig {
+        silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
         bind: format!("tcp://127.0.0.1:{port}"),
         codec: Codec::Msgpack,
         send_hwm: 1000,

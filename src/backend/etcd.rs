@@ -132,7 +132,12 @@ pub struct EtcdSubscriber {
     registry: Registry,
     stop: CancellationToken,
     gaps: Arc<AtomicU64>,
+    silences: Arc<AtomicU64>,
 }
+
+/// How often the subscriber asks etcd for the watch's progress: an
+/// answer, like any message, shows the stream is alive.
+const PROGRESS_REQUEST_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl EtcdSubscriber {
     /// A subscriber of the configured cluster (connects when run).
@@ -142,6 +147,7 @@ impl EtcdSubscriber {
             registry: Registry::default(),
             stop: CancellationToken::new(),
             gaps: Arc::default(),
+            silences: Arc::default(),
         }
     }
 
@@ -176,12 +182,36 @@ impl EtcdSubscriber {
                 .watch(prefix.to_vec(), Some(opts))
                 .await?;
             let registration = self.registry.watch();
+            // The stream's own liveness: etcd answers a progress request
+            // even when nothing is published, so silence means the
+            // connection (or the member) is gone, whatever TCP believes.
+            let mut ask = tokio::time::interval(PROGRESS_REQUEST_INTERVAL);
+            ask.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut heard = tokio::time::Instant::now();
             loop {
                 let message = tokio::select! {
                     biased;
                     _ = self.stop.cancelled() => return Ok(()),
                     m = stream.message() => m?,
+                    _ = ask.tick() => {
+                        let quiet = heard.elapsed();
+                        if quiet > self.config.silence_timeout {
+                            self.silences.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tracing::warn!(quiet = ?quiet, timeout = ?self.config.silence_timeout, "The etcd watch answered nothing for the silence timeout: reconnecting (resuming from the last revision).");
+                            return Err(etcd_client::Error::WatchError(format!(
+                                "no answer from etcd for {:.1} s",
+                                quiet.as_secs_f64()
+                            )));
+                        }
+                        // A stalled connection may not take even the request:
+                        // the next tick looks at the silence again.
+                        if let Ok(sent) = tokio::time::timeout(PROGRESS_REQUEST_INTERVAL, stream.request_progress()).await {
+                            sent?;
+                        }
+                        continue;
+                    }
                 };
+                heard = tokio::time::Instant::now();
                 let Some(resp) = message else {
                     return Err(etcd_client::Error::WatchError("watch stream closed".into()));
                 };
@@ -256,6 +286,10 @@ impl Subscriber for EtcdSubscriber {
     }
     fn gaps(&self) -> u64 {
         self.gaps.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn silences(&self) -> u64 {
+        self.silences.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn pump(&self, sink: mpsc::Sender<DbUpdate>) -> Result<(), SubscribeError> {

@@ -13,7 +13,7 @@ pub mod zmq;
 use std::sync::Arc;
 
 pub use registry::{Registration, Registry};
-pub use sequence::{GapTracker, Gate, Sequencer, HEARTBEAT_INTERVAL, HEARTBEAT_TOPIC};
+pub use sequence::{GapTracker, Gate, Sequencer, Silence, HEARTBEAT_INTERVAL, HEARTBEAT_TOPIC};
 
 use crate::config::BackendConfig;
 use crate::pubsub::{PublishError, Publisher, Subscriber};
@@ -93,7 +93,9 @@ impl PubSub {
     pub fn get_subscriber(&self) -> Arc<dyn Subscriber> {
         let sub: Arc<dyn Subscriber> = match &self.config {
             BackendConfig::Zmq(c) => {
-                let s = Arc::new(zmq::ZmqSubscriber::new(c.codec));
+                let s = Arc::new(
+                    zmq::ZmqSubscriber::new(c.codec).with_silence_timeout(c.silence_timeout),
+                );
                 if !c.bind.is_empty() {
                     s.register_listen_address(&c.bind);
                 }

@@ -14,7 +14,9 @@ use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use super::registry::{Registration, Registry};
-use super::sequence::{GapTracker, Sequencer, HEARTBEAT_INTERVAL, HEARTBEAT_TOPIC};
+use super::sequence::{
+    silence_reason, GapTracker, Sequencer, Silence, HEARTBEAT_INTERVAL, HEARTBEAT_TOPIC,
+};
 use crate::codec::Codec;
 use crate::config::RedisBackendConfig;
 use crate::db::redis::{client, connect, redacted};
@@ -200,6 +202,8 @@ pub struct RedisSubscriber {
     registry: Registry,
     stop: CancellationToken,
     gaps: Arc<AtomicU64>,
+    silence_timeout: Duration,
+    silences: Arc<AtomicU64>,
 }
 
 impl RedisSubscriber {
@@ -214,14 +218,34 @@ impl RedisSubscriber {
             registry: Registry::default(),
             stop: CancellationToken::new(),
             gaps: Arc::default(),
+            silence_timeout: config.silence_timeout,
+            silences: Arc::default(),
         }
     }
+
+    /// A session's liveness checks: publishers that heartbeat and went
+    /// silent end it (`Silent`), and so does a `PING` to Redis left
+    /// unanswered for the silence timeout (`Lost`): a connection Redis
+    /// dropped (its output buffer limit) while the goodbye was lost looks,
+    /// from here, exactly like a quiet one.
+    fn check_silence(&self, silence: &mut Silence) -> Result<(), Ended> {
+        let silent = silence.silent();
+        if silent.is_empty() {
+            return Ok(());
+        }
+        Err(Ended::Silent(silence_reason(&silent), silent))
+    }
 }
+
+/// How often a subscriber pings Redis and looks for silent publishers.
+const LIVENESS_CHECK: Duration = Duration::from_secs(1);
 
 /// What ended one connection of the subscriber.
 enum Ended {
     Stopped,
     Lost(String),
+    /// Publishers that heartbeat went silent (with why, and who).
+    Silent(String, Vec<(String, Duration)>),
     /// The application took no update for [`STUCK_AFTER`].
     Stuck,
 }
@@ -253,6 +277,7 @@ impl RedisSubscriber {
         tracker: &mut GapTracker,
         first: bool,
     ) -> Ended {
+        let mut silence = Silence::new(self.silence_timeout);
         let pubsub = match tokio::time::timeout(self.timeout, client.get_async_pubsub()).await {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => return Ended::Lost(e.to_string()),
@@ -308,6 +333,8 @@ impl RedisSubscriber {
         if let Err(e) = self.subscribed(reconnect, &wanted, first, sink).await {
             return e;
         }
+        let mut check = tokio::time::interval(LIVENESS_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -318,10 +345,26 @@ impl RedisSubscriber {
                         apply!();
                     }
                 }
+                _ = check.tick() => {
+                    if let Err(e) = self.check_silence(&mut silence) {
+                        return e;
+                    }
+                    match tokio::time::timeout(self.silence_timeout, sink_cmds.ping::<redis::Value>()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Ended::Lost(format!("PING failed: {e}")),
+                        Err(_) => {
+                            self.silences.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            return Ended::Lost(format!(
+                            "Redis did not answer PING within {}",
+                            humantime::format_duration(self.silence_timeout)
+                        ));
+                        }
+                    }
+                }
                 msg = messages.next() => {
                     let Some(msg) = msg else { return Ended::Lost("connection closed".into()) };
                     let delivered = self
-                        .deliver(msg.get_channel_name(), msg.get_payload_bytes(), &wanted, tracker, sink, &mut undecodable)
+                        .deliver(msg.get_channel_name(), msg.get_payload_bytes(), &wanted, tracker, &mut silence, sink, &mut undecodable)
                         .await;
                     if let Err(e) = delivered {
                         return e;
@@ -334,12 +377,14 @@ impl RedisSubscriber {
     /// Handles one message on `channel`: a heartbeat feeds the gap tracker,
     /// an update goes to `sink` (after a `sync` when a gap shows), through
     /// [`hand_over`].
+    #[allow(clippy::too_many_arguments)]
     async fn deliver(
         &self,
         channel: &str,
         payload: &[u8],
         wanted: &Registration,
         tracker: &mut GapTracker,
+        silence: &mut Silence,
         sink: &mpsc::Sender<DbUpdate>,
         undecodable: &mut u64,
     ) -> Result<(), Ended> {
@@ -347,6 +392,7 @@ impl RedisSubscriber {
             let Ok((heartbeat, envelope)) = self.codec.decode(payload) else {
                 return Ok(());
             };
+            silence.heard(envelope.publisher.as_deref(), true);
             if let Some(reason) = tracker.heartbeat(&heartbeat, &envelope, |t| wanted.wants(t)) {
                 tracing::warn!(%reason, "Delivering a sync: updates may have been missed.");
                 return hand_over(sink, DbUpdate::sync(reason)).await;
@@ -363,6 +409,7 @@ impl RedisSubscriber {
         }
         match self.codec.decode(payload) {
             Ok((update, envelope)) => {
+                silence.heard(envelope.publisher.as_deref(), false);
                 if let Some(reason) = tracker.check(channel, &envelope) {
                     hand_over(sink, DbUpdate::sync(reason)).await?;
                 }
@@ -393,6 +440,7 @@ impl RedisSubscriber {
         tracker: &mut GapTracker,
         first: bool,
     ) -> Ended {
+        let mut silence = Silence::new(self.silence_timeout);
         let (push_tx, mut pushes) = mpsc::unbounded_channel::<redis::PushInfo>();
         let cluster = redis::cluster::ClusterClientBuilder::new(
             crate::db::redis::seeds(client)
@@ -473,6 +521,9 @@ impl RedisSubscriber {
                     }
                 }
                 _ = check.tick() => {
+                    if let Err(e) = self.check_silence(&mut silence) {
+                        return e;
+                    }
                     // A node that cannot answer now is no news: the next tick asks again.
                     if let Ok(nodes) = crate::db::redis::nodes(&mut topology, "").await {
                         let now = owners(&nodes, &applied);
@@ -498,7 +549,7 @@ impl RedisSubscriber {
                         redis::PushKind::SMessage if push.data.len() >= 2 => {
                             let channel = String::from_utf8_lossy(&text(&push.data[0])).into_owned();
                             let payload = text(&push.data[1]);
-                            if let Err(e) = self.deliver(&channel, &payload, &wanted, tracker, sink, &mut undecodable).await {
+                            if let Err(e) = self.deliver(&channel, &payload, &wanted, tracker, &mut silence, sink, &mut undecodable).await {
                                 return e;
                             }
                         }
@@ -580,6 +631,10 @@ impl Subscriber for RedisSubscriber {
         self.gaps.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    fn silences(&self) -> u64 {
+        self.silences.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn pump(&self, sink: mpsc::Sender<DbUpdate>) -> Result<(), SubscribeError> {
         let client = self.client.as_ref().map_err(|e| SubscribeError {
             backend: "redis",
@@ -610,6 +665,16 @@ impl Subscriber for RedisSubscriber {
                                 return Ok(());
                             }
                         }
+                    }
+                }
+                Ended::Silent(reason, silent) => {
+                    // Reconnected at once: the server may be fine, and a
+                    // new connection is the quickest way to know.
+                    first = false;
+                    self.silences.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(url = %self.url, %reason, timeout = ?self.silence_timeout, "No update and no heartbeat for the silence timeout: reconnecting, then delivering a sync.");
+                    for (publisher, _) in &silent {
+                        tracker.forget(publisher);
                     }
                 }
                 Ended::Lost(e) => {

@@ -94,17 +94,15 @@ pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_mi
 
 impl Sequencer {
     /// The heartbeat: a `log` update on [`HEARTBEAT_TOPIC`] whose value is
-    /// the JSON object `{topic: last sequence number}`, and its envelope
-    /// (publisher and epoch, no sequence number of its own). `None` before
-    /// anything was published, and while the gate is closed.
+    /// the JSON object `{topic: last sequence number}` (empty before
+    /// anything was published: it still says the publisher is alive), and
+    /// its envelope (publisher and epoch, no sequence number of its own).
+    /// `None` while the gate is closed.
     pub fn heartbeat(&self) -> Option<(DbUpdate, crate::codec::Envelope)> {
         if self.heartbeat_gate.as_ref().is_some_and(|open| !open()) {
             return None;
         }
         let next = self.next.lock().expect("sequencer lock");
-        if next.is_empty() {
-            return None;
-        }
         let seqs: std::collections::BTreeMap<&str, u64> =
             next.iter().map(|(t, s)| (t.as_str(), *s)).collect();
         let value = serde_json::to_string(&seqs).expect("plain map");
@@ -186,6 +184,12 @@ impl GapTracker {
         (!reasons.is_empty()).then(|| reasons.join("; "))
     }
 
+    /// Forgets what was received from `publisher` (after the subscriber
+    /// delivered a `sync` for it: its next message starts afresh).
+    pub fn forget(&mut self, publisher: &str) {
+        self.last.retain(|(p, _), _| p != publisher);
+    }
+
     /// Checks one received message; returns why the subscriber should
     /// re-sync, if it should. Messages without an envelope (e.g. from
     /// Dragonflow's own publishers) are not tracked.
@@ -214,6 +218,74 @@ impl GapTracker {
             }
         }
     }
+}
+
+/// The subscriber's side of heartbeats: when each publisher was last heard
+/// from. Only publishers that were heard sending a heartbeat are held to
+/// it: a publisher that sends none (Dragonflow's own) is never taken for
+/// dead for being quiet; transport liveness covers its connection.
+#[derive(Debug)]
+pub struct Silence {
+    timeout: std::time::Duration,
+    heard: std::collections::HashMap<String, std::time::Instant>,
+}
+
+impl Silence {
+    /// A tracker that reports a publisher silent for longer than `timeout`.
+    pub fn new(timeout: std::time::Duration) -> Self {
+        Silence {
+            timeout,
+            heard: Default::default(),
+        }
+    }
+
+    /// Something arrived from `publisher` (a heartbeat when `heartbeat`).
+    pub fn heard(&mut self, publisher: Option<&str>, heartbeat: bool) {
+        let Some(publisher) = publisher else { return };
+        let now = std::time::Instant::now();
+        if let Some(at) = self.heard.get_mut(publisher) {
+            *at = now;
+        } else if heartbeat {
+            self.heard.insert(publisher.to_owned(), now);
+        }
+    }
+
+    /// The publishers silent for longer than the timeout, with how long;
+    /// they are forgotten (reported once: one that never comes back, a
+    /// publisher shut down for good, does not make the subscriber flap).
+    pub fn silent(&mut self) -> Vec<(String, std::time::Duration)> {
+        let mut gone = Vec::new();
+        self.heard.retain(|publisher, at| {
+            let quiet = at.elapsed();
+            if quiet > self.timeout {
+                gone.push((publisher.clone(), quiet));
+                false
+            } else {
+                true
+            }
+        });
+        gone
+    }
+
+    /// Forgets every publisher (their connections were replaced; the next
+    /// heartbeat of each is awaited afresh).
+    pub fn reset(&mut self) {
+        self.heard.clear();
+    }
+
+    /// The timeout this tracker holds publishers to.
+    pub fn timeout(&self) -> std::time::Duration {
+        self.timeout
+    }
+}
+
+/// The reason given with the `sync` delivered after silent publishers.
+pub fn silence_reason(silent: &[(String, std::time::Duration)]) -> String {
+    let who: Vec<String> = silent
+        .iter()
+        .map(|(p, d)| format!("publisher {p} silent for {:.1} s", d.as_secs_f64()))
+        .collect();
+    format!("{}: reconnected (updates may have been missed)", who.join(", "))
 }
 
 #[cfg(test)]
@@ -251,8 +323,10 @@ mod tests {
     #[test]
     fn heartbeats_reveal_a_lost_tail() {
         let publisher = Sequencer::new("p");
-        assert!(publisher.heartbeat().is_none(), "nothing to announce yet");
         let mut tracker = GapTracker::new(Arc::new(AtomicU64::new(0)));
+        let (hb, env) = publisher.heartbeat().expect("alive before publishing");
+        assert_eq!(hb.value.as_deref(), Some("{}"));
+        assert_eq!(tracker.heartbeat(&hb, &env, |_| true), None);
         let a1 = publisher.stamp("a");
         let _b1 = publisher.stamp("b");
         assert_eq!(tracker.check("a", &a1), None);
@@ -274,5 +348,20 @@ mod tests {
         assert_eq!(tracker.heartbeat(&hb, &env, only_a), None, "reported once");
         let a3 = publisher.stamp("a");
         assert_eq!(tracker.check("a", &a3), None, "in order after the report");
+    }
+
+    #[test]
+    fn only_publishers_that_heartbeat_are_held_to_silence() {
+        let mut silence = Silence::new(std::time::Duration::from_millis(50));
+        silence.heard(Some("dragonflow"), false); // sends no heartbeats
+        silence.heard(Some("bridge"), true);
+        silence.heard(None, true);
+        assert!(silence.silent().is_empty());
+        std::thread::sleep(std::time::Duration::from_millis(80));
+        let gone = silence.silent();
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].0, "bridge");
+        assert!(silence_reason(&gone).contains("publisher bridge silent"));
+        assert!(silence.silent().is_empty(), "reported once");
     }
 }

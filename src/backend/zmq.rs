@@ -18,12 +18,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::registry::{Registration, Registry};
-use super::sequence::{GapTracker, Sequencer, HEARTBEAT_INTERVAL, HEARTBEAT_TOPIC};
+use super::sequence::{
+    silence_reason, GapTracker, Sequencer, Silence, HEARTBEAT_INTERVAL, HEARTBEAT_TOPIC,
+};
 use crate::codec::Codec;
 use crate::config::ZmqBackendConfig;
 use crate::pubsub::{PublishError, SubscribeError, Subscriber};
 use crate::update::DbUpdate;
-use crate::zmq_socket::{bind, CONTEXT};
+use crate::zmq_socket::{bind, set_liveness, CONTEXT};
 
 /// How often the subscriber thread looks at registration changes and stop
 /// requests while no message arrives.
@@ -154,13 +156,19 @@ impl PubSocket {
     }
 }
 
-/// Sends a heartbeat every [`HEARTBEAT_INTERVAL`] once publishing has
-/// started, while the publisher exists (it holds only a weak reference).
+/// Sends a heartbeat every [`HEARTBEAT_INTERVAL`] once subscribers had the
+/// chance to rejoin, whether or not anything is published (an idle
+/// publisher is still alive), while the publisher exists (it holds only a
+/// weak reference).
 fn spawn_pub_heartbeat(socket: std::sync::Weak<PubSocket>) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
     runtime.spawn(async move {
+        match socket.upgrade() {
+            Some(socket) => socket.await_rejoin().await,
+            None => return,
+        }
         let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -168,9 +176,7 @@ fn spawn_pub_heartbeat(socket: std::sync::Weak<PubSocket>) {
             let Some(socket) = socket.upgrade() else {
                 return;
             };
-            if socket.rejoined.load(Ordering::Acquire) {
-                socket.heartbeat();
-            }
+            socket.heartbeat();
         }
     });
 }
@@ -231,6 +237,7 @@ impl ZmqPublisher {
             .set_sndhwm(config.send_hwm)
             .and_then(|()| socket.set_linger(millis(config.linger)))
             .and_then(|()| socket.set_xpub_verbose(true))
+            .and_then(|()| set_liveness(&socket, config.silence_timeout))
             .map_err(|e| setup_error(&endpoint, "cannot set options on", e))?;
         bind(&socket, &endpoint).map_err(|message| PublishError::Setup {
             backend: "zmq",
@@ -437,7 +444,9 @@ pub struct ZmqSubscriber {
     registry: Registry,
     stop: CancellationToken,
     gaps: Arc<AtomicU64>,
+    silences: Arc<AtomicU64>,
     receive_hwm: i32,
+    silence_timeout: Duration,
 }
 
 impl ZmqSubscriber {
@@ -448,8 +457,18 @@ impl ZmqSubscriber {
             registry: Registry::default(),
             stop: CancellationToken::new(),
             gaps: Arc::default(),
+            silences: Arc::default(),
             receive_hwm: 1000,
+            silence_timeout: crate::config::DEFAULT_SILENCE_TIMEOUT,
         }
+    }
+
+    /// How long a publisher that heartbeats may be silent before the
+    /// subscriber reconnects and delivers a `sync` (see
+    /// [`ZmqBackendConfig::silence_timeout`]).
+    pub fn with_silence_timeout(mut self, timeout: Duration) -> Self {
+        self.silence_timeout = timeout;
+        self
     }
 
     /// Sets the SUB socket's receive high-water mark (libzmq's default is
@@ -465,6 +484,20 @@ fn sub_error(message: String) -> SubscribeError {
         backend: "zmq",
         message,
     }
+}
+
+/// A SUB socket with its own liveness: it pings its publishers and drops
+/// (then reconnects) a connection that stays unanswered for `silence`.
+fn sub_socket(receive_hwm: i32, silence: Duration) -> Result<zmq::Socket, SubscribeError> {
+    let socket = CONTEXT
+        .socket(zmq::SUB)
+        .map_err(|e| sub_error(format!("cannot create a SUB socket: {e}")))?;
+    socket
+        .set_rcvhwm(receive_hwm)
+        .map_err(|e| sub_error(format!("cannot set the receive high-water mark: {e}")))?;
+    set_liveness(&socket, silence)
+        .map_err(|e| sub_error(format!("cannot set heartbeats and keep-alive: {e}")))?;
+    Ok(socket)
 }
 
 /// Brings a SUB socket from the `applied` registration to `wanted`. A
@@ -521,29 +554,54 @@ impl Subscriber for ZmqSubscriber {
         self.gaps.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    fn silences(&self) -> u64 {
+        self.silences.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn pump(&self, sink: mpsc::Sender<DbUpdate>) -> Result<(), SubscribeError> {
-        let socket = CONTEXT
-            .socket(zmq::SUB)
-            .map_err(|e| sub_error(format!("cannot create a SUB socket: {e}")))?;
-        socket
-            .set_rcvhwm(self.receive_hwm)
-            .map_err(|e| sub_error(format!("cannot set the receive high-water mark: {e}")))?;
+        let (receive_hwm, silence_timeout) = (self.receive_hwm, self.silence_timeout);
+        let mut socket = sub_socket(receive_hwm, silence_timeout)?;
         let mut registration = self.registry.watch();
         let stop = self.stop.clone();
         let codec = self.codec;
         let mut tracker = GapTracker::new(self.gaps.clone());
+        let silences = self.silences.clone();
         let receive = move || -> Result<(), SubscribeError> {
             let mut applied = Registration::default();
             let mut wanted = registration.borrow_and_update().clone();
             apply(&socket, &mut applied, &wanted);
             let mut bad_frames = 0u64;
+            let mut silence = Silence::new(silence_timeout);
             loop {
                 if stop.is_cancelled() || sink.is_closed() {
                     return Ok(());
                 }
                 if registration.has_changed().unwrap_or(false) {
                     wanted = registration.borrow_and_update().clone();
+                    if wanted.addresses != applied.addresses {
+                        // Which publisher is behind which address is not
+                        // known: every one's next heartbeat is awaited afresh.
+                        silence.reset();
+                    }
                     apply(&socket, &mut applied, &wanted);
+                }
+                let silent = silence.silent();
+                if !silent.is_empty() {
+                    // A SUB socket only receives: a connection whose far end
+                    // vanished (no RST, no FIN) looks just like a quiet one.
+                    // A new socket connects afresh.
+                    let reason = silence_reason(&silent);
+                    silences.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%reason, timeout = ?silence.timeout(), "No update and no heartbeat for the silence timeout: reconnecting, then delivering a sync.");
+                    for (publisher, _) in &silent {
+                        tracker.forget(publisher);
+                    }
+                    socket = sub_socket(receive_hwm, silence_timeout)?;
+                    applied = Registration::default();
+                    apply(&socket, &mut applied, &wanted);
+                    if sink.blocking_send(DbUpdate::sync(reason)).is_err() {
+                        return Ok(());
+                    }
                 }
                 let ready = socket
                     .poll(zmq::POLLIN, POLL_INTERVAL_MS)
@@ -566,6 +624,7 @@ impl Subscriber for ZmqSubscriber {
                         let Ok((heartbeat, envelope)) = codec.decode(payload) else {
                             continue;
                         };
+                        silence.heard(envelope.publisher.as_deref(), true);
                         if let Some(reason) =
                             tracker.heartbeat(&heartbeat, &envelope, |t| wanted.wants(t))
                         {
@@ -581,6 +640,7 @@ impl Subscriber for ZmqSubscriber {
                     }
                     match codec.decode(payload) {
                         Ok((update, envelope)) => {
+                            silence.heard(envelope.publisher.as_deref(), false);
                             if let Some(reason) = tracker.check(&topic, &envelope) {
                                 tracing::warn!(%reason, "Delivering a sync: updates may have been missed.");
                                 if sink.blocking_send(DbUpdate::sync(reason)).is_err() {

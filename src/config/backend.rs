@@ -46,6 +46,15 @@ pub struct ZmqBackendConfig {
     /// subscriptions have arrived and gone quiet), so it reaches them.
     #[serde(default = "default_rejoin_wait", with = "humantime_serde")]
     pub rejoin_wait: Duration,
+    /// How long a peer may be silent before the connection is taken for
+    /// dead. A subscriber that hears neither an update nor a heartbeat from
+    /// a feedbridge publisher for this long says so, reconnects and
+    /// delivers a `sync`. It is also the ZMTP heartbeat timeout and TTL
+    /// (pings every second): the publisher frees a subscriber that stopped
+    /// answering, and any libzmq subscriber (Dragonflow's too) drops a
+    /// publisher that stopped sending and reconnects.
+    #[serde(default = "default_silence_timeout", with = "humantime_serde")]
+    pub silence_timeout: Duration,
 }
 
 /// The Redis PUBLISH backend.
@@ -68,6 +77,13 @@ pub struct RedisBackendConfig {
     /// `SUBSCRIBE`, so the default is `PUBLISH`.
     #[serde(default)]
     pub sharded: bool,
+    /// How long a subscriber may hear nothing (no update, no heartbeat)
+    /// from a feedbridge publisher, or no answer to its own `PING` from
+    /// Redis, before it takes the connection for dead: it says so,
+    /// reconnects and delivers a `sync`. Publishers heartbeat
+    /// every 500 ms; one that sends none (Dragonflow's) is never held to it.
+    #[serde(default = "default_silence_timeout", with = "humantime_serde")]
+    pub silence_timeout: Duration,
     /// Credentials and TLS (`[source.auth]` / `[backend.auth]`).
     #[serde(default)]
     pub auth: AuthConfig,
@@ -89,9 +105,27 @@ pub struct EtcdBackendConfig {
     /// How long a connect attempt may take.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How long the subscriber's watch may stay unanswered before the
+    /// connection is taken for dead: it asks etcd for progress every
+    /// second, and reconnects (resuming from its revision) when nothing
+    /// came back for this long.
+    #[serde(default = "default_silence_timeout", with = "humantime_serde")]
+    pub silence_timeout: Duration,
     /// Credentials and TLS (`[source.auth]` / `[backend.auth]`).
     #[serde(default)]
     pub auth: AuthConfig,
+}
+
+/// Four heartbeat intervals: shorter, and a live publisher would look dead.
+const MIN_SILENCE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a subscriber may hear nothing from a publisher that sends
+/// heartbeats before it takes the connection for dead, by default: ten
+/// heartbeat intervals.
+pub const DEFAULT_SILENCE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn default_silence_timeout() -> Duration {
+    DEFAULT_SILENCE_TIMEOUT
 }
 
 fn default_zmq_bind() -> String {
@@ -113,6 +147,7 @@ fn default_pubsub_prefix() -> String {
 impl BackendConfig {
     /// Checks what the types cannot.
     pub fn validate(&self) -> Result<(), Invalid> {
+        self.check_silence_timeout()?;
         match self {
             BackendConfig::Zmq(c) => {
                 if !(c.bind.starts_with("tcp://") || c.bind.starts_with("ipc://")) {
@@ -145,6 +180,28 @@ impl BackendConfig {
                 }
                 c.auth.check().map_err(|r| ("backend.auth", r))?;
             }
+        }
+        Ok(())
+    }
+}
+
+impl BackendConfig {
+    /// `silence_timeout` leaves a live publisher room for a few heartbeats.
+    pub fn check_silence_timeout(&self) -> Result<(), Invalid> {
+        let silence = match self {
+            BackendConfig::Zmq(c) => c.silence_timeout,
+            BackendConfig::Redis(c) => c.silence_timeout,
+            BackendConfig::Etcd(c) => c.silence_timeout,
+        };
+        if silence < MIN_SILENCE_TIMEOUT {
+            return Err((
+                "backend.silence_timeout",
+                format!(
+                    "{} is too short: publishers heartbeat every 500 ms, so a live one would look dead; use at least {}",
+                    humantime::format_duration(silence),
+                    humantime::format_duration(MIN_SILENCE_TIMEOUT)
+                ),
+            ));
         }
         Ok(())
     }

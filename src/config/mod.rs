@@ -11,7 +11,9 @@ mod service;
 mod source;
 
 pub use auth::AuthConfig;
-pub use backend::{BackendConfig, EtcdBackendConfig, RedisBackendConfig, ZmqBackendConfig};
+pub use backend::{
+    BackendConfig, EtcdBackendConfig, RedisBackendConfig, ZmqBackendConfig, DEFAULT_SILENCE_TIMEOUT,
+};
 pub use common::{
     advertised_uri, redact_endpoints, redact_url, Invalid, DEFAULT_ETCD_ENDPOINT,
     DEFAULT_REDIS_URL, DEFAULT_ZMQ_BIND,

@@ -30,7 +30,9 @@ pub fn client(url: &str, auth: &AuthConfig) -> Result<redis::Client, String> {
     if let Some(password) = auth.password()? {
         settings = settings.set_password(password);
     }
-    let info = info.set_redis_settings(settings);
+    let info = info
+        .set_redis_settings(settings)
+        .set_tcp_settings(tcp_settings());
     let root_cert = AuthConfig::pem(&auth.ca_file, "ca_file")?;
     let client_tls = match (
         AuthConfig::pem(&auth.cert_file, "cert_file")?,
@@ -54,6 +56,23 @@ pub fn client(url: &str, auth: &AuthConfig) -> Result<redis::Client, String> {
         redis::Client::open(info)
     }
     .map_err(|e| e.to_string())
+}
+
+/// Every Redis connection's own liveness, so a server that vanished without
+/// a word (a partition, a host powered off) is noticed even while the
+/// connection only receives (a subscriber, a source between notifications):
+/// keep-alive probes after 10 s idle, every 2 s, dead after 3 unanswered;
+/// and a write left unacknowledged for 20 s (`TCP_USER_TIMEOUT`) fails the
+/// connection instead of the kernel's ~15 minutes of retransmissions.
+fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    use redis::io::tcp::socket2::TcpKeepalive;
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(2))
+        .with_retries(3);
+    redis::io::tcp::TcpSettings::default()
+        .set_keepalive(keepalive)
+        .set_user_timeout(Duration::from_secs(20))
 }
 
 /// rustls needs one process-wide crypto provider; ring is the one built in.

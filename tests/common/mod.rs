@@ -450,6 +450,7 @@ pub fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> std::pro
 pub fn redis_updates(url: &str) -> mpsc::Receiver<DbUpdate> {
     use feedbridge::config::{BackendConfig, RedisBackendConfig};
     let sub = feedbridge::backend::PubSub::new(BackendConfig::Redis(RedisBackendConfig {
+        silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
         url: url.to_owned(),
         codec: feedbridge::codec::Codec::Msgpack,
         connect_timeout: Duration::from_secs(5),

@@ -57,6 +57,7 @@ pub(crate) fn bridge_config(db: &Db, args: &Args, zmq_port: u16) -> String {
 pub(crate) fn subscriber_backend(db: &Db, backend: Backend, zmq_port: u16) -> BackendConfig {
     match (backend, db) {
         (Backend::Zmq, _) => BackendConfig::Zmq(ZmqBackendConfig {
+            silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
             bind: format!("tcp://127.0.0.1:{zmq_port}"),
             codec: Codec::Msgpack,
             send_hwm: 10_000,
@@ -65,6 +66,7 @@ pub(crate) fn subscriber_backend(db: &Db, backend: Backend, zmq_port: u16) -> Ba
         }),
         (Backend::Redis, Db::Redis(_) | Db::RedisCluster(_)) => {
             BackendConfig::Redis(RedisBackendConfig {
+                silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
                 url: db.redis_url().expect("a Redis"),
                 codec: Codec::Msgpack,
                 connect_timeout: Duration::from_secs(5),
@@ -73,6 +75,7 @@ pub(crate) fn subscriber_backend(db: &Db, backend: Backend, zmq_port: u16) -> Ba
             })
         }
         (Backend::Etcd, Db::Etcd(e)) => BackendConfig::Etcd(EtcdBackendConfig {
+            silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
             endpoints: vec![e.endpoint()],
             prefix: "/pubsub/".into(),
             codec: Codec::Msgpack,
