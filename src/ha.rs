@@ -71,6 +71,23 @@ pub struct Leadership {
     /// Cancelled once the lease may have expired.
     lost: CancellationToken,
     keeper: tokio::task::JoinHandle<()>,
+    /// How long one call to the store may take in a term (a third of the
+    /// lease): a leader cut off from the store learns it from a timeout,
+    /// not from TCP minutes later.
+    call_timeout: Duration,
+}
+
+/// Runs one call to the store within `timeout`.
+async fn within<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    tokio::time::timeout(timeout, call).await.unwrap_or_else(|_| {
+        Err(format!(
+            "no answer from the election store within {}",
+            humantime::format_duration(timeout)
+        ))
+    })
 }
 
 impl Leadership {
@@ -86,6 +103,10 @@ impl Leadership {
 
     /// The checkpoint the previous leader left in the store.
     pub async fn load_checkpoint(&self) -> Result<Option<i64>, String> {
+        within(self.call_timeout, self.load_checkpoint_text()).await
+    }
+
+    async fn load_checkpoint_text(&self) -> Result<Option<i64>, String> {
         let text: Option<String> = match self.store.clone() {
             Store::Etcd { mut client, .. } => {
                 let resp = client
@@ -108,6 +129,10 @@ impl Leadership {
     /// Stores the checkpoint, only while this instance still holds the
     /// election (a deposed leader cannot move it). `false` if it does not.
     pub async fn save_checkpoint(&self, revision: i64) -> Result<bool, String> {
+        within(self.call_timeout, self.save_checkpoint_now(revision)).await
+    }
+
+    async fn save_checkpoint_now(&self, revision: i64) -> Result<bool, String> {
         match self.store.clone() {
             Store::Etcd {
                 mut client, leader, ..
@@ -154,7 +179,15 @@ impl Leadership {
     pub async fn resign(&self) {
         self.keeper.abort();
         self.lost.cancel();
-        let result = match self.store.clone() {
+        let result = within(self.call_timeout, self.release()).await;
+        match result {
+            Ok(()) => tracing::info!("Resigned leadership."),
+            Err(e) => tracing::warn!(error = %e, "Cannot resign; the lease will expire instead."),
+        }
+    }
+
+    async fn release(&self) -> Result<(), String> {
+        match self.store.clone() {
             Store::Etcd {
                 mut client,
                 leader,
@@ -179,10 +212,6 @@ impl Leadership {
                 .await
                 .map(drop)
                 .map_err(|e| e.to_string()),
-        };
-        match result {
-            Ok(()) => tracing::info!("Resigned leadership."),
-            Err(e) => tracing::warn!(error = %e, "Cannot resign; the lease will expire instead."),
         }
     }
 }
@@ -247,6 +276,7 @@ pub async fn campaign(
         valid_until,
         lost,
         keeper,
+        call_timeout: Duration::from_millis(ttl as u64 * 1000 / 3).max(Duration::from_secs(1)),
     }))
 }
 

@@ -97,6 +97,10 @@ pub struct Stats {
     lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// When the pipeline was last caught up (Unix milliseconds).
     caught_up_ms: std::sync::atomic::AtomicU64,
+    /// When the source last heard from its database (Unix milliseconds).
+    source_heard_ms: std::sync::atomic::AtomicU64,
+    /// Seconds since the source last heard from its database.
+    source_silent_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// The process's resident memory, read at each scrape.
     resident_memory: Gauge,
     /// The source's connection.
@@ -139,6 +143,8 @@ impl Default for Stats {
             leader: Gauge::default(),
             lag_seconds: Gauge::default(),
             caught_up_ms: std::sync::atomic::AtomicU64::new(unix_ms()),
+            source_heard_ms: std::sync::atomic::AtomicU64::new(unix_ms()),
+            source_silent_seconds: Gauge::default(),
             resident_memory: Gauge::default(),
             source,
             backend,
@@ -194,8 +200,13 @@ impl Default for Stats {
         );
         registry.register(
             "lag_revisions",
-            "source_revision minus checkpoint_revision",
+            "source_revision minus checkpoint_revision; -1 while unknown (the source cannot hear its database)",
             s.lag.clone(),
+        );
+        registry.register(
+            "source_silent_seconds",
+            "Seconds since the source last heard from its database (it asks every second)",
+            s.source_silent_seconds.clone(),
         );
         registry.register(
             "queue_depth",
@@ -214,7 +225,7 @@ impl Default for Stats {
         );
         registry.register(
             "lag_seconds",
-            "Seconds since everything read was last published (0 while caught up)",
+            "Seconds since everything read was last published (0 while caught up); while the source cannot hear its database, at least the time since it last did",
             s.lag_seconds.clone(),
         );
         registry.register(
@@ -225,6 +236,10 @@ impl Default for Stats {
         Stats { registry, ..s }
     }
 }
+
+/// How long a source may hear nothing from its database before the lag is
+/// reported unknown (sources ask at least every second).
+pub const SOURCE_BLIND_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -348,6 +363,25 @@ impl Stats {
         Ok("leader")
     }
 
+    /// The source heard from its database (any answer, change or progress
+    /// notice): what it has read is current as of now.
+    pub fn source_heard(&self) {
+        self.source_heard_ms.store(unix_ms(), Relaxed);
+    }
+
+    /// Whether the lag is unknown: a source is configured and it is
+    /// disconnected, or has heard nothing from its database for
+    /// [`SOURCE_BLIND_AFTER`] although it asks every second. Then the
+    /// database may have moved on unseen: the lag must not read 0.
+    pub fn source_blind(&self) -> bool {
+        self.has_source.load(Relaxed)
+            && (!self.source.is_up() || self.source_silent_ms() > SOURCE_BLIND_AFTER.as_millis() as u64)
+    }
+
+    fn source_silent_ms(&self) -> u64 {
+        unix_ms().saturating_sub(self.source_heard_ms.load(Relaxed))
+    }
+
     /// The pipeline has published everything it read so far.
     pub fn caught_up(&self) {
         self.caught_up_ms.store(unix_ms(), Relaxed);
@@ -367,8 +401,18 @@ impl Stats {
         let behind = self.queue_depth.get() > 0
             || self.source_revision.get() > self.checkpoint_revision.get();
         let since = unix_ms().saturating_sub(self.caught_up_ms.load(Relaxed));
-        self.lag_seconds
-            .set(if behind { since as f64 / 1000.0 } else { 0.0 });
+        let blind = self.source_blind();
+        let silent = if self.has_source.load(Relaxed) {
+            self.source_silent_ms()
+        } else {
+            0
+        };
+        self.source_silent_seconds.set(silent as f64 / 1000.0);
+        let mut lag_ms = if behind { since } else { 0 };
+        if blind {
+            lag_ms = lag_ms.max(silent);
+        }
+        self.lag_seconds.set(lag_ms as f64 / 1000.0);
         if let Some(kb) = std::fs::read_to_string("/proc/self/status")
             .ok()
             .and_then(|s| {
@@ -379,12 +423,14 @@ impl Stats {
         {
             self.resident_memory.set(kb * 1024);
         }
-        self.lag.set(
+        self.lag.set(if blind {
+            -1
+        } else {
             self.source_revision
                 .get()
                 .saturating_sub(self.checkpoint_revision.get())
-                .max(0),
-        );
+                .max(0)
+        });
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");

@@ -147,13 +147,22 @@ impl Snapshot {
         );
         line(
             "lag",
-            format!(
-                "{} revisions, {:.1} s (source at {}, checkpoint {})",
-                self.get("lag_revisions"),
-                self.get("lag_seconds"),
-                self.get("source_revision"),
-                self.get("checkpoint_revision")
-            ),
+            if self.get("lag_revisions") < 0.0 {
+                format!(
+                    "unknown: the source has not heard from the database for {:.1} s (last at revision {}, checkpoint {})",
+                    self.get("source_silent_seconds"),
+                    self.get("source_revision"),
+                    self.get("checkpoint_revision")
+                )
+            } else {
+                format!(
+                    "{} revisions, {:.1} s (source at {}, checkpoint {})",
+                    self.get("lag_revisions"),
+                    self.get("lag_seconds"),
+                    self.get("source_revision"),
+                    self.get("checkpoint_revision")
+                )
+            },
         );
         line(
             "memory",
@@ -207,5 +216,17 @@ mod tests {
         assert!(screen.contains("30 changes  (10.0/s)"), "{screen}");
         assert!(screen.contains("leader") && screen.contains("oversize_value 2"));
         assert!(screen.contains("4 revisions, 0.0 s"), "{screen}");
+    }
+
+    #[test]
+    fn a_source_that_cannot_hear_its_database_shows_the_lag_as_unknown() {
+        let text = "feedbridge_lag_revisions -1\nfeedbridge_source_silent_seconds 12.5\nfeedbridge_source_revision 462\nfeedbridge_checkpoint_revision 462\n";
+        let screen = Snapshot::parse(text, (false, "not ready: source not connected".into()))
+            .render("http://h:1", None);
+        assert!(
+            screen.contains("unknown: the source has not heard from the database for 12.5 s"),
+            "{screen}"
+        );
+        assert!(!screen.contains("0 revisions"), "{screen}");
     }
 }

@@ -580,3 +580,277 @@ impl Drop for EtcdCluster {
         }
     }
 }
+
+/// What a [`FaultProxy`] does to the traffic through it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Forwards both ways.
+    Pass,
+    /// A partition: forwards nothing and sends nothing back (no RST, no
+    /// FIN). Connections stay open and new ones are accepted and held. The
+    /// proxy stops reading, so what a peer sends piles up in its buffers,
+    /// as it would when packets are dropped.
+    Blackhole,
+    /// Resets every connection (RST), and each new one as it arrives.
+    Reset,
+    /// Forwards both ways, each read delayed by this long.
+    Latency(Duration),
+}
+
+/// A fault-injecting TCP proxy in the manner of toxiproxy, for tests that
+/// cut links between real processes without root: a client connects to
+/// [`FaultProxy::addr`] instead of the server, and the test turns faults on
+/// and off with [`FaultProxy::set`].
+///
+/// After a [`Fault::Blackhole`] heals, a connection one side of which
+/// closed during the cut (the far side gave up: Redis dropped a slow
+/// subscriber, a ZeroMQ publisher timed out its heartbeat) is not closed on
+/// the other side either: as on a real network, whose goodbye was lost in
+/// the partition, that side learns only when it next sends something (it is
+/// reset then). [`FaultProxy::far_side_gives_up`] makes the servers' side
+/// give up at once, as their TCP stack would after its retransmissions
+/// (about 15 minutes with Linux defaults) or a host that lost power.
+///
+/// It runs on a thread of its own, so a test runtime that blocks cannot
+/// stall it; dropping it closes every connection.
+pub struct FaultProxy {
+    addr: std::net::SocketAddr,
+    mode: tokio::sync::watch::Sender<Fault>,
+    give_up: tokio::sync::watch::Sender<u64>,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl std::fmt::Debug for FaultProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultProxy")
+            .field("addr", &self.addr)
+            .field("fault", &*self.mode.borrow())
+            .finish()
+    }
+}
+
+impl FaultProxy {
+    /// A proxy on a free loopback port to `upstream` (`HOST:PORT`).
+    pub fn start(upstream: &str) -> Self {
+        let upstream: std::net::SocketAddr = upstream
+            .parse()
+            .unwrap_or_else(|e| panic!("upstream {upstream:?} is not HOST:PORT: {e}"));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (mode, mode_rx) = tokio::sync::watch::channel(Fault::Pass);
+        let (give_up, give_up_rx) = tokio::sync::watch::channel(0u64);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("fault-proxy-{}", addr.port()))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                    let accept = async {
+                        loop {
+                            let Ok((down, _)) = listener.accept().await else {
+                                continue;
+                            };
+                            tokio::spawn(relay(down, upstream, mode_rx.clone(), give_up_rx.clone()));
+                        }
+                    };
+                    tokio::select! {
+                        _ = stopped => {}
+                        () = accept => {}
+                    }
+                });
+                // Dropping the runtime drops every connection.
+            })
+            .unwrap();
+        FaultProxy {
+            addr,
+            mode,
+            give_up,
+            stop,
+        }
+    }
+
+    /// `HOST:PORT` to connect to instead of the upstream.
+    pub fn addr(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Applies `fault` to every connection, open or new.
+    pub fn set(&self, fault: Fault) {
+        self.mode.send_replace(fault);
+    }
+
+    /// During a [`Fault::Blackhole`]: the servers' side gives up every cut
+    /// connection now (it is closed towards the server; the client hears
+    /// nothing).
+    pub fn far_side_gives_up(&self) {
+        self.give_up.send_modify(|n| *n += 1);
+    }
+
+    /// Stops the proxy, closing every connection.
+    pub fn stop(self) {
+        let _ = self.stop.send(());
+    }
+}
+
+/// Closes `stream` with a reset (RST) instead of a goodbye.
+fn reset(stream: tokio::net::TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+/// What was waiting on one side of a connection when a cut healed.
+enum Drained {
+    /// It is still open; these bytes came meanwhile.
+    Open(Vec<u8>),
+    /// It closed during the cut.
+    Gone,
+}
+
+/// Reads what `stream` holds without waiting.
+fn drain(stream: &tokio::net::TcpStream) -> Drained {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match stream.try_read(&mut buf) {
+            Ok(0) => return Drained::Gone,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Drained::Open(got),
+            Err(_) => return Drained::Gone,
+        }
+    }
+}
+
+/// Holds a connection whose other side is gone, silent, until its owner
+/// sends something (it is reset then, as a host that forgot the connection
+/// answers) or closes it.
+async fn orphan(stream: tokio::net::TcpStream) {
+    let mut buf = [0u8; 1024];
+    loop {
+        if stream.readable().await.is_err() {
+            return;
+        }
+        match stream.try_read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => return reset(stream),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+/// One proxied connection: `down` is the client's side, `upstream` the
+/// server's address.
+async fn relay(
+    down: tokio::net::TcpStream,
+    upstream: std::net::SocketAddr,
+    mut mode: tokio::sync::watch::Receiver<Fault>,
+    mut give_up: tokio::sync::watch::Receiver<u64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A connection made during a cut is held until it heals.
+    loop {
+        match *mode.borrow_and_update() {
+            Fault::Blackhole => {}
+            Fault::Reset => return reset(down),
+            Fault::Pass | Fault::Latency(_) => break,
+        }
+        if mode.changed().await.is_err() {
+            return;
+        }
+    }
+    let Ok(up) = tokio::net::TcpStream::connect(upstream).await else {
+        return reset(down);
+    };
+    let _ = (down.set_nodelay(true), up.set_nodelay(true));
+    let (mut down, mut up) = (down, up);
+    give_up.borrow_and_update();
+    let mut cut = false;
+    let (mut down_open, mut up_open) = (true, true);
+    let (mut from_down, mut from_up) = (vec![0u8; 65536], vec![0u8; 65536]);
+    loop {
+        let fault = *mode.borrow_and_update();
+        match fault {
+            Fault::Reset => {
+                reset(up);
+                return reset(down);
+            }
+            Fault::Blackhole => {
+                cut = true;
+                tokio::select! {
+                    changed = mode.changed() => if changed.is_err() { return },
+                    changed = give_up.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        // The server's side forgets the connection; the
+                        // client's goodbye never comes.
+                        drop(up);
+                        while *mode.borrow_and_update() == Fault::Blackhole {
+                            if mode.changed().await.is_err() {
+                                return;
+                            }
+                        }
+                        return orphan(down).await;
+                    }
+                }
+                continue;
+            }
+            Fault::Pass | Fault::Latency(_) => {}
+        }
+        if std::mem::take(&mut cut) {
+            // What piled up during the cut: delivered if both sides are
+            // still there; if one gave up meanwhile, the other is orphaned.
+            match (drain(&down), drain(&up)) {
+                (Drained::Open(to_up), Drained::Open(to_down)) => {
+                    if up.write_all(&to_up).await.is_err() || down.write_all(&to_down).await.is_err() {
+                        reset(up);
+                        return reset(down);
+                    }
+                }
+                (Drained::Gone, Drained::Open(_)) => return orphan(up).await,
+                (_, Drained::Gone) => return orphan(down).await,
+            }
+        }
+        let delay = match fault {
+            Fault::Latency(d) => d,
+            _ => Duration::ZERO,
+        };
+        tokio::select! {
+            changed = mode.changed() => if changed.is_err() { return },
+            r = down.read(&mut from_down), if down_open => match r {
+                Ok(0) => {
+                    down_open = false;
+                    let _ = up.shutdown().await;
+                }
+                Ok(n) => {
+                    tokio::time::sleep(delay).await;
+                    if up.write_all(&from_down[..n]).await.is_err() {
+                        return reset(down);
+                    }
+                }
+                Err(_) => return reset(up),
+            },
+            r = up.read(&mut from_up), if up_open => match r {
+                Ok(0) => {
+                    up_open = false;
+                    let _ = down.shutdown().await;
+                }
+                Ok(n) => {
+                    tokio::time::sleep(delay).await;
+                    if down.write_all(&from_up[..n]).await.is_err() {
+                        return reset(up);
+                    }
+                }
+                Err(_) => return reset(down),
+            },
+        }
+        if !down_open && !up_open {
+            return;
+        }
+    }
+}

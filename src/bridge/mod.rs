@@ -157,13 +157,17 @@ pub async fn run(
         reconnect.up();
         stats.leader.set(1);
         let stop = shutdown.child_token();
-        {
-            let (lost, stop) = (lead.lost(), stop.clone());
+        // The moment leadership is in doubt this instance says it stands
+        // by (readiness, `feedbridge_leader`), as it stops publishing then:
+        // not once the term's last calls to the store have failed.
+        let standing_down = {
+            let (lost, stop, stats) = (lead.lost(), stop.clone(), stats.clone());
             tokio::spawn(async move {
                 lost.cancelled().await;
+                stats.leader.set(0);
                 stop.cancel();
-            });
-        }
+            })
+        };
         let result = run_once(
             &config,
             stop,
@@ -171,6 +175,7 @@ pub async fn run(
             Some((lead.clone(), instance.as_str())),
         )
         .await;
+        standing_down.abort();
         if shutdown.is_cancelled() || (result.is_err() && lead.is_valid()) {
             lead.resign().await;
             return result;

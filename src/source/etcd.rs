@@ -22,6 +22,14 @@ use crate::config::EtcdSourceConfig;
 use crate::db::etcd::{connect, kv_client, prefix_end, watch_client};
 use crate::mapper::{Change, ChangeKind};
 use crate::retry::Reconnect;
+
+/// How often the watch asks etcd for its progress.
+const PROGRESS_REQUEST_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long the watch may hear nothing (its progress requests unanswered)
+/// before the stream is taken for dead and resumed on a new connection.
+const WATCH_SILENCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The watch id etcd answers a progress request with (`InvalidWatchID`).
+const REQUESTED_PROGRESS: i64 = -1;
 use crate::stats::Stats;
 
 /// Bytes a list page aims at: pages are bounded by bytes as well as keys,
@@ -459,14 +467,39 @@ impl EtcdSource {
             _ = shutdown.cancelled() => return Ok(WatchEnd::Stopped),
             s = watcher.watch(prefix.to_vec(), Some(opts)) => s.map_err(|e| (next, e))?,
         };
+        // Liveness, and an honest lag: etcd answers a progress request even
+        // on an idle prefix, so hearing nothing means the connection or the
+        // member is gone, whatever TCP believes.
+        let mut ask = tokio::time::interval(PROGRESS_REQUEST_INTERVAL);
+        ask.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heard = tokio::time::Instant::now();
         loop {
             let message = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(WatchEnd::Stopped),
                 m = stream.message() => m.map_err(|e| (next, e))?,
+                _ = ask.tick() => {
+                    if heard.elapsed() > WATCH_SILENCE_TIMEOUT {
+                        let why = format!("no answer from etcd for {:.1} s", heard.elapsed().as_secs_f64());
+                        return Err((next, etcd_client::Error::WatchError(why)));
+                    }
+                    // A stalled connection may not take even the request.
+                    if let Ok(sent) = tokio::time::timeout(PROGRESS_REQUEST_INTERVAL, stream.request_progress()).await {
+                        sent.map_err(|e| (next, e))?;
+                    }
+                    continue;
+                }
             };
+            heard = tokio::time::Instant::now();
+            self.stats.source_heard();
             if let Some(h) = message.as_ref().and_then(|r| r.header()) {
                 self.stats.source_revision.set(h.revision());
+            }
+            if message.as_ref().is_some_and(|r| r.watch_id() == REQUESTED_PROGRESS) {
+                // The answer to a progress request: liveness only. It is
+                // not taken as a checkpoint (etcd before 3.4.24 / 3.5.8
+                // could send it ahead of events still to come).
+                continue;
             }
             let Some(mut resp) = message else {
                 return Err((

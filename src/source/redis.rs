@@ -859,7 +859,9 @@ impl RedisSource {
                     check.tick().now_or_never().is_some()
                 };
                 if check_due {
-                    if self.flushed(&mut topo).await? {
+                    let flushed = self.flushed(&mut topo).await?;
+                    self.stats.source_heard();
+                    if flushed {
                         tracing::warn!(db = Self::db(client), "The database was flushed or swapped (FLUSHDB / FLUSHALL / SWAPDB send no per-key notification); reconciling every key.");
                         self.stats.flushes_detected.inc();
                         self.reconcile(&mut topo, &prefix, tx, shutdown, true, &mut notes).await?;
