@@ -28,6 +28,9 @@ pub fn bind(socket: &zmq::Socket, endpoint: &str) -> Result<(), String> {
 /// How often a ZeroMQ connection is pinged (ZMTP heartbeats).
 pub const ZMTP_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The longest TTL a libzmq 4.3 peer reads right (see [`set_liveness`]).
+const MAX_TTL_MS: i32 = 65_000;
+
 /// TCP keep-alive of every ZeroMQ connection: probes after this long idle...
 const TCP_KEEPALIVE_IDLE_S: i32 = 10;
 /// ...every this many seconds...
@@ -38,16 +41,22 @@ const TCP_KEEPALIVE_COUNT: i32 = 3;
 /// Gives `socket`'s connections their own liveness, so a peer that
 /// vanished without a word (a partition, a host powered off) is noticed:
 /// ZMTP heartbeats (a ping every [`ZMTP_PING_INTERVAL`]; the connection is
-/// dropped when nothing came back within `timeout`; the TTL asks the peer
-/// to drop it too when it hears nothing for `timeout`: libzmq ≥ 4.2 peers,
-/// Dragonflow's pyzmq subscribers included, then reconnect by themselves),
-/// and TCP keep-alive underneath.
+/// dropped when nothing came back within `timeout`), their TTL, and TCP
+/// keep-alive underneath.
+///
+/// The TTL asks a peer that sets no heartbeat of its own (Dragonflow's
+/// pyzmq subscriber) to drop the connection when it hears nothing for
+/// `timeout` after a ping, and reconnect. libzmq arms that timer on a ping
+/// and disarms it on any later message, so it covers a link that dies
+/// while idle (the ping was the last thing received), not one cut in the
+/// middle of a burst: such a peer needs its own heartbeat or keep-alive.
 pub fn set_liveness(socket: &zmq::Socket, timeout: std::time::Duration) -> zmq::Result<()> {
     let ms = |d: std::time::Duration| d.as_millis().try_into().unwrap_or(i32::MAX);
     socket.set_heartbeat_ivl(ms(ZMTP_PING_INTERVAL))?;
     socket.set_heartbeat_timeout(ms(timeout))?;
-    // The TTL travels in deciseconds, at most 6553.5 s.
-    socket.set_heartbeat_ttl(ms(timeout).min(6_553_500))?;
+    // The TTL travels in deciseconds, and libzmq 4.3 turns it back into
+    // milliseconds in 16 bits: past 65.5 s it would wrap around.
+    socket.set_heartbeat_ttl(ms(timeout).min(MAX_TTL_MS))?;
     socket.set_tcp_keepalive(1)?;
     socket.set_tcp_keepalive_idle(TCP_KEEPALIVE_IDLE_S)?;
     socket.set_tcp_keepalive_intvl(TCP_KEEPALIVE_INTERVAL_S)?;

@@ -307,12 +307,14 @@ impl RedisSubscriber {
                 let target = channels(&wanted);
                 for t in target.difference(&applied) {
                     let r = if t.is_empty() {
-                        sink_cmds.psubscribe("*").await
+                        tokio::time::timeout(self.timeout, sink_cmds.psubscribe("*")).await
                     } else {
-                        sink_cmds.subscribe(t).await
+                        tokio::time::timeout(self.timeout, sink_cmds.subscribe(t)).await
                     };
-                    if let Err(e) = r {
-                        return Ended::Lost(e.to_string());
+                    match r {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Ended::Lost(e.to_string()),
+                        Err(_) => return Ended::Lost("no answer to SUBSCRIBE".into()),
                     }
                 }
                 for t in applied.difference(&target) {
