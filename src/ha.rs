@@ -82,12 +82,14 @@ async fn within<T>(
     timeout: Duration,
     call: impl std::future::Future<Output = Result<T, String>>,
 ) -> Result<T, String> {
-    tokio::time::timeout(timeout, call).await.unwrap_or_else(|_| {
-        Err(format!(
-            "no answer from the election store within {}",
-            humantime::format_duration(timeout)
-        ))
-    })
+    tokio::time::timeout(timeout, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "no answer from the election store within {}",
+                humantime::format_duration(timeout)
+            ))
+        })
 }
 
 impl Leadership {

@@ -236,7 +236,10 @@ fn main() -> ExitCode {
                 }),
             };
             if let Err((field, reason)) = config.check_silence_timeout() {
-                eprintln!("error: --{}: {reason}", field.trim_start_matches("backend.").replace('_', "-"));
+                eprintln!(
+                    "error: --{}: {reason}",
+                    field.trim_start_matches("backend.").replace('_', "-")
+                );
                 return ExitCode::from(2);
             }
             let connect = if connect.is_empty() && discover.is_none() {

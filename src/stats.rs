@@ -375,7 +375,8 @@ impl Stats {
     /// database may have moved on unseen: the lag must not read 0.
     pub fn source_blind(&self) -> bool {
         self.has_source.load(Relaxed)
-            && (!self.source.is_up() || self.source_silent_ms() > SOURCE_BLIND_AFTER.as_millis() as u64)
+            && (!self.source.is_up()
+                || self.source_silent_ms() > SOURCE_BLIND_AFTER.as_millis() as u64)
     }
 
     fn source_silent_ms(&self) -> u64 {

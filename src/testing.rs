@@ -655,7 +655,12 @@ impl FaultProxy {
                             let Ok((down, _)) = listener.accept().await else {
                                 continue;
                             };
-                            tokio::spawn(relay(down, upstream, mode_rx.clone(), give_up_rx.clone()));
+                            tokio::spawn(relay(
+                                down,
+                                upstream,
+                                mode_rx.clone(),
+                                give_up_rx.clone(),
+                            ));
                         }
                     };
                     tokio::select! {
@@ -807,7 +812,9 @@ async fn relay(
             // still there; if one gave up meanwhile, the other is orphaned.
             match (drain(&down), drain(&up)) {
                 (Drained::Open(to_up), Drained::Open(to_down)) => {
-                    if up.write_all(&to_up).await.is_err() || down.write_all(&to_down).await.is_err() {
+                    if up.write_all(&to_up).await.is_err()
+                        || down.write_all(&to_down).await.is_err()
+                    {
                         reset(up);
                         return reset(down);
                     }

@@ -56,8 +56,11 @@ impl Db {
                     .unwrap();
                 let mut rows = BTreeMap::new();
                 for key in keys {
-                    let value: Option<String> =
-                        redis::cmd("GET").arg(&key).query_async(&mut c).await.unwrap();
+                    let value: Option<String> = redis::cmd("GET")
+                        .arg(&key)
+                        .query_async(&mut c)
+                        .await
+                        .unwrap();
                     if let Some(v) = value {
                         rows.insert(key[REDIS_PREFIX.len()..].to_owned(), v);
                     }
@@ -201,7 +204,10 @@ impl Writer {
     /// Stops writing; returns how many writes were made.
     async fn stop(self) -> usize {
         self.stop.store(true, Relaxed);
-        self.task.await.unwrap()
+        tokio::time::timeout(STREAM_WAIT, self.task)
+            .await
+            .expect("the writer to stop")
+            .unwrap()
     }
 }
 
@@ -210,7 +216,9 @@ fn etcd_source(etcd: &str) -> String {
 }
 
 fn zmq_backend(port: u16) -> String {
-    format!("[backend]\ntype = \"zmq\"\nbind = \"tcp://127.0.0.1:{port}\"\nsilence_timeout = \"2s\"\n")
+    format!(
+        "[backend]\ntype = \"zmq\"\nbind = \"tcp://127.0.0.1:{port}\"\nsilence_timeout = \"2s\"\n"
+    )
 }
 
 fn zmq_subscriber(endpoint: &str) -> Arc<dyn Subscriber> {
@@ -368,17 +376,23 @@ async fn a_redis_subscriber_that_redis_dropped_during_a_partition_reconnects_and
     tokio::time::sleep(Duration::from_millis(500)).await;
     proxy.set(Fault::Blackhole);
     let cut = Instant::now();
-    eventually("Redis to drop the cut-off subscriber", Duration::from_secs(30), || {
-        let mut c = admin.clone();
-        async move {
-            let n: i64 = redis::cmd("PUBSUB")
-                .arg("NUMPAT")
-                .query_async(&mut c)
-                .await
-                .ok()?;
-            (n == 0).then_some(())
-        }
-    })
+    eventually(
+        "Redis to drop the cut-off subscriber",
+        Duration::from_secs(30),
+        || {
+            let mut c = admin.clone();
+            async move {
+                let mut numpat = redis::cmd("PUBSUB");
+                numpat.arg("NUMPAT");
+                let n: i64 =
+                    tokio::time::timeout(Duration::from_secs(1), numpat.query_async(&mut c))
+                        .await
+                        .ok()?
+                        .ok()?;
+                (n == 0).then_some(())
+            }
+        },
+    )
     .await;
     let dropped = cut.elapsed();
     let detected = noticed(&sub, cut, "the subscriber to notice Redis is silent").await;
@@ -475,7 +489,10 @@ async fn the_etcd_source_cut_off_reports_its_lag_unknown_and_resumes_losing_noth
     .await;
     let unknown_after = cut.elapsed();
     let screen = status.render("http://bridge", None);
-    assert!(screen.contains("lag") && screen.contains("unknown"), "{screen}");
+    assert!(
+        screen.contains("lag") && screen.contains("unknown"),
+        "{screen}"
+    );
     proxy.far_side_gives_up();
     proxy.set(Fault::Pass);
     writer.await.unwrap();
@@ -554,6 +571,9 @@ async fn an_ha_leader_cut_off_from_etcd_says_standby_before_another_is_elected()
     })
     .await;
     assert_eq!(b.stats.ready(), Ok("standby"));
+    // Under writes, so the leader has checkpoints to store in its term.
+    let writer = Writer::etcd(etcd.endpoint(), Duration::from_millis(5), 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
     proxy.set(Fault::Blackhole);
     let cut = Instant::now();
@@ -575,11 +595,15 @@ async fn an_ha_leader_cut_off_from_etcd_says_standby_before_another_is_elected()
         if b_leads {
             break;
         }
-        assert!(cut.elapsed() < Duration::from_secs(30), "b was never elected");
+        assert!(
+            cut.elapsed() < Duration::from_secs(30),
+            "b was never elected"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let b_elected = cut.elapsed();
     proxy.set(Fault::Pass);
+    writer.stop().await;
     println!(
         "HA: the cut-off leader said standby {:?} after the cut, the other was elected {b_elected:?} after it",
         a_stood_down.unwrap()

@@ -673,7 +673,8 @@ impl Subscriber for RedisSubscriber {
                     // Reconnected at once: the server may be fine, and a
                     // new connection is the quickest way to know.
                     first = false;
-                    self.silences.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.silences
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(url = %self.url, %reason, timeout = ?self.silence_timeout, "No update and no heartbeat for the silence timeout: reconnecting, then delivering a sync.");
                     for (publisher, _) in &silent {
                         tracker.forget(publisher);

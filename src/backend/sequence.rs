@@ -285,7 +285,10 @@ pub fn silence_reason(silent: &[(String, std::time::Duration)]) -> String {
         .iter()
         .map(|(p, d)| format!("publisher {p} silent for {:.1} s", d.as_secs_f64()))
         .collect();
-    format!("{}: reconnected (updates may have been missed)", who.join(", "))
+    format!(
+        "{}: reconnected (updates may have been missed)",
+        who.join(", ")
+    )
 }
 
 #[cfg(test)]

@@ -495,7 +495,10 @@ impl EtcdSource {
             if let Some(h) = message.as_ref().and_then(|r| r.header()) {
                 self.stats.source_revision.set(h.revision());
             }
-            if message.as_ref().is_some_and(|r| r.watch_id() == REQUESTED_PROGRESS) {
+            if message
+                .as_ref()
+                .is_some_and(|r| r.watch_id() == REQUESTED_PROGRESS)
+            {
                 // The answer to a progress request: liveness only. It is
                 // not taken as a checkpoint (etcd before 3.4.24 / 3.5.8
                 // could send it ahead of events still to come).
