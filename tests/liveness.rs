@@ -35,14 +35,14 @@ const CONVERGE: Duration = Duration::from_secs(20);
 /// Where an application re-reads its rows: the `lport` table.
 #[derive(Clone)]
 enum Db {
-    Etcd(etcd_client::Client),
+    Etcd(Box<etcd_client::Client>),
     Redis(redis::aio::MultiplexedConnection),
 }
 
 impl Db {
     async fn rows(&self) -> BTreeMap<String, String> {
         match self {
-            Db::Etcd(kv) => etcd_state_of(kv.clone())
+            Db::Etcd(kv) => etcd_state_of((**kv).clone())
                 .await
                 .into_iter()
                 .map(|((_, k), v)| (k, v))
@@ -120,7 +120,8 @@ impl App {
         let start = Instant::now();
         let deadline = start + CONVERGE;
         loop {
-            let (mine, theirs) = (self.rows.lock().unwrap().clone(), db.rows().await);
+            let theirs = db.rows().await;
+            let mine = self.rows.lock().unwrap().clone();
             if mine == theirs {
                 return start.elapsed();
             }
@@ -255,7 +256,7 @@ async fn a_zmq_subscriber_whose_publisher_gave_up_during_a_partition_reconnects_
     let (mut rx, _pump) = sub.clone().updates(4096);
     let kv = etcd.client().await;
     await_etcd_flow(&mut rx, &kv).await;
-    let db = Db::Etcd(kv);
+    let db = Db::Etcd(Box::new(kv));
     let app = App::run(rx, db.clone());
     let writer = Writer::etcd(etcd.endpoint(), Duration::from_millis(5), 0);
 
@@ -367,7 +368,7 @@ async fn a_redis_subscriber_that_redis_dropped_during_a_partition_reconnects_and
     let (mut rx, _pump) = sub.clone().updates(4096);
     let kv = etcd.client().await;
     await_etcd_flow(&mut rx, &kv).await;
-    let db = Db::Etcd(kv);
+    let db = Db::Etcd(Box::new(kv));
     let app = App::run(rx, db.clone());
     // Values of 16 KiB: megabytes a second, so the subscriber's buffers
     // (the kernel's, then Redis') fill within the cut.
@@ -426,7 +427,7 @@ async fn an_etcd_subscriber_cut_off_notices_and_resumes_from_its_revision() {
     let (mut rx, _pump) = sub.clone().updates(4096);
     let kv = etcd.client().await;
     await_etcd_flow(&mut rx, &kv).await;
-    let db = Db::Etcd(kv);
+    let db = Db::Etcd(Box::new(kv));
     let app = App::run(rx, db.clone());
     let writer = Writer::etcd(etcd.endpoint(), Duration::from_millis(5), 0);
 
