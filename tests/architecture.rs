@@ -3,14 +3,16 @@
 //! comments left out) and fails on an import cycle between modules, on a
 //! source that imports a backend or the reverse, on a Dragonflow API that
 //! imports a backend, on config importing anything that runs, and on a
-//! database connection opened outside `src/db/`.
+//! database connection opened outside `src/db/`; and on an import cycle in
+//! either binary (`src/main.rs` with `src/cli/`, `src/bin/feedbridge-bench/`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// Every `.rs` file of the library (not the binaries), by module path:
-/// `src/lib.rs` is `crate`, `src/a/mod.rs` is `a`, `src/a/b.rs` is `a::b`.
-fn modules() -> BTreeMap<String, PathBuf> {
+/// Every `.rs` file of one crate of the package, by module path: its root
+/// file is `crate`, `DIR/a/mod.rs` is `a`, `DIR/a/b.rs` is `a::b`; files
+/// for which `skip` holds (another crate's) are left out.
+fn modules_of(root: &str, dir: &str, skip: impl Fn(&str) -> bool) -> BTreeMap<String, PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
@@ -21,27 +23,54 @@ fn modules() -> BTreeMap<String, PathBuf> {
             }
         }
     }
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = manifest.join(dir);
     let mut files = Vec::new();
-    walk(&src, &mut files);
+    walk(&dir, &mut files);
     let mut out = BTreeMap::new();
+    out.insert("crate".to_owned(), manifest.join(root));
     for file in files {
         let rel = file
-            .strip_prefix(&src)
+            .strip_prefix(&dir)
             .unwrap()
             .to_string_lossy()
             .into_owned();
-        if rel == "main.rs" || rel.starts_with("bin/") {
+        if skip(&rel) || manifest.join(root) == file {
             continue;
         }
         let name = rel
             .trim_end_matches(".rs")
             .trim_end_matches("/mod")
             .replace('/', "::");
-        let name = if name == "lib" { "crate".into() } else { name };
         out.insert(name, file);
     }
     out
+}
+
+/// The library's modules (`src/`, less the binaries' files).
+fn modules() -> BTreeMap<String, PathBuf> {
+    modules_of("src/lib.rs", "src", |rel| {
+        rel == "main.rs" || rel.starts_with("bin/") || rel.starts_with("cli/")
+    })
+}
+
+/// Each binary's modules: `feedbridge` (`src/main.rs` and `src/cli/`) and
+/// `feedbridge-bench` (`src/bin/feedbridge-bench/`).
+fn binaries() -> Vec<(&'static str, BTreeMap<String, PathBuf>)> {
+    vec![
+        (
+            "feedbridge",
+            modules_of("src/main.rs", "src/cli", |_| false),
+        ),
+        (
+            "feedbridge-bench",
+            modules_of(
+                "src/bin/feedbridge-bench/main.rs",
+                "src/bin/feedbridge-bench",
+                |_| false,
+            ),
+        ),
+    ]
 }
 
 /// The code of a file without comments and without `#[cfg(test)]` items.
@@ -176,12 +205,16 @@ fn expand(prefix: &str, tree: &str, out: &mut BTreeSet<String>) {
     }
 }
 
-/// The module graph: module → the modules it imports (the longest known
-/// module prefix of each path; never itself).
+/// The library's module graph.
 fn graph() -> BTreeMap<String, BTreeSet<String>> {
-    let modules = modules();
+    graph_of(&modules())
+}
+
+/// A crate's module graph: module → the modules it imports (the longest
+/// known module prefix of each path; never itself).
+fn graph_of(modules: &BTreeMap<String, PathBuf>) -> BTreeMap<String, BTreeSet<String>> {
     let mut graph = BTreeMap::new();
-    for (name, file) in &modules {
+    for (name, file) in modules {
         let code = code(&std::fs::read_to_string(file).unwrap());
         let mut targets = BTreeSet::new();
         for path in references(name, &code) {
@@ -272,6 +305,20 @@ fn no_import_cycle_between_modules() {
     }
     if let Some(cycle) = find_cycle(&graph) {
         panic!("import cycle: {}", cycle.join(" -> "));
+    }
+}
+
+#[test]
+fn no_import_cycle_in_the_binaries() {
+    for (binary, modules) in binaries() {
+        let graph = graph_of(&modules);
+        assert!(
+            graph.len() > 3,
+            "the walk found {binary}'s modules: {graph:?}"
+        );
+        if let Some(cycle) = find_cycle(&graph) {
+            panic!("import cycle in {binary}: {}", cycle.join(" -> "));
+        }
     }
 }
 

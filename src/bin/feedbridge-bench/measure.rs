@@ -1,46 +1,17 @@
-//! Measurement: send times embedded in values, latency percentiles,
+//! Measurement: latency percentiles (from the send times the values carry),
 //! delivered rates, the plain watcher that gives the database's ceiling,
 //! and the bridge process's CPU time and peak RSS from /proc.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::servers::Db;
-
-/// Nanoseconds since the epoch (the clock values carry).
-pub(crate) fn now_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
-
-/// A value of `size` bytes that carries its send time.
-pub(crate) fn value(size: usize) -> String {
-    value_on(size, None)
-}
-
-/// The same naming a topic (the bridge publishes it there).
-pub(crate) fn value_on(size: usize, topic: Option<usize>) -> String {
-    let topic = topic
-        .map(|t| format!("\"topic\":\"t{t}\","))
-        .unwrap_or_default();
-    let head = format!("{{\"t\":{},{topic}\"pad\":\"", now_nanos());
-    let pad = size.saturating_sub(head.len() + 2);
-    format!("{head}{}\"}}", "x".repeat(pad))
-}
-
-/// The send time in a value, if it is one of the writers' values.
-pub(crate) fn sent_at(value: &[u8]) -> Option<u64> {
-    let rest = value.strip_prefix(b"{\"t\":")?;
-    let end = rest.iter().position(|b| *b == b',')?;
-    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
-}
+use crate::values::{now_nanos, sent_at, value};
 
 /// What one receiver saw.
 #[derive(Default)]
@@ -59,6 +30,15 @@ impl Recorder {
             self.delivered.fetch_add(1, Relaxed);
         }
     }
+}
+
+/// What the slowest of `recorders` has received.
+pub(crate) fn least_delivered(recorders: &[Arc<Recorder>]) -> u64 {
+    recorders
+        .iter()
+        .map(|r| r.delivered.load(Relaxed))
+        .min()
+        .unwrap_or(0)
 }
 
 /// The `p` quantile of sorted nanoseconds, in milliseconds.

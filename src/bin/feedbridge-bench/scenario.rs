@@ -12,10 +12,12 @@ use feedbridge::config::{BackendConfig, EtcdBackendConfig, RedisBackendConfig, Z
 use feedbridge::testing::free_port;
 use tokio_util::sync::CancellationToken;
 
-use crate::measure::{await_flow, drain, latencies, plain_watcher, proc_usage, rate, Recorder};
+use crate::args::{Args, Backend};
+use crate::measure::{
+    await_flow, drain, latencies, least_delivered, plain_watcher, proc_usage, rate, Recorder,
+};
 use crate::report::Row;
 use crate::servers::{fresh_db, write_phase, Db, KillOnDrop};
-use crate::{Args, Backend};
 
 /// The bridge's config for the database under test and `backend`.
 pub(crate) fn bridge_config(db: &Db, args: &Args, zmq_port: u16) -> String {
@@ -96,7 +98,7 @@ pub(crate) async fn scenario(args: &Args) -> Row {
     let watcher = plain_watcher(&db, plain.clone(), stop.clone(), args.plain_prev_kv).await;
     let recs = vec![plain.clone()];
     await_flow(&db, &recs).await;
-    let (written, start, _) = write_phase(&db, args, &recs).await;
+    let (written, start, _) = write_phase(&db, args, || least_delivered(&recs)).await;
     drain(&recs, written).await;
     let ceiling = rate(&recs, start);
     let (plain_p50, plain_p99, plain_p999) = latencies(&recs);
@@ -148,7 +150,8 @@ pub(crate) async fn scenario(args: &Args) -> Row {
     }
     await_flow(&db, &recorders).await;
     let (cpu_before, _) = proc_usage(pid);
-    let (written_b, start_b, max_lag) = write_phase(&db, args, &recorders).await;
+    let (written_b, start_b, max_lag) =
+        write_phase(&db, args, || least_delivered(&recorders)).await;
     drain(&recorders, written_b).await;
     let (cpu_after, rss) = proc_usage(pid);
     let bridged = rate(&recorders, start_b);

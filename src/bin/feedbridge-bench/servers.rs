@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use feedbridge::testing::{EtcdServer, RedisCluster, RedisServer};
 
-use crate::measure::{value, value_on, Recorder};
-use crate::{Args, Source};
+use crate::args::{Args, Source};
+use crate::values::{value, value_on};
 
 /// The database under test.
 pub(crate) enum Db {
@@ -217,11 +217,11 @@ pub(crate) async fn run_writers(target: &Target, args: &Args, written: Arc<Atomi
 /// Writes for `args.duration` (in this process, or pinned to CPU 0 in a
 /// child with `--pin`); returns how many writes were acknowledged, when
 /// writing started, and the largest lag (written − least delivered)
-/// sampled every 250 ms.
+/// sampled every 250 ms (`least_delivered`: what the slowest receiver has).
 pub(crate) async fn write_phase(
     db: &Db,
     args: &Args,
-    recorders: &[Arc<Recorder>],
+    least_delivered: impl Fn() -> u64,
 ) -> (u64, Instant, u64) {
     let written = Arc::new(AtomicU64::new(0));
     let target = Target::of(db);
@@ -260,11 +260,7 @@ pub(crate) async fn write_phase(
     let mut max_lag = 0;
     while !writing.is_finished() {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let least = recorders
-            .iter()
-            .map(|r| r.delivered.load(Relaxed))
-            .min()
-            .unwrap_or(0);
+        let least = least_delivered();
         max_lag = max_lag.max(written.load(Relaxed).saturating_sub(least));
     }
     writing.await.unwrap();
