@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use super::registry::Registry;
-use super::sequence::{GapTracker, Sequencer};
+use super::sequence::{Dedup, GapTracker, Sequencer};
 use crate::codec::Codec;
 use crate::config::EtcdBackendConfig;
 use crate::db::etcd::{connect, prefix_end};
@@ -159,6 +159,7 @@ impl EtcdSubscriber {
         sink: &mpsc::Sender<DbUpdate>,
         reconnect: &mut Reconnect,
         tracker: &mut GapTracker,
+        dedup: &mut Dedup,
     ) -> (i64, Option<String>) {
         let mut next = from;
         let result: Result<(), etcd_client::Error> = async {
@@ -255,6 +256,9 @@ impl EtcdSubscriber {
                                     return Ok(());
                                 }
                             }
+                            if !dedup.fresh(&update) {
+                                continue; // repeated by a run that resumed
+                            }
                             if sink.send(update).await.is_err() {
                                 return Ok(());
                             }
@@ -295,10 +299,13 @@ impl Subscriber for EtcdSubscriber {
     async fn pump(&self, sink: mpsc::Sender<DbUpdate>) -> Result<(), SubscribeError> {
         let mut reconnect = Reconnect::new("etcd subscriber");
         let mut next = 0;
-        let mut tracker = GapTracker::new(self.gaps.clone());
+        // The watch resumes from its revision: a publisher's restart loses
+        // nothing here, so only a real gap (compaction) makes a sync.
+        let mut tracker = GapTracker::new(self.gaps.clone()).lossless();
+        let mut dedup = Dedup::default();
         loop {
             let (n, error) = self
-                .session(next, &sink, &mut reconnect, &mut tracker)
+                .session(next, &sink, &mut reconnect, &mut tracker, &mut dedup)
                 .await;
             next = n;
             match error {

@@ -13,7 +13,10 @@ pub mod zmq;
 use std::sync::Arc;
 
 pub use registry::{Registration, Registry};
-pub use sequence::{GapTracker, Gate, Sequencer, Silence, HEARTBEAT_INTERVAL, HEARTBEAT_TOPIC};
+pub use sequence::{
+    Dedup, GapTracker, Gate, Heartbeat, Positions, Sequencer, Silence, HEARTBEAT_INTERVAL,
+    HEARTBEAT_TOPIC,
+};
 
 use crate::config::BackendConfig;
 use crate::pubsub::{PublishError, Publisher, Subscriber};
@@ -25,6 +28,7 @@ pub struct PubSub {
     config: BackendConfig,
     publisher_id: String,
     heartbeat_gate: Option<Gate>,
+    positions: Option<Arc<Positions>>,
 }
 
 impl std::fmt::Debug for PubSub {
@@ -49,6 +53,7 @@ impl PubSub {
             config,
             publisher_id: crate::discovery::publisher_id(&name),
             heartbeat_gate: None,
+            positions: None,
         }
     }
 
@@ -66,6 +71,12 @@ impl PubSub {
         self
     }
 
+    /// Heartbeats announce these positions (see [`Positions`]).
+    pub fn with_positions(mut self, positions: Arc<Positions>) -> Self {
+        self.positions = Some(positions);
+        self
+    }
+
     /// The id publishers of this manager stamp on their messages.
     pub fn publisher_id(&self) -> String {
         self.publisher_id.clone()
@@ -76,6 +87,9 @@ impl PubSub {
         let mut sequencer = Sequencer::new(self.publisher_id());
         if let Some(gate) = &self.heartbeat_gate {
             sequencer = sequencer.with_heartbeat_gate(gate.clone());
+        }
+        if let Some(positions) = &self.positions {
+            sequencer = sequencer.with_positions(positions.clone());
         }
         let sequencer = Arc::new(sequencer);
         Ok(match &self.config {

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::registry::{Registration, Registry};
 use super::sequence::{
-    silence_reason, GapTracker, Sequencer, Silence, HEARTBEAT_INTERVAL, HEARTBEAT_TOPIC,
+    silence_reason, Dedup, GapTracker, Sequencer, Silence, HEARTBEAT_INTERVAL, HEARTBEAT_TOPIC,
 };
 use crate::codec::Codec;
 use crate::config::RedisBackendConfig;
@@ -237,6 +237,13 @@ impl RedisSubscriber {
     }
 }
 
+/// What a subscriber keeps across its connections: the publishers' runs
+/// and sequences, and the rows already delivered.
+struct Tracking {
+    gaps: GapTracker,
+    dedup: Dedup,
+}
+
 /// How often a subscriber pings Redis and looks for silent publishers.
 const LIVENESS_CHECK: Duration = Duration::from_secs(1);
 
@@ -274,7 +281,7 @@ impl RedisSubscriber {
         client: &redis::Client,
         sink: &mpsc::Sender<DbUpdate>,
         reconnect: &mut Reconnect,
-        tracker: &mut GapTracker,
+        tracker: &mut Tracking,
         first: bool,
     ) -> Ended {
         let mut silence = Silence::new(self.silence_timeout);
@@ -385,11 +392,12 @@ impl RedisSubscriber {
         channel: &str,
         payload: &[u8],
         wanted: &Registration,
-        tracker: &mut GapTracker,
+        tracker: &mut Tracking,
         silence: &mut Silence,
         sink: &mpsc::Sender<DbUpdate>,
         undecodable: &mut u64,
     ) -> Result<(), Ended> {
+        let Tracking { gaps: tracker, dedup } = tracker;
         if channel == HEARTBEAT_TOPIC {
             let Ok((heartbeat, envelope)) = self.codec.decode(payload) else {
                 return Ok(());
@@ -415,6 +423,9 @@ impl RedisSubscriber {
                 if let Some(reason) = tracker.check(channel, &envelope) {
                     hand_over(sink, DbUpdate::sync(reason)).await?;
                 }
+                if !dedup.fresh(&update) {
+                    return Ok(()); // repeated by a run that resumed
+                }
                 hand_over(sink, update).await
             }
             Err(e) => {
@@ -439,7 +450,7 @@ impl RedisSubscriber {
         client: &redis::Client,
         sink: &mpsc::Sender<DbUpdate>,
         reconnect: &mut Reconnect,
-        tracker: &mut GapTracker,
+        tracker: &mut Tracking,
         first: bool,
     ) -> Ended {
         let mut silence = Silence::new(self.silence_timeout);
@@ -644,7 +655,10 @@ impl Subscriber for RedisSubscriber {
         })?;
         let mut reconnect = Reconnect::new(format!("redis subscriber {}", self.url));
         let mut first = true;
-        let mut tracker = GapTracker::new(self.gaps.clone());
+        let mut tracker = Tracking {
+            gaps: GapTracker::new(self.gaps.clone()),
+            dedup: Dedup::default(),
+        };
         loop {
             let session = if self.sharded {
                 self.sharded_session(client, &sink, &mut reconnect, &mut tracker, first)
@@ -677,7 +691,7 @@ impl Subscriber for RedisSubscriber {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(url = %self.url, %reason, timeout = ?self.silence_timeout, "No update and no heartbeat for the silence timeout: reconnecting, then delivering a sync.");
                     for (publisher, _) in &silent {
-                        tracker.forget(publisher);
+                        tracker.gaps.forget(publisher);
                     }
                 }
                 Ended::Lost(e) => {

@@ -11,6 +11,7 @@ pub struct Sequencer {
     epoch: u64,
     next: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     heartbeat_gate: Option<Gate>,
+    positions: Option<std::sync::Arc<Positions>>,
 }
 
 /// A condition checked before each heartbeat (see
@@ -39,12 +40,20 @@ impl Sequencer {
             epoch,
             next: Default::default(),
             heartbeat_gate: None,
+            positions: None,
         }
     }
 
     /// Heartbeats only while `gate` holds.
     pub fn with_heartbeat_gate(mut self, gate: Gate) -> Self {
         self.heartbeat_gate = Some(gate);
+        self
+    }
+
+    /// Heartbeats also announce where the publisher stands in its
+    /// source's order (see [`Positions`]).
+    pub fn with_positions(mut self, positions: std::sync::Arc<Positions>) -> Self {
+        self.positions = Some(positions);
         self
     }
 
@@ -94,18 +103,25 @@ pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_mi
 
 impl Sequencer {
     /// The heartbeat: a `log` update on [`HEARTBEAT_TOPIC`] whose value is
-    /// the JSON object `{topic: last sequence number}` (empty before
-    /// anything was published: it still says the publisher is alive), and
-    /// its envelope (publisher and epoch, no sequence number of its own).
-    /// `None` while the gate is closed.
+    /// a [`Heartbeat`] as JSON (the last sequence number of each topic,
+    /// empty before anything was published: it still says the publisher is
+    /// alive; and where it stands, when it knows), and its envelope
+    /// (publisher and epoch, no sequence number of its own). `None` while
+    /// the gate is closed.
     pub fn heartbeat(&self) -> Option<(DbUpdate, crate::codec::Envelope)> {
         if self.heartbeat_gate.as_ref().is_some_and(|open| !open()) {
             return None;
         }
         let next = self.next.lock().expect("sequencer lock");
-        let seqs: std::collections::BTreeMap<&str, u64> =
-            next.iter().map(|(t, s)| (t.as_str(), *s)).collect();
-        let value = serde_json::to_string(&seqs).expect("plain map");
+        let mut beat = Heartbeat {
+            seqs: next.iter().map(|(t, s)| (t.clone(), *s)).collect(),
+            ..Default::default()
+        };
+        drop(next);
+        if let Some(positions) = &self.positions {
+            positions.announce(&mut beat);
+        }
+        let value = serde_json::to_string(&beat).expect("plain map");
         let update = DbUpdate::new("feedbridge", "heartbeat", crate::Action::Log, Some(value))
             .with_topic(HEARTBEAT_TOPIC);
         let envelope = crate::codec::Envelope {
@@ -125,26 +141,207 @@ impl Sequencer {
     }
 }
 
-/// Subscriber side of [`Sequencer`]: notices missed messages and publisher
-/// restarts, so the subscriber can deliver a `sync` instead of silently
-/// missing data.
+/// What a heartbeat says, as the JSON value of its update.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Heartbeat {
+    /// The last sequence number sent on each topic in this run.
+    pub seqs: std::collections::BTreeMap<String, u64>,
+    /// The service the publisher belongs to: its positions are comparable
+    /// across its runs and its HA members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// This run publishes every change after this position (the source's
+    /// revision it resumed from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<i64>,
+    /// Everything up to this position has been sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pos: Option<i64>,
+}
+
+impl Heartbeat {
+    /// Reads a heartbeat's value; also the bare `{topic: seq}` map that
+    /// publishers sent before positions.
+    pub fn parse(value: &str) -> Option<Heartbeat> {
+        serde_json::from_str::<Heartbeat>(value).ok().or_else(|| {
+            serde_json::from_str(value).ok().map(|seqs| Heartbeat {
+                seqs,
+                ..Default::default()
+            })
+        })
+    }
+}
+
+/// Where a publisher stands in its source's own order (the etcd revision),
+/// the same across its runs and the HA members of one service. The bridge
+/// sets where a term starts and what it has published; heartbeats announce
+/// both, so a subscriber that stays up through a restart or a failover
+/// knows it missed nothing (the new run starts at or before what it had
+/// verified) instead of re-reading everything.
+///
+/// A run that dies without a word (`kill -9`) leaves no last heartbeat, so
+/// the checkpoint a later run starts from is kept at or before a position
+/// announced at least a heartbeat interval earlier ([`Positions::safe`]):
+/// a subscriber that was there has verified it by then.
+#[derive(Debug)]
+pub struct Positions {
+    service: String,
+    /// -1: unknown.
+    start: std::sync::atomic::AtomicI64,
+    /// -1: nothing published yet.
+    published: std::sync::atomic::AtomicI64,
+    /// Recent announcements: when, and the position.
+    announced: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, i64)>>,
+}
+
+impl Positions {
+    /// Positions of `service` (the bridge's service id), nothing known yet.
+    pub fn new(service: impl Into<String>) -> Self {
+        Positions {
+            service: service.into(),
+            start: (-1).into(),
+            published: (-1).into(),
+            announced: Default::default(),
+        }
+    }
+
+    /// This term publishes every change after `revision`.
+    pub fn start_after(&self, revision: i64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.start.store(revision, Relaxed);
+        self.published.fetch_max(revision, Relaxed);
+    }
+
+    /// Everything up to `revision` has been handed to the backend.
+    pub fn published(&self, revision: i64) {
+        self.published
+            .fetch_max(revision, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn known(v: &std::sync::atomic::AtomicI64) -> Option<i64> {
+        Some(v.load(std::sync::atomic::Ordering::Relaxed)).filter(|v| *v >= 0)
+    }
+
+    /// Fills in a heartbeat, and remembers the announcement.
+    fn announce(&self, beat: &mut Heartbeat) {
+        beat.service = Some(self.service.clone());
+        beat.start = Self::known(&self.start);
+        beat.pos = Self::known(&self.published);
+        if let Some(pos) = beat.pos {
+            let mut announced = self.announced.lock().expect("positions lock");
+            announced.push_back((std::time::Instant::now(), pos));
+            // Only the newest one old enough matters.
+            while announced.len() > 2
+                && announced[1].0.elapsed() >= SAFE_AFTER
+            {
+                announced.pop_front();
+            }
+        }
+    }
+
+    /// The latest position announced at least [`SAFE_AFTER`] ago (any age
+    /// when `settled`, at a graceful stop); `None` before any.
+    pub fn safe(&self, settled: bool) -> Option<i64> {
+        let announced = self.announced.lock().expect("positions lock");
+        announced
+            .iter()
+            .rev()
+            .find(|(at, _)| settled || at.elapsed() >= SAFE_AFTER)
+            .map(|(_, pos)| *pos)
+    }
+
+    /// Waits (at most `within`) until a heartbeat has announced
+    /// `revision`: at a graceful stop, so subscribers hear the final
+    /// position before the checkpoint moves to it.
+    pub async fn announced(&self, revision: i64, within: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let last = self
+                .announced
+                .lock()
+                .expect("positions lock")
+                .back()
+                .map(|(_, pos)| *pos);
+            if last.is_some_and(|pos| pos >= revision) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether heartbeats announce positions (ZeroMQ and Redis backends;
+    /// an etcd backend's subscribers read etcd's history instead).
+    pub fn announcing(&self) -> bool {
+        !self.announced.lock().expect("positions lock").is_empty()
+    }
+}
+
+/// How old an announcement must be before a checkpoint may reach it: a
+/// subscriber has had a whole heartbeat interval to receive it.
+const SAFE_AFTER: std::time::Duration = HEARTBEAT_INTERVAL;
+
+/// Subscriber side of [`Sequencer`]: notices missed messages, and tells a
+/// publisher's restart (or an HA hand-over) that lost nothing from one that
+/// did, so the subscriber delivers a `sync` only when it must.
+///
+/// A new run of a publisher is taken on trust until its first heartbeat
+/// (at most half a second): if that says the run started at or before the
+/// position this subscriber had verified for the service, nothing was
+/// missed; the updates it repeats are dropped by [`Dedup`]. Otherwise (or
+/// when the publisher announces no position) the restart is a gap.
 #[derive(Debug, Default)]
 pub struct GapTracker {
     last: std::collections::HashMap<(String, String), (u64, u64)>,
     gaps: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The run (epoch) of each publisher id last seen.
+    runs: std::collections::HashMap<String, u64>,
+    /// Runs not verified yet, by publisher id: whether that id had been
+    /// seen before (a restart) or not (a first contact, or an HA member).
+    unverified: std::collections::HashMap<String, bool>,
+    /// By service: the position up to which this subscriber has received
+    /// everything on its topics.
+    verified: std::collections::HashMap<String, i64>,
+    /// The transport keeps every message (etcd): a restart loses nothing.
+    lossless: bool,
 }
 
 impl GapTracker {
     /// A tracker counting into `gaps`.
     pub fn new(gaps: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
         GapTracker {
-            last: Default::default(),
             gaps,
+            ..Default::default()
         }
     }
 
+    /// For a transport that keeps every message (the etcd backend's watch
+    /// resumes from its revision): a publisher's restart loses nothing.
+    pub fn lossless(mut self) -> Self {
+        self.lossless = true;
+        self
+    }
+
+    /// Notes the run a message or heartbeat came from; a new one waits for
+    /// verification.
+    fn saw_run(&mut self, publisher: &str, epoch: u64) {
+        let before = self.runs.insert(publisher.to_owned(), epoch);
+        if before != Some(epoch) && !self.lossless {
+            self.unverified.insert(publisher.to_owned(), before.is_some());
+        }
+    }
+
+    /// Where this subscriber stands for `service`: everything up to it was
+    /// received on its topics (`None` before a heartbeat said so).
+    pub fn position(&self, service: &str) -> Option<i64> {
+        self.verified.get(service).copied()
+    }
+
     /// Checks a heartbeat against what was received on the topics `wants`
-    /// selects; returns why the subscriber should re-sync, if it should.
+    /// selects, and a new run's start against this subscriber's position;
+    /// returns why the subscriber should re-sync, if it should.
     pub fn heartbeat(
         &mut self,
         heartbeat: &DbUpdate,
@@ -154,18 +351,29 @@ impl GapTracker {
         let (Some(publisher), Some(epoch)) = (&envelope.publisher, envelope.epoch) else {
             return None;
         };
-        let seqs: std::collections::BTreeMap<String, u64> =
-            serde_json::from_str(heartbeat.value.as_deref()?).ok()?;
+        let beat = Heartbeat::parse(heartbeat.value.as_deref()?)?;
+        self.saw_run(publisher, epoch);
         let mut reasons = Vec::new();
-        for (topic, seq) in seqs.into_iter().filter(|(t, _)| wants(t)) {
+        if let Some(restarted) = self.unverified.remove(publisher) {
+            let verified = beat.service.as_ref().and_then(|s| self.position(s));
+            match (beat.start, verified) {
+                (Some(start), Some(pos)) if start <= pos => {} // nothing missed
+                (Some(start), Some(pos)) => reasons.push(format!(
+                    "publisher {publisher} started after revision {start}, past this subscriber's position {pos}"
+                )),
+                // A first contact: nothing to have missed.
+                (_, None) if !restarted => {}
+                _ => reasons.push(format!("publisher {publisher} restarted")),
+            }
+        }
+        for (topic, seq) in beat.seqs.into_iter().filter(|(t, _)| wants(t)) {
             let key = (publisher.clone(), topic);
             match self.last.get(&key).copied() {
+                // First news of this topic in this run: nothing to compare.
                 None => {
-                    // First news of this topic: nothing to compare yet.
                     self.last.insert(key, (epoch, seq));
                 }
                 Some((last_epoch, _)) if last_epoch != epoch => {
-                    reasons.push(format!("publisher {publisher} restarted"));
                     self.last.insert(key, (epoch, seq));
                 }
                 Some((_, last)) if seq > last => {
@@ -180,6 +388,12 @@ impl GapTracker {
                 Some(_) => {}
             }
         }
+        // Past this heartbeat (and the sync, if one is due: the application
+        // re-reads then) the subscriber has everything up to `pos`.
+        if let (Some(service), Some(pos)) = (beat.service, beat.pos) {
+            let at = self.verified.entry(service).or_insert(pos);
+            *at = (*at).max(pos);
+        }
         reasons.dedup();
         (!reasons.is_empty()).then(|| reasons.join("; "))
     }
@@ -188,6 +402,8 @@ impl GapTracker {
     /// delivered a `sync` for it: its next message starts afresh).
     pub fn forget(&mut self, publisher: &str) {
         self.last.retain(|(p, _), _| p != publisher);
+        self.runs.remove(publisher);
+        self.unverified.remove(publisher);
     }
 
     /// Checks one received message; returns why the subscriber should
@@ -199,14 +415,14 @@ impl GapTracker {
         else {
             return None;
         };
+        self.saw_run(publisher, epoch);
         let previous = self
             .last
             .insert((publisher.clone(), topic.to_owned()), (epoch, seq));
         match previous {
             None => None, // first message seen from this publisher on this topic
-            Some((last_epoch, _)) if last_epoch != epoch => {
-                Some(format!("publisher {publisher} restarted"))
-            }
+            // A new run: its first heartbeat says whether anything was missed.
+            Some((last_epoch, _)) if last_epoch != epoch => None,
             Some((_, last)) if seq == last + 1 => None,
             Some((_, last)) if seq <= last => None, // a duplicate: nothing missed
             Some((_, last)) => {
@@ -215,6 +431,37 @@ impl GapTracker {
                 Some(format!(
                     "missed {missed} messages from publisher {publisher} on topic {topic:?}"
                 ))
+            }
+        }
+    }
+}
+
+/// Drops the updates a subscriber has already delivered: a run that
+/// resumes from its checkpoint repeats what came after it, and so does an
+/// HA member that takes over. Keyed by row, on the source's revision, so
+/// each row's updates reach the application once and in order.
+#[derive(Debug, Default)]
+pub struct Dedup {
+    last: std::collections::HashMap<(String, String), i64>,
+}
+
+impl Dedup {
+    /// Whether `update` is new to the application (updates without a
+    /// revision always are).
+    pub fn fresh(&mut self, update: &DbUpdate) -> bool {
+        let Some(revision) = update.revision else {
+            return true;
+        };
+        match self.last.get_mut(&(update.table.clone(), update.key.clone())) {
+            Some(last) if *last >= revision => false,
+            Some(last) => {
+                *last = revision;
+                true
+            }
+            None => {
+                self.last
+                    .insert((update.table.clone(), update.key.clone()), revision);
+                true
             }
         }
     }
@@ -319,8 +566,91 @@ mod tests {
         let mut restarted = Sequencer::new("p");
         restarted.epoch += 1; // as a restart a microsecond later would
         let r1 = restarted.stamp("a");
-        assert!(tracker.check("a", &r1).unwrap().contains("restarted"));
+        assert_eq!(tracker.check("a", &r1), None, "judged at its heartbeat");
+        // A publisher that announces no position: a restart is a gap.
+        let (hb, env) = restarted.heartbeat().unwrap();
+        assert!(tracker
+            .heartbeat(&hb, &env, |_| true)
+            .unwrap()
+            .contains("restarted"));
         assert_eq!(tracker.check("a", &crate::codec::Envelope::default()), None);
+    }
+
+    /// A publisher of service `s` with positions, `start` and `published`.
+    fn run(id: &str, start: i64, published: i64) -> (Sequencer, Arc<Positions>) {
+        let positions = Arc::new(Positions::new("s"));
+        positions.start_after(start);
+        positions.published(published);
+        let mut p = Sequencer::new(id).with_positions(positions.clone());
+        p.epoch = start as u64 * 1000 + published as u64; // a run of its own
+        (p, positions)
+    }
+
+    #[test]
+    fn a_run_that_starts_at_or_before_the_verified_position_is_no_gap() {
+        let mut tracker = GapTracker::new(Arc::new(AtomicU64::new(0)));
+        let all = |_: &str| true;
+        // First contact: nothing to have missed.
+        let (first, _) = run("p", 10, 100);
+        let (hb, env) = first.heartbeat().unwrap();
+        assert_eq!(tracker.heartbeat(&hb, &env, all), None);
+        assert_eq!(tracker.position("s"), Some(100));
+        // A restart from checkpoint 90 (<= 100): resumed, no sync; the
+        // updates it repeats are dropped by Dedup.
+        let (second, _) = run("p", 90, 150);
+        assert_eq!(tracker.check("D", &second.stamp("D")), None);
+        let (hb, env) = second.heartbeat().unwrap();
+        assert_eq!(tracker.heartbeat(&hb, &env, all), None);
+        assert_eq!(tracker.position("s"), Some(150));
+        // An HA member of the same service taking over from 140: no sync.
+        let (member, _) = run("q", 140, 160);
+        let (hb, env) = member.heartbeat().unwrap();
+        assert_eq!(tracker.heartbeat(&hb, &env, all), None);
+        // A run that starts past what this subscriber verified: a gap.
+        let (late, _) = run("q", 200, 210);
+        let (hb, env) = late.heartbeat().unwrap();
+        assert!(tracker
+            .heartbeat(&hb, &env, all)
+            .unwrap()
+            .contains("past this subscriber's position 160"));
+        // Over an etcd watch nothing is lost: restarts are no gap at all.
+        let mut lossless = GapTracker::new(Arc::default()).lossless();
+        let (a, _) = run("p", 10, 20);
+        let (b, _) = run("p", 500, 600);
+        assert_eq!(lossless.check("D", &a.stamp("D")), None);
+        assert_eq!(lossless.check("D", &b.stamp("D")), None);
+    }
+
+    #[test]
+    fn a_checkpoint_waits_for_a_position_announced_a_heartbeat_ago() {
+        let positions = Arc::new(Positions::new("s"));
+        let p = Sequencer::new("p").with_positions(positions.clone());
+        assert!(!positions.announcing());
+        positions.published(7);
+        p.heartbeat().unwrap();
+        assert!(positions.announcing());
+        assert_eq!(positions.safe(false), None, "just announced");
+        assert_eq!(positions.safe(true), Some(7), "a graceful stop may use it");
+        std::thread::sleep(SAFE_AFTER);
+        positions.published(9);
+        p.heartbeat().unwrap();
+        assert_eq!(positions.safe(false), Some(7));
+    }
+
+    #[test]
+    fn dedup_drops_what_a_row_already_had() {
+        let mut dedup = Dedup::default();
+        let at = |key: &str, rev| {
+            let mut u = DbUpdate::new("t", key, crate::Action::Set, Some("v".into()));
+            u.revision = Some(rev);
+            u
+        };
+        assert!(dedup.fresh(&at("a", 5)));
+        assert!(dedup.fresh(&at("b", 3)), "another row");
+        assert!(!dedup.fresh(&at("a", 5)), "the same revision again");
+        assert!(!dedup.fresh(&at("a", 4)));
+        assert!(dedup.fresh(&at("a", 6)));
+        assert!(dedup.fresh(&DbUpdate::sync("no revision")));
     }
 
     #[test]
@@ -328,7 +658,7 @@ mod tests {
         let publisher = Sequencer::new("p");
         let mut tracker = GapTracker::new(Arc::new(AtomicU64::new(0)));
         let (hb, env) = publisher.heartbeat().expect("alive before publishing");
-        assert_eq!(hb.value.as_deref(), Some("{}"));
+        assert_eq!(hb.value.as_deref(), Some(r#"{"seqs":{}}"#));
         assert_eq!(tracker.heartbeat(&hb, &env, |_| true), None);
         let a1 = publisher.stamp("a");
         let _b1 = publisher.stamp("b");

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::registry::{Registration, Registry};
 use super::sequence::{
-    silence_reason, GapTracker, Sequencer, Silence, HEARTBEAT_INTERVAL, HEARTBEAT_TOPIC,
+    silence_reason, Dedup, GapTracker, Sequencer, Silence, HEARTBEAT_INTERVAL, HEARTBEAT_TOPIC,
 };
 use crate::codec::Codec;
 use crate::config::ZmqBackendConfig;
@@ -572,6 +572,7 @@ impl Subscriber for ZmqSubscriber {
             apply(&socket, &mut applied, &wanted);
             let mut bad_frames = 0u64;
             let mut silence = Silence::new(silence_timeout);
+            let mut dedup = Dedup::default();
             loop {
                 if stop.is_cancelled() || sink.is_closed() {
                     return Ok(());
@@ -646,6 +647,9 @@ impl Subscriber for ZmqSubscriber {
                                 if sink.blocking_send(DbUpdate::sync(reason)).is_err() {
                                     return Ok(());
                                 }
+                            }
+                            if !dedup.fresh(&update) {
+                                continue; // repeated by a run that resumed
                             }
                             if sink.blocking_send(update).is_err() {
                                 return Ok(());

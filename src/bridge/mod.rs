@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::PubSub;
+use crate::backend::{Positions, PubSub};
 use crate::checkpoint;
 use crate::config::advertised_uri;
 use crate::config::{BackendConfig, Config, SourceConfig};
@@ -195,10 +195,15 @@ async fn run_once(
 ) -> Result<(), BridgeError> {
     let id = term_publisher_id(config, lead.as_ref().map(|(_, i)| *i));
     let lead = lead.map(|(l, _)| l);
-    let publisher = connect_publisher(config, &id, lead.as_ref(), &stats).await?;
+    // Positions are the service's, the same for every run and HA member.
+    let positions = Arc::new(Positions::new(service_id(config)));
+    let publisher = connect_publisher(config, &id, lead.as_ref(), &positions, &stats).await?;
     let mapper = build_mapper(config);
     let (checkpoints, resume) =
         Checkpoints::open(config, lead.as_ref(), &service_id(config)).await?;
+    if let Some(resume) = resume {
+        positions.start_after(resume);
+    }
     // Everything stops with `shutdown`, or when a producer fails.
     let stop = shutdown.child_token();
     let (producers, rx) = start_producers(config, resume, &mapper, lead.is_some(), &stop, &stats)?;
@@ -211,6 +216,7 @@ async fn run_once(
         checkpoints,
         checkpoint_failing: false,
         published_revision: None,
+        positions,
         saved_revision: resume,
         last_save: Instant::now(),
         reconnect: Reconnect::new("publisher").with_state(stats.backend.clone()),
@@ -267,9 +273,12 @@ async fn connect_publisher(
     config: &Config,
     id: &str,
     lead: Option<&Arc<Leadership>>,
+    positions: &Arc<Positions>,
     stats: &Stats,
 ) -> Result<Arc<dyn Publisher>, BridgeError> {
-    let mut pubsub = PubSub::new(config.backend.clone()).with_publisher_id(id);
+    let mut pubsub = PubSub::new(config.backend.clone())
+        .with_publisher_id(id)
+        .with_positions(positions.clone());
     if let Some(lead) = lead.cloned() {
         pubsub = pubsub.with_heartbeat_gate(move || lead.is_valid());
     }

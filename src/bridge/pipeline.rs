@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::checkpoints::Checkpoints;
+use crate::backend::Positions;
 use crate::checkpoint::CheckpointError;
 use crate::ha::Leadership;
 use crate::mapper::{Mapped, Mapper};
@@ -21,6 +22,10 @@ use crate::update::DbUpdate;
 /// How often the checkpoint is rewritten at most; bounds the replay after
 /// a crash to about this much traffic.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// At a graceful stop, how long the final checkpoint waits for a heartbeat
+/// to announce the last position (heartbeats go out every 500 ms).
+const FINAL_ANNOUNCEMENT_WAIT: Duration = Duration::from_millis(1500);
 
 /// Updates handed to the publisher at once when the queue holds more.
 const MAX_BATCH: usize = 256;
@@ -40,6 +45,8 @@ pub(super) struct Pipeline {
     /// The last attempt to save the checkpoint failed (logged once).
     pub(super) checkpoint_failing: bool,
     pub(super) published_revision: Option<i64>,
+    /// Announced by the publisher's heartbeats; caps the checkpoint.
+    pub(super) positions: Arc<Positions>,
     pub(super) saved_revision: Option<i64>,
     pub(super) last_save: Instant,
     pub(super) reconnect: Reconnect,
@@ -138,6 +145,7 @@ impl Pipeline {
             }
             if let Some(revision) = checkpoint.take() {
                 self.published_revision = Some(revision);
+                self.positions.published(revision);
                 self.try_checkpoint().await;
             }
         }
@@ -206,10 +214,30 @@ impl Pipeline {
     /// Saves the published revision when due (or `now`), after flushing the
     /// publisher so the file never runs ahead of what subscribers can get.
     pub(super) async fn save_checkpoint(&mut self, now: bool) -> Result<(), CheckpointError> {
-        let Some(revision) = self.published_revision else {
+        let Some(published) = self.published_revision else {
             return Ok(());
         };
-        self.stats.checkpoint_revision.set(revision);
+        self.stats.checkpoint_revision.set(published);
+        // Where heartbeats announce positions, the checkpoint never passes
+        // one a subscriber has had a heartbeat interval to hear: a run that
+        // resumes from it then starts at or before every subscriber's
+        // position, and they need no re-read. At a graceful stop, the final
+        // position is announced first.
+        let revision = if self.positions.announcing() {
+            if now {
+                self.positions
+                    .announced(published, FINAL_ANNOUNCEMENT_WAIT)
+                    .await;
+            }
+            match self.positions.safe(now) {
+                Some(safe) => safe.min(published),
+                // The first checkpoint is saved at once (see below).
+                None if self.saved_revision.is_none() => published,
+                None => return Ok(()),
+            }
+        } else {
+            published
+        };
         if !self.checkpoints.is_kept() {
             return Ok(());
         }
