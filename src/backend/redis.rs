@@ -397,7 +397,10 @@ impl RedisSubscriber {
         sink: &mpsc::Sender<DbUpdate>,
         undecodable: &mut u64,
     ) -> Result<(), Ended> {
-        let Tracking { gaps: tracker, dedup } = tracker;
+        let Tracking {
+            gaps: tracker,
+            dedup,
+        } = tracker;
         if channel == HEARTBEAT_TOPIC {
             let Ok((heartbeat, envelope)) = self.codec.decode(payload) else {
                 return Ok(());

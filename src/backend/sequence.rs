@@ -112,6 +112,9 @@ impl Sequencer {
         if self.heartbeat_gate.as_ref().is_some_and(|open| !open()) {
             return None;
         }
+        if self.positions.as_ref().is_some_and(|p| !p.ready()) {
+            return None;
+        }
         let next = self.next.lock().expect("sequencer lock");
         let mut beat = Heartbeat {
             seqs: next.iter().map(|(t, s)| (t.clone(), *s)).collect(),
@@ -192,6 +195,9 @@ pub struct Positions {
     published: std::sync::atomic::AtomicI64,
     /// Recent announcements: when, and the position.
     announced: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, i64)>>,
+    /// The term knows where it starts: until then no heartbeat goes out
+    /// (one without its start would read as a restart that lost data).
+    ready: std::sync::atomic::AtomicBool,
 }
 
 impl Positions {
@@ -202,7 +208,18 @@ impl Positions {
             start: (-1).into(),
             published: (-1).into(),
             announced: Default::default(),
+            ready: false.into(),
         }
+    }
+
+    /// This term has no checkpoint to start from (a first start, or a
+    /// source without positions): heartbeats may go out without a start.
+    pub fn begin(&self) {
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// This term publishes every change after `revision`.
@@ -210,6 +227,7 @@ impl Positions {
         use std::sync::atomic::Ordering::Relaxed;
         self.start.store(revision, Relaxed);
         self.published.fetch_max(revision, Relaxed);
+        self.begin();
     }
 
     /// Everything up to `revision` has been handed to the backend.
@@ -231,9 +249,7 @@ impl Positions {
             let mut announced = self.announced.lock().expect("positions lock");
             announced.push_back((std::time::Instant::now(), pos));
             // Only the newest one old enough matters.
-            while announced.len() > 2
-                && announced[1].0.elapsed() >= SAFE_AFTER
-            {
+            while announced.len() > 2 && announced[1].0.elapsed() >= SAFE_AFTER {
                 announced.pop_front();
             }
         }
@@ -329,7 +345,8 @@ impl GapTracker {
     fn saw_run(&mut self, publisher: &str, epoch: u64) {
         let before = self.runs.insert(publisher.to_owned(), epoch);
         if before != Some(epoch) && !self.lossless {
-            self.unverified.insert(publisher.to_owned(), before.is_some());
+            self.unverified
+                .insert(publisher.to_owned(), before.is_some());
         }
     }
 
@@ -452,7 +469,10 @@ impl Dedup {
         let Some(revision) = update.revision else {
             return true;
         };
-        match self.last.get_mut(&(update.table.clone(), update.key.clone())) {
+        match self
+            .last
+            .get_mut(&(update.table.clone(), update.key.clone()))
+        {
             Some(last) if *last >= revision => false,
             Some(last) => {
                 *last = revision;
@@ -625,6 +645,11 @@ mod tests {
     fn a_checkpoint_waits_for_a_position_announced_a_heartbeat_ago() {
         let positions = Arc::new(Positions::new("s"));
         let p = Sequencer::new("p").with_positions(positions.clone());
+        assert!(
+            p.heartbeat().is_none(),
+            "not before the term knows its start"
+        );
+        positions.begin();
         assert!(!positions.announcing());
         positions.published(7);
         p.heartbeat().unwrap();

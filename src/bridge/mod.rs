@@ -201,8 +201,9 @@ async fn run_once(
     let mapper = build_mapper(config);
     let (checkpoints, resume) =
         Checkpoints::open(config, lead.as_ref(), &service_id(config)).await?;
-    if let Some(resume) = resume {
-        positions.start_after(resume);
+    match resume {
+        Some(resume) => positions.start_after(resume),
+        None => positions.begin(),
     }
     // Everything stops with `shutdown`, or when a producer fails.
     let stop = shutdown.child_token();

@@ -193,6 +193,24 @@ impl Config {
                 .collect::<Vec<_>>()
         });
         let redis = var("FEEDBRIDGE_REDIS_URL");
+        // The election follows its database when it is the source's (the
+        // default): the override moves both, or the HA instance would
+        // campaign on a database the bridge no longer reads.
+        if let (Some(ha), Some(source)) = (&mut self.ha, &self.source) {
+            match source {
+                SourceConfig::Etcd(c) if ha.endpoints == c.endpoints => {
+                    if let Some(e) = &etcd {
+                        ha.endpoints = e.clone();
+                    }
+                }
+                SourceConfig::Redis(c) if ha.url.as_ref() == Some(&c.url) => {
+                    if let Some(url) = &redis {
+                        ha.url = Some(url.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
         match &mut self.source {
             Some(SourceConfig::Etcd(c)) => {
                 c.endpoints = etcd.clone().unwrap_or(c.endpoints.clone())
@@ -514,5 +532,24 @@ mod tests {
             panic!()
         };
         assert_eq!(b.bind, "tcp://0.0.0.0:9");
+    }
+
+    #[test]
+    fn env_overrides_move_an_election_that_follows_the_source() {
+        let env = |n: &str| match n {
+            "FEEDBRIDGE_ETCD_ENDPOINTS" => Some("http://a:1".into()),
+            "FEEDBRIDGE_REDIS_URL" => Some("redis://r:1/0".into()),
+            _ => None,
+        };
+        let mut c = parse("[source]\ntype = \"etcd\"\n[backend]\ntype = \"zmq\"\n[ha]\n").unwrap();
+        c.apply_env(env);
+        assert_eq!(c.ha.unwrap().endpoints, vec!["http://a:1"]);
+        let mut c = parse("[source]\ntype = \"redis\"\n[backend]\ntype = \"zmq\"\n[ha]\n").unwrap();
+        c.apply_env(env);
+        assert_eq!(c.ha.unwrap().url.as_deref(), Some("redis://r:1/0"));
+        // An election elsewhere stays where it is.
+        let mut c = parse("[source]\ntype = \"etcd\"\n[backend]\ntype = \"zmq\"\n[ha]\nendpoints = [\"http://e:1\"]\n").unwrap();
+        c.apply_env(env);
+        assert_eq!(c.ha.unwrap().endpoints, vec!["http://e:1"]);
     }
 }

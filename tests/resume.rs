@@ -1,0 +1,310 @@
+//! Resume, don't re-read (issue 21): a subscriber that stays up while the
+//! bridge restarts (SIGTERM, `kill -9`) or fails over to another HA member
+//! delivers no `sync`: the new run starts at or before the position the
+//! subscriber had verified, so it misses nothing, and the updates repeated
+//! by the replay are dropped. Every written revision still arrives, each
+//! row's updates in order, and the subscriber ends equal to etcd. A `sync`
+//! is still delivered when the history is gone (compaction:
+//! `tests/faults.rs` `fault3_…`).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use feedbridge::backend::PubSub;
+use feedbridge::codec::Codec;
+use feedbridge::config::{
+    BackendConfig, EtcdBackendConfig, RedisBackendConfig, ZmqBackendConfig, DEFAULT_SILENCE_TIMEOUT,
+};
+use feedbridge::pubsub::Subscriber;
+use feedbridge::{Action, DbUpdate};
+
+const BIN: &str = env!("CARGO_BIN_EXE_feedbridge");
+
+/// A bridge process: `config` is a file, or the shipped default with the
+/// test's etcd and ZeroMQ port in the environment.
+fn spawn(config: &Path, etcd: &EtcdServer, zmq: &str, log: &Path) -> KillOnDrop {
+    KillOnDrop(
+        Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("FEEDBRIDGE_ETCD_ENDPOINTS", etcd.endpoint())
+            .env("FEEDBRIDGE_ZMQ_BIND", zmq)
+            .stderr(std::fs::File::create(log).unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Collects what `sub` delivers, and fails the test on any `sync`.
+fn collect(sub: &Arc<dyn Subscriber>) -> (Received, tokio::task::JoinHandle<()>) {
+    let (mut rx, _pump) = sub.clone().updates(4096);
+    let received = Received::default();
+    let sink = received.clone();
+    let task = tokio::spawn(async move {
+        while let Some(u) = rx.recv().await {
+            sink.0.lock().unwrap().push(u);
+        }
+    });
+    (received, task)
+}
+
+fn syncs(received: &Received) -> Vec<DbUpdate> {
+    received
+        .all()
+        .into_iter()
+        .filter(|u| u.action == Action::Sync)
+        .collect()
+}
+
+/// Each row's updates arrived once, in revision order (the replay's
+/// repeats were dropped).
+fn once_and_in_order(received: &Received) {
+    let mut last: std::collections::HashMap<String, i64> = Default::default();
+    for u in lport(&received.all()) {
+        let rev = u.revision.expect("etcd updates carry their revision");
+        if let Some(before) = last.insert(u.key.clone(), rev) {
+            assert!(
+                before < rev,
+                "row {} got revision {rev} after {before}",
+                u.key
+            );
+        }
+    }
+}
+
+/// Waits until the bridge's writes are flowing to `received` (a probe
+/// arrived), as a subscriber that joined before the restart.
+async fn flowing(received: &Received, kv: &etcd_client::Client) {
+    let mut kv = kv.clone();
+    for i in 0.. {
+        kv.put(format!("/probe/{i}"), "x", None).await.unwrap();
+        let seen = eventually_or_none(Duration::from_millis(300), || {
+            received.all().iter().any(|u| u.table == "probe")
+        })
+        .await;
+        if seen {
+            return;
+        }
+        assert!(i < 100, "nothing reached the subscriber");
+    }
+}
+
+async fn eventually_or_none(within: Duration, ok: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ok()
+}
+
+/// How the bridge goes down.
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    Term,
+    Kill,
+}
+
+fn stop(bridge: &mut KillOnDrop, how: Stop) {
+    match how {
+        Stop::Term => {
+            let pid = bridge.id().to_string();
+            assert!(Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success());
+            let status = wait_exit(bridge, Duration::from_secs(20));
+            assert!(status.success(), "a graceful stop exits 0: {status:?}");
+        }
+        Stop::Kill => {
+            bridge.kill().unwrap();
+            bridge.wait().unwrap();
+        }
+    }
+}
+
+/// A subscriber stays up while the bridge (`config`, or the shipped one)
+/// is stopped `how` twice under writes and started again; it delivers no
+/// `sync` and ends with every written revision and etcd's state.
+async fn restarts_cost_no_sync(
+    how: Stop,
+    config: Option<&str>,
+    subscriber: impl FnOnce(&EtcdServer, &str) -> Arc<dyn Subscriber>,
+) {
+    let etcd = EtcdServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let zmq = format!("tcp://127.0.0.1:{}", free_port());
+    let config = match config {
+        Some(text) => {
+            let path = dir.path().join("bridge.toml");
+            std::fs::write(&path, text).unwrap();
+            path
+        }
+        None => workspace_path("config/feedbridge.toml"),
+    };
+    let mut bridge = spawn(&config, &etcd, &zmq, &dir.path().join("bridge0.log"));
+    let sub = subscriber(&etcd, &zmq);
+    let (received, _task) = collect(&sub);
+    let kv = etcd.client().await;
+    flowing(&received, &kv).await;
+    let log: Log = Default::default();
+    let writer = tokio::spawn(write_ops(etcd.endpoint(), 0, 1500, log.clone()));
+    for (n, at) in [(1, 400), (2, 900)] {
+        eventually("the writer under way", STREAM_WAIT, || {
+            let done = log.lock().unwrap().len() >= at;
+            async move { done.then_some(()) }
+        })
+        .await;
+        stop(&mut bridge, how);
+        bridge = spawn(
+            &config,
+            &etcd,
+            &zmq,
+            &dir.path().join(format!("bridge{n}.log")),
+        );
+    }
+    writer.await.unwrap();
+    verify(&log, &received, &etcd).await;
+    once_and_in_order(&received);
+    // A late tail-loss or restart verdict comes with a heartbeat: give the
+    // last run's heartbeats time to be judged.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let syncs = syncs(&received);
+    assert!(
+        syncs.is_empty(),
+        "{how:?} twice: the subscriber was told to re-read: {syncs:?} (logs in {})",
+        dir.keep().display()
+    );
+    drop(bridge);
+}
+
+fn zmq_subscriber(_: &EtcdServer, zmq: &str) -> Arc<dyn Subscriber> {
+    let sub = PubSub::new(BackendConfig::Zmq(ZmqBackendConfig {
+        bind: zmq.to_owned(),
+        codec: Codec::Msgpack,
+        send_hwm: 1000,
+        linger: Duration::ZERO,
+        rejoin_wait: Duration::ZERO,
+        silence_timeout: DEFAULT_SILENCE_TIMEOUT,
+    }))
+    .get_subscriber();
+    sub.register_topic("");
+    sub
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_restart_with_the_shipped_config_costs_a_zmq_subscriber_no_sync() {
+    restarts_cost_no_sync(Stop::Term, None, zmq_subscriber).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_restart_with_the_shipped_config_costs_a_zmq_subscriber_no_sync() {
+    restarts_cost_no_sync(Stop::Kill, None, zmq_subscriber).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_restart_cost_a_redis_subscriber_no_sync() {
+    let redis = RedisServer::start().await;
+    let config = format!(
+        "[source]\ntype = \"etcd\"\n[backend]\ntype = \"redis\"\nurl = \"{}\"\n",
+        redis.url()
+    );
+    let url = redis.url();
+    restarts_cost_no_sync(Stop::Kill, Some(&config), move |_, _| {
+        let sub = PubSub::new(BackendConfig::Redis(RedisBackendConfig {
+            url,
+            codec: Codec::Msgpack,
+            connect_timeout: Duration::from_secs(5),
+            sharded: false,
+            silence_timeout: DEFAULT_SILENCE_TIMEOUT,
+            auth: Default::default(),
+        }))
+        .get_subscriber();
+        sub.register_topic("");
+        sub
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_restart_cost_an_etcd_subscriber_no_sync() {
+    let config = "[source]\ntype = \"etcd\"\n[backend]\ntype = \"etcd\"\n";
+    restarts_cost_no_sync(Stop::Kill, Some(config), |etcd, _| {
+        let sub = PubSub::new(BackendConfig::Etcd(EtcdBackendConfig {
+            endpoints: vec![etcd.endpoint()],
+            prefix: "/pubsub/".into(),
+            codec: Codec::Msgpack,
+            connect_timeout: Duration::from_secs(5),
+            silence_timeout: DEFAULT_SILENCE_TIMEOUT,
+            auth: Default::default(),
+        }))
+        .get_subscriber();
+        sub.register_topic("");
+        sub
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ha_failover_after_kill_9_of_the_leader_costs_a_redis_subscriber_no_sync() {
+    let etcd = EtcdServer::start().await;
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = |name: &str| {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[source]\ntype = \"etcd\"\n[backend]\ntype = \"redis\"\nurl = \"{}\"\n[ha]\nlease_ttl = \"2s\"\ninstance = \"{name}\"\n",
+                redis.url()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let (a, b) = (config("a"), config("b"));
+    let unused = format!("tcp://127.0.0.1:{}", free_port());
+    let mut first = spawn(&a, &etcd, &unused, &dir.path().join("a.log"));
+    let sub = PubSub::new(BackendConfig::Redis(RedisBackendConfig {
+        url: redis.url(),
+        codec: Codec::Msgpack,
+        connect_timeout: Duration::from_secs(5),
+        sharded: false,
+        silence_timeout: DEFAULT_SILENCE_TIMEOUT,
+        auth: Default::default(),
+    }))
+    .get_subscriber();
+    sub.register_topic("");
+    let (received, _task) = collect(&sub);
+    let kv = etcd.client().await;
+    flowing(&received, &kv).await;
+    let _second = spawn(&b, &etcd, &unused, &dir.path().join("b.log"));
+    let log: Log = Default::default();
+    let writer = tokio::spawn(write_ops(etcd.endpoint(), 0, 1000, log.clone()));
+    eventually("the writer under way", STREAM_WAIT, || {
+        let done = log.lock().unwrap().len() >= 300;
+        async move { done.then_some(()) }
+    })
+    .await;
+    first.kill().unwrap(); // the standby is elected once the lease expires
+    first.wait().unwrap();
+    writer.await.unwrap();
+    verify(&log, &received, &etcd).await;
+    once_and_in_order(&received);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let syncs = syncs(&received);
+    assert!(
+        syncs.is_empty(),
+        "a failover made the subscriber re-read: {syncs:?} (logs in {})",
+        dir.keep().display()
+    );
+}
