@@ -401,8 +401,9 @@ async fn a_redis_subscriber_that_redis_dropped_during_a_partition_reconnects_and
     tokio::time::sleep(Duration::from_secs(1)).await;
     let writes = writer.stop().await;
     let converged = app.converges_with(&db, "redis subscriber").await;
-    assert!(app.syncs() >= 1, "the reconnect was said with a sync");
-    println!("redis subscriber: {writes} writes, Redis dropped it {dropped:?} and it noticed {detected:?} after the cut, converged {converged:?} after the writes stopped");
+    // What was published meanwhile came from the bridge's replay buffer
+    // (tests/resume.rs), or, past it, with a sync and a re-read.
+    println!("redis subscriber: {writes} writes, Redis dropped it {dropped:?} and it noticed {detected:?} after the cut, converged {converged:?} after the writes stopped ({} syncs)", app.syncs());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -308,3 +308,132 @@ async fn an_ha_failover_after_kill_9_of_the_leader_costs_a_redis_subscriber_no_s
         dir.keep().display()
     );
 }
+
+// ---- Gaps inside a run, repaired from the bridge's replay buffer ----
+
+/// An in-process bridge from `etcd` to `backend`, with its replay endpoint.
+fn bridge_to(etcd: &EtcdServer, backend: &str) -> Bridge {
+    Bridge::start(&format!(
+        "[source]\ntype = \"etcd\"\nendpoints = [\"{}\"]\n{backend}",
+        etcd.endpoint()
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_a_zmq_subscriber_dropped_at_its_high_water_mark_are_replayed_not_re_read() {
+    let etcd = EtcdServer::start().await;
+    let port = free_port();
+    let _bridge = bridge_to(
+        &etcd,
+        &format!("[backend]\ntype = \"zmq\"\nbind = \"tcp://127.0.0.1:{port}\"\nsend_hwm = 20\n"),
+    );
+    let sub =
+        Arc::new(feedbridge::backend::zmq::ZmqSubscriber::new(Codec::Msgpack).with_receive_hwm(20));
+    sub.register_listen_address(&format!("tcp://127.0.0.1:{port}"));
+    sub.register_topic("");
+    // A small channel and an application that stops taking updates for a
+    // while: the subscriber's queue, then the bridge's, fill and drop.
+    let (mut rx, _pump) = sub.clone().updates(8);
+    let received = Received::default();
+    let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (sink, paused) = (received.clone(), paused.clone());
+        tokio::spawn(async move {
+            loop {
+                while paused.load(std::sync::atomic::Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let Some(u) = rx.recv().await else { return };
+                sink.0.lock().unwrap().push(u);
+            }
+        });
+    }
+    let kv = etcd.client().await;
+    flowing(&received, &kv).await;
+    // A heartbeat gives the subscriber its position.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let log: Log = Default::default();
+    // 8 KiB values: megabytes, past what the sockets' buffers hold.
+    let writer = tokio::spawn(write_padded_ops(
+        vec![etcd.endpoint()],
+        0,
+        3000,
+        log.clone(),
+        8 << 10,
+    ));
+    eventually("the writer under way", STREAM_WAIT, || {
+        let done = log.lock().unwrap().len() >= 200;
+        async move { done.then_some(()) }
+    })
+    .await;
+    paused.store(true, std::sync::atomic::Ordering::Relaxed);
+    eventually("writes while the application stalls", STREAM_WAIT, || {
+        let done = log.lock().unwrap().len() >= 1500;
+        async move { done.then_some(()) }
+    })
+    .await;
+    paused.store(false, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    verify(&log, &received, &etcd).await;
+    once_and_in_order(&received);
+    assert!(sub.gaps() > 0, "the stall made gaps to repair");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let syncs = syncs(&received);
+    assert!(
+        syncs.is_empty(),
+        "a gap was re-read, not replayed: {syncs:?}"
+    );
+    println!("zmq: {} gaps repaired from the replay buffer", sub.gaps());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_subscriber_whose_connection_was_killed_gets_the_missed_updates_replayed() {
+    let etcd = EtcdServer::start().await;
+    let redis = RedisServer::start().await;
+    let _bridge = bridge_to(
+        &etcd,
+        &format!("[backend]\ntype = \"redis\"\nurl = \"{}\"\n", redis.url()),
+    );
+    let sub = PubSub::new(BackendConfig::Redis(RedisBackendConfig {
+        url: redis.url(),
+        codec: Codec::Msgpack,
+        connect_timeout: Duration::from_secs(5),
+        sharded: false,
+        silence_timeout: DEFAULT_SILENCE_TIMEOUT,
+        auth: Default::default(),
+    }))
+    .get_subscriber();
+    sub.register_topic("");
+    let (received, _task) = collect(&sub);
+    let kv = etcd.client().await;
+    flowing(&received, &kv).await;
+    tokio::time::sleep(Duration::from_secs(1)).await; // a heartbeat: a position
+    let log: Log = Default::default();
+    let writer = tokio::spawn(write_ops(etcd.endpoint(), 0, 1500, log.clone()));
+    let mut admin = redis.connection().await;
+    for at in [300, 800] {
+        eventually("the writer under way", STREAM_WAIT, || {
+            let done = log.lock().unwrap().len() >= at;
+            async move { done.then_some(()) }
+        })
+        .await;
+        // Redis drops the subscriber (as at its output-buffer limit): what
+        // is published until it is back is gone from Redis.
+        redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async::<redis::Value>(&mut admin)
+            .await
+            .unwrap();
+    }
+    writer.await.unwrap();
+    verify(&log, &received, &etcd).await;
+    once_and_in_order(&received);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let syncs = syncs(&received);
+    assert!(
+        syncs.is_empty(),
+        "a reconnect was re-read, not replayed: {syncs:?}"
+    );
+}

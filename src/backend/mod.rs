@@ -7,6 +7,7 @@
 pub mod etcd;
 pub mod redis;
 pub mod registry;
+pub mod replay;
 pub mod sequence;
 pub mod zmq;
 

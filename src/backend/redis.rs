@@ -339,7 +339,10 @@ impl RedisSubscriber {
         }
         apply!();
         let mut undecodable = 0u64;
-        if let Err(e) = self.subscribed(reconnect, &wanted, first, sink).await {
+        if let Err(e) = self
+            .subscribed(reconnect, &wanted, first, tracker, sink)
+            .await
+        {
             return e;
         }
         let mut check = tokio::time::interval(LIVENESS_CHECK);
@@ -397,18 +400,19 @@ impl RedisSubscriber {
         sink: &mpsc::Sender<DbUpdate>,
         undecodable: &mut u64,
     ) -> Result<(), Ended> {
-        let Tracking {
-            gaps: tracker,
-            dedup,
-        } = tracker;
         if channel == HEARTBEAT_TOPIC {
             let Ok((heartbeat, envelope)) = self.codec.decode(payload) else {
                 return Ok(());
             };
             silence.heard(envelope.publisher.as_deref(), true);
-            if let Some(reason) = tracker.heartbeat(&heartbeat, &envelope, |t| wanted.wants(t)) {
-                tracing::warn!(%reason, "Delivering a sync: updates may have been missed.");
-                return hand_over(sink, DbUpdate::sync(reason)).await;
+            if let Some(reason) = tracker
+                .gaps
+                .heartbeat(&heartbeat, &envelope, |t| wanted.wants(t))
+            {
+                let publisher = envelope.publisher.unwrap_or_default();
+                return self
+                    .repair_or_sync(tracker, &publisher, wanted, reason, sink)
+                    .await;
             }
             return Ok(());
         }
@@ -423,10 +427,12 @@ impl RedisSubscriber {
         match self.codec.decode(payload) {
             Ok((update, envelope)) => {
                 silence.heard(envelope.publisher.as_deref(), false);
-                if let Some(reason) = tracker.check(channel, &envelope) {
-                    hand_over(sink, DbUpdate::sync(reason)).await?;
+                if let Some(reason) = tracker.gaps.check(channel, &envelope) {
+                    let publisher = envelope.publisher.clone().unwrap_or_default();
+                    self.repair_or_sync(tracker, &publisher, wanted, reason, sink)
+                        .await?;
                 }
-                if !dedup.fresh(&update) {
+                if !tracker.dedup.fresh(&update) {
                     return Ok(()); // repeated by a run that resumed
                 }
                 hand_over(sink, update).await
@@ -518,7 +524,10 @@ impl RedisSubscriber {
         };
         let mut check = tokio::time::interval(Duration::from_secs(1));
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        if let Err(e) = self.subscribed(reconnect, &wanted, first, sink).await {
+        if let Err(e) = self
+            .subscribed(reconnect, &wanted, first, tracker, sink)
+            .await
+        {
             return e;
         }
         loop {
@@ -593,14 +602,17 @@ impl RedisSubscriber {
 }
 
 impl RedisSubscriber {
-    /// A session is subscribed: the connection counts as up, and after a
-    /// reconnect the subscriber delivers a `sync` (messages published while
-    /// it was away are gone); an `Err` ends the session (see [`hand_over`]).
+    /// A session is subscribed: the connection counts as up. After a
+    /// reconnect, what was published while the subscriber was away is
+    /// asked of each publisher's replay buffer; when one cannot answer (or
+    /// no publisher is known yet) the subscriber delivers a `sync` instead.
+    /// An `Err` ends the session (see [`hand_over`]).
     async fn subscribed(
         &self,
         reconnect: &mut Reconnect,
         wanted: &Registration,
         first: bool,
+        tracker: &mut Tracking,
         sink: &mpsc::Sender<DbUpdate>,
     ) -> Result<(), Ended> {
         reconnect.up();
@@ -608,7 +620,64 @@ impl RedisSubscriber {
         if first {
             return Ok(());
         }
-        hand_over(sink, DbUpdate::sync("redis subscriber reconnected")).await
+        let publishers = tracker.gaps.publishers();
+        if publishers.is_empty() {
+            return hand_over(sink, DbUpdate::sync("redis subscriber reconnected")).await;
+        }
+        for publisher in publishers {
+            self.repair_or_sync(
+                tracker,
+                &publisher,
+                wanted,
+                "redis subscriber reconnected".into(),
+                sink,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// A gap of `publisher`'s: repaired from its replay buffer when it can
+    /// be (the missed updates are delivered), else a `sync`.
+    async fn repair_or_sync(
+        &self,
+        tracker: &mut Tracking,
+        publisher: &str,
+        wanted: &Registration,
+        reason: String,
+        sink: &mpsc::Sender<DbUpdate>,
+    ) -> Result<(), Ended> {
+        let point = tracker.gaps.repair_point(publisher);
+        let asked = match point {
+            Some((service, after, endpoint)) => {
+                let (topics, codec) = (super::replay::topics_of(wanted), self.codec);
+                let answer = tokio::task::spawn_blocking(move || {
+                    super::replay::ask(&endpoint, after, &topics, codec)
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+                answer.map(|(updates, to)| {
+                    tracker.gaps.repaired(&service, to);
+                    tracing::info!(%publisher, after, to, updates = updates.len(), "Repaired a gap from the publisher's replay buffer (no re-read).");
+                    updates
+                })
+            }
+            None => Err("its position or replay endpoint is not known yet".into()),
+        };
+        match asked {
+            Ok(updates) => {
+                for update in updates {
+                    if tracker.dedup.fresh(&update) {
+                        hand_over(sink, update).await?;
+                    }
+                }
+                Ok(())
+            }
+            Err(why) => {
+                tracing::warn!(%reason, repair = %why, "Delivering a sync: updates were missed and cannot be replayed.");
+                hand_over(sink, DbUpdate::sync(reason)).await
+            }
+        }
     }
 }
 

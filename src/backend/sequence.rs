@@ -160,6 +160,10 @@ pub struct Heartbeat {
     /// Everything up to this position has been sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pos: Option<i64>,
+    /// Where the publisher answers "what came after revision R?" (see
+    /// [`replay`](super::replay)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<String>,
 }
 
 impl Heartbeat {
@@ -198,6 +202,8 @@ pub struct Positions {
     /// The term knows where it starts: until then no heartbeat goes out
     /// (one without its start would read as a restart that lost data).
     ready: std::sync::atomic::AtomicBool,
+    /// The replay endpoint announced.
+    replay: std::sync::Mutex<Option<String>>,
 }
 
 impl Positions {
@@ -209,7 +215,18 @@ impl Positions {
             published: (-1).into(),
             announced: Default::default(),
             ready: false.into(),
+            replay: Default::default(),
         }
+    }
+
+    /// Heartbeats announce where gaps are answered.
+    pub fn set_replay(&self, endpoint: &str) {
+        *self.replay.lock().expect("positions lock") = Some(endpoint.to_owned());
+    }
+
+    /// What has been published, as far as known.
+    pub fn published_position(&self) -> Option<i64> {
+        Self::known(&self.published)
     }
 
     /// This term has no checkpoint to start from (a first start, or a
@@ -245,6 +262,7 @@ impl Positions {
         beat.service = Some(self.service.clone());
         beat.start = Self::known(&self.start);
         beat.pos = Self::known(&self.published);
+        beat.replay = self.replay.lock().expect("positions lock").clone();
         if let Some(pos) = beat.pos {
             let mut announced = self.announced.lock().expect("positions lock");
             announced.push_back((std::time::Instant::now(), pos));
@@ -322,6 +340,9 @@ pub struct GapTracker {
     verified: std::collections::HashMap<String, i64>,
     /// The transport keeps every message (etcd): a restart loses nothing.
     lossless: bool,
+    /// By publisher id: its service and where it answers gaps, as its
+    /// heartbeats say.
+    services: std::collections::HashMap<String, (String, Option<String>)>,
 }
 
 impl GapTracker {
@@ -350,6 +371,24 @@ impl GapTracker {
         }
     }
 
+    /// Where a gap of `publisher`'s can be repaired: its service, this
+    /// subscriber's position for it, and the publisher's replay endpoint.
+    pub fn repair_point(&self, publisher: &str) -> Option<(String, i64, String)> {
+        let (service, replay) = self.services.get(publisher)?;
+        Some((service.clone(), self.position(service)?, replay.clone()?))
+    }
+
+    /// A repair brought this subscriber up to `to` for `service`.
+    pub fn repaired(&mut self, service: &str, to: i64) {
+        let at = self.verified.entry(service.to_owned()).or_insert(to);
+        *at = (*at).max(to);
+    }
+
+    /// The publishers this subscriber has heard heartbeats from.
+    pub fn publishers(&self) -> Vec<String> {
+        self.services.keys().cloned().collect()
+    }
+
     /// Where this subscriber stands for `service`: everything up to it was
     /// received on its topics (`None` before a heartbeat said so).
     pub fn position(&self, service: &str) -> Option<i64> {
@@ -370,6 +409,10 @@ impl GapTracker {
         };
         let beat = Heartbeat::parse(heartbeat.value.as_deref()?)?;
         self.saw_run(publisher, epoch);
+        if let Some(service) = &beat.service {
+            self.services
+                .insert(publisher.clone(), (service.clone(), beat.replay.clone()));
+        }
         let mut reasons = Vec::new();
         if let Some(restarted) = self.unverified.remove(publisher) {
             let verified = beat.service.as_ref().and_then(|s| self.position(s));
@@ -421,6 +464,7 @@ impl GapTracker {
         self.last.retain(|(p, _), _| p != publisher);
         self.runs.remove(publisher);
         self.unverified.remove(publisher);
+        self.services.remove(publisher);
     }
 
     /// Checks one received message; returns why the subscriber should

@@ -486,6 +486,30 @@ fn sub_error(message: String) -> SubscribeError {
     }
 }
 
+/// A gap of `publisher`'s: repaired from its replay buffer when it can be
+/// (the missed updates are delivered), else a `sync`. `false` when the
+/// application is gone.
+fn repair_or_sync(
+    tracker: &mut GapTracker,
+    dedup: &mut Dedup,
+    publisher: &str,
+    wanted: &Registration,
+    codec: Codec,
+    reason: String,
+    sink: &mpsc::Sender<DbUpdate>,
+) -> bool {
+    match super::replay::repair(tracker, publisher, &super::replay::topics_of(wanted), codec) {
+        Ok(updates) => updates
+            .into_iter()
+            .filter(|u| dedup.fresh(u))
+            .all(|u| sink.blocking_send(u).is_ok()),
+        Err(why) => {
+            tracing::warn!(%reason, repair = %why, "Delivering a sync: updates were missed and cannot be replayed.");
+            sink.blocking_send(DbUpdate::sync(reason)).is_ok()
+        }
+    }
+}
+
 /// A SUB socket with its own liveness: it pings its publishers and drops
 /// (then reconnects) a connection that stays unanswered for `silence`.
 fn sub_socket(receive_hwm: i32, silence: Duration) -> Result<zmq::Socket, SubscribeError> {
@@ -629,8 +653,16 @@ impl Subscriber for ZmqSubscriber {
                         if let Some(reason) =
                             tracker.heartbeat(&heartbeat, &envelope, |t| wanted.wants(t))
                         {
-                            tracing::warn!(%reason, "Delivering a sync: updates may have been missed.");
-                            if sink.blocking_send(DbUpdate::sync(reason)).is_err() {
+                            let publisher = envelope.publisher.as_deref().unwrap_or_default();
+                            if !repair_or_sync(
+                                &mut tracker,
+                                &mut dedup,
+                                publisher,
+                                &wanted,
+                                codec,
+                                reason,
+                                &sink,
+                            ) {
                                 return Ok(());
                             }
                         }
@@ -643,8 +675,16 @@ impl Subscriber for ZmqSubscriber {
                         Ok((update, envelope)) => {
                             silence.heard(envelope.publisher.as_deref(), false);
                             if let Some(reason) = tracker.check(&topic, &envelope) {
-                                tracing::warn!(%reason, "Delivering a sync: updates may have been missed.");
-                                if sink.blocking_send(DbUpdate::sync(reason)).is_err() {
+                                let publisher = envelope.publisher.as_deref().unwrap_or_default();
+                                if !repair_or_sync(
+                                    &mut tracker,
+                                    &mut dedup,
+                                    publisher,
+                                    &wanted,
+                                    codec,
+                                    reason,
+                                    &sink,
+                                ) {
                                     return Ok(());
                                 }
                             }

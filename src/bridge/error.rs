@@ -25,6 +25,9 @@ pub enum BridgeError {
     /// Leader election failed at start-up.
     #[error("high availability: {0}")]
     Ha(String),
+    /// The replay endpoint could not bind.
+    #[error("replay endpoint: {0}")]
+    Replay(String),
     /// The publisher table could not be written.
     #[error("publisher discovery: {0}")]
     Discovery(String),

@@ -19,13 +19,14 @@ mod pipeline;
 
 pub use error::BridgeError;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::replay::{ReplayBuffer, ReplayServer};
 use crate::backend::{Positions, PubSub};
 use crate::checkpoint;
 use crate::config::advertised_uri;
@@ -201,6 +202,7 @@ async fn run_once(
     let mapper = build_mapper(config);
     let (checkpoints, resume) =
         Checkpoints::open(config, lead.as_ref(), &service_id(config)).await?;
+    let (replay, _replay_server) = serve_replay(config, &positions, resume)?;
     match resume {
         Some(resume) => positions.start_after(resume),
         None => positions.begin(),
@@ -218,6 +220,7 @@ async fn run_once(
         checkpoint_failing: false,
         published_revision: None,
         positions,
+        replay,
         saved_revision: resume,
         last_save: Instant::now(),
         reconnect: Reconnect::new("publisher").with_state(stats.backend.clone()),
@@ -250,6 +253,40 @@ async fn run_once(
     let _ = publisher.close().await;
     give_up.cancel();
     result
+}
+
+/// The replay buffer and the endpoint answering from it, for an etcd
+/// source (positions are its revisions) over a backend that can lose
+/// messages (ZeroMQ, Redis); announced in heartbeats.
+#[allow(clippy::type_complexity)]
+fn serve_replay(
+    config: &Config,
+    positions: &Arc<Positions>,
+    resume: Option<i64>,
+) -> Result<(Option<Arc<Mutex<ReplayBuffer>>>, Option<ReplayServer>), BridgeError> {
+    let codec = match &config.backend {
+        BackendConfig::Zmq(c) => c.codec,
+        BackendConfig::Redis(c) => c.codec,
+        BackendConfig::Etcd(_) => return Ok((None, None)),
+    };
+    if !matches!(config.source, Some(SourceConfig::Etcd(_))) || config.bridge.replay_bind.is_empty()
+    {
+        return Ok((None, None));
+    }
+    let mut buffer = ReplayBuffer::new(config.bridge.replay_buffer);
+    if let Some(resume) = resume {
+        buffer.published(resume);
+    }
+    let buffer = Arc::new(Mutex::new(buffer));
+    let server = ReplayServer::bind(
+        &config.bridge.replay_bind,
+        buffer.clone(),
+        positions.clone(),
+        codec,
+    )
+    .map_err(|message| BridgeError::Replay(format!("{message} (check bridge.replay_bind)")))?;
+    positions.set_replay(server.endpoint());
+    Ok((Some(buffer), Some(server)))
 }
 
 /// The id this term's publisher stamps: the configured one, else the

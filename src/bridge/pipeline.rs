@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::checkpoints::Checkpoints;
+use crate::backend::replay::ReplayBuffer;
 use crate::backend::Positions;
 use crate::checkpoint::CheckpointError;
 use crate::ha::Leadership;
@@ -47,6 +48,8 @@ pub(super) struct Pipeline {
     pub(super) published_revision: Option<i64>,
     /// Announced by the publisher's heartbeats; caps the checkpoint.
     pub(super) positions: Arc<Positions>,
+    /// What was published recently, for subscribers' gaps.
+    pub(super) replay: Option<Arc<std::sync::Mutex<ReplayBuffer>>>,
     pub(super) saved_revision: Option<i64>,
     pub(super) last_save: Instant,
     pub(super) reconnect: Reconnect,
@@ -146,6 +149,12 @@ impl Pipeline {
             if let Some(revision) = checkpoint.take() {
                 self.published_revision = Some(revision);
                 self.positions.published(revision);
+                if let Some(replay) = &self.replay {
+                    replay
+                        .lock()
+                        .expect("replay buffer lock")
+                        .published(revision);
+                }
                 self.try_checkpoint().await;
             }
         }
@@ -179,6 +188,9 @@ impl Pipeline {
                 Ok(()) => {
                     self.reconnect.up();
                     self.stats.published(batch);
+                    if let Some(replay) = &self.replay {
+                        replay.lock().expect("replay buffer lock").record(batch);
+                    }
                     batch.clear();
                     return true;
                 }

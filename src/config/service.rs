@@ -24,6 +24,17 @@ pub struct BridgeConfig {
     /// How long shutdown may take to publish what is in flight.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Where the bridge answers subscribers that missed updates inside a
+    /// run ("what came after revision R?") from its replay buffer, so a gap
+    /// costs them no re-read. A ZeroMQ endpoint; port `*` picks a free one.
+    /// Heartbeats announce it, so subscribers need no setting. `""` turns
+    /// it off.
+    #[serde(default = "default_replay_bind")]
+    pub replay_bind: String,
+    /// Updates the replay buffer keeps (the most recent; at most 64 MiB of
+    /// values). A subscriber further behind re-reads (`sync`).
+    #[serde(default = "default_replay_buffer")]
+    pub replay_buffer: usize,
 }
 
 impl Default for BridgeConfig {
@@ -32,6 +43,8 @@ impl Default for BridgeConfig {
             queue_capacity: default_queue_capacity(),
             max_value_bytes: default_max_value_bytes(),
             shutdown_timeout: default_shutdown_timeout(),
+            replay_bind: default_replay_bind(),
+            replay_buffer: default_replay_buffer(),
         }
     }
 }
@@ -144,6 +157,12 @@ fn default_max_value_bytes() -> usize {
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(10)
 }
+fn default_replay_bind() -> String {
+    "tcp://127.0.0.1:*".into()
+}
+fn default_replay_buffer() -> usize {
+    100_000
+}
 fn default_multiproc_socket() -> String {
     "ipc:///tmp/feedbridge-publisher.sock".to_owned()
 }
@@ -162,6 +181,18 @@ impl BridgeConfig {
         }
         if self.max_value_bytes == 0 {
             return Err(("bridge.max_value_bytes", "must be at least 1".into()));
+        }
+        if !(self.replay_bind.is_empty()
+            || self.replay_bind.starts_with("tcp://")
+            || self.replay_bind.starts_with("ipc://"))
+        {
+            return Err((
+                "bridge.replay_bind",
+                format!(
+                    "{:?} is not a tcp://HOST:PORT (port * for any) or ipc://PATH endpoint, or \"\" for none",
+                    self.replay_bind
+                ),
+            ));
         }
         Ok(())
     }

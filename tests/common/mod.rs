@@ -257,6 +257,17 @@ pub async fn write_ops(endpoint: String, from: usize, to: usize, log: Log) {
 
 /// The same through a client of several endpoints (an etcd cluster).
 pub async fn write_ops_to(endpoints: Vec<String>, from: usize, to: usize, log: Log) {
+    write_padded_ops(endpoints, from, to, log, 0).await
+}
+
+/// The same with values padded by `pad` bytes (to fill buffers quickly).
+pub async fn write_padded_ops(
+    endpoints: Vec<String>,
+    from: usize,
+    to: usize,
+    log: Log,
+    pad: usize,
+) {
     let mut kv = etcd_client::Client::connect(endpoints.clone(), None)
         .await
         .unwrap();
@@ -268,7 +279,7 @@ pub async fn write_ops_to(endpoints: Vec<String>, from: usize, to: usize, log: L
                     .await
                     .map(|r| (r.deleted() > 0).then(|| r.header().unwrap().revision()))
             } else {
-                kv.put(key.clone(), format!("v{i}"), None)
+                kv.put(key.clone(), format!("v{i}{}", "x".repeat(pad)), None)
                     .await
                     .map(|r| Some(r.header().unwrap().revision()))
             };
