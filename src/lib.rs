@@ -16,7 +16,8 @@
 //! - [`pubsub`]: the `Publisher` / `Subscriber` traits (Dragonflow's API); no backend.
 //! - [`source`]: change sources (etcd watch, Redis keyspace notifications).
 //! - [`backend`]: publish backends (ZeroMQ, Redis, etcd), publisher and subscriber,
-//!   and the `PubSub` manager that picks one from config.
+//!   and the `PubSub` manager that picks one from config; heartbeats, positions,
+//!   gap and silence tracking, and the replay buffer that repairs gaps.
 //! - [`discovery`]: publisher ids, registration in the `publisher` table, discovery.
 //! - [`ha`]: active/standby instances through etcd leader election or a Redis lock.
 //! - [`bridge`]: the source → mapper → publisher pipeline, checkpoints, shutdown.
@@ -28,8 +29,9 @@
 //! - [`admin`]: the admin HTTP listener: `/metrics`, `/healthz`, `/readyz`.
 //! - [`zmq_socket`]: the libzmq context and safe binding, shared by the
 //!   ZeroMQ backend and the multiproc channel.
-//! - `testing` (feature `test-util`): real etcd / Redis servers for the
-//!   tests and the benchmark; not compiled into the release binary.
+//! - `testing` (feature `test-util`): real etcd / Redis servers and a
+//!   fault-injecting TCP proxy for the tests and the benchmark; not compiled
+//!   into the release binary.
 
 #![deny(unreachable_pub, rustdoc::broken_intra_doc_links)]
 #![warn(missing_docs)]
