@@ -81,11 +81,22 @@ fn once_and_in_order(received: &Received) {
 /// Waits until the bridge's writes are flowing to `received` (a probe
 /// arrived), as a subscriber that joined before the restart.
 async fn flowing(received: &Received, kv: &etcd_client::Client) {
+    flowing_again(received, kv, "first").await
+}
+
+/// The same with probes named after `run`: a bridge just started is up
+/// (and handles signals) once one of its own arrives.
+async fn flowing_again(received: &Received, kv: &etcd_client::Client, run: &str) {
     let mut kv = kv.clone();
     for i in 0.. {
-        kv.put(format!("/probe/{i}"), "x", None).await.unwrap();
+        kv.put(format!("/probe/{run}-{i}"), "x", None)
+            .await
+            .unwrap();
         let seen = eventually_or_none(Duration::from_millis(300), || {
-            received.all().iter().any(|u| u.table == "probe")
+            received
+                .all()
+                .iter()
+                .any(|u| u.table == "probe" && u.key.starts_with(run))
         })
         .await;
         if seen {
@@ -171,6 +182,7 @@ async fn restarts_cost_no_sync(
             &zmq,
             &dir.path().join(format!("bridge{n}.log")),
         );
+        flowing_again(&received, &kv, &format!("run{n}")).await;
     }
     writer.await.unwrap();
     verify(&log, &received, &etcd).await;
@@ -254,8 +266,9 @@ async fn kill_9_and_restart_cost_an_etcd_subscriber_no_sync() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_ha_failover_after_kill_9_of_the_leader_costs_a_redis_subscriber_no_sync() {
+/// An HA pair on Redis; the leader is stopped `how` under writes and the
+/// standby takes over; the subscriber delivers no `sync`.
+async fn a_failover_costs_no_sync(how: Stop) {
     let etcd = EtcdServer::start().await;
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -295,8 +308,8 @@ async fn an_ha_failover_after_kill_9_of_the_leader_costs_a_redis_subscriber_no_s
         async move { done.then_some(()) }
     })
     .await;
-    first.kill().unwrap(); // the standby is elected once the lease expires
-    first.wait().unwrap();
+    // SIGTERM: the leader resigns at once; kill -9: its lease expires.
+    stop(&mut first, how);
     writer.await.unwrap();
     verify(&log, &received, &etcd).await;
     once_and_in_order(&received);
@@ -304,9 +317,19 @@ async fn an_ha_failover_after_kill_9_of_the_leader_costs_a_redis_subscriber_no_s
     let syncs = syncs(&received);
     assert!(
         syncs.is_empty(),
-        "a failover made the subscriber re-read: {syncs:?} (logs in {})",
+        "a failover ({how:?}) made the subscriber re-read: {syncs:?} (logs in {})",
         dir.keep().display()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ha_failover_after_kill_9_of_the_leader_costs_a_redis_subscriber_no_sync() {
+    a_failover_costs_no_sync(Stop::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ha_failover_after_sigterm_of_the_leader_costs_a_redis_subscriber_no_sync() {
+    a_failover_costs_no_sync(Stop::Term).await;
 }
 
 // ---- Gaps inside a run, repaired from the bridge's replay buffer ----
