@@ -597,6 +597,9 @@ impl Subscriber for ZmqSubscriber {
             let mut bad_frames = 0u64;
             let mut silence = Silence::new(silence_timeout);
             let mut dedup = Dedup::default();
+            // Publishers that went silent, owed a repair once heard again.
+            let mut owed: std::collections::HashMap<String, (std::time::Instant, String)> =
+                Default::default();
             loop {
                 if stop.is_cancelled() || sink.is_closed() {
                     return Ok(());
@@ -617,13 +620,44 @@ impl Subscriber for ZmqSubscriber {
                     // A new socket connects afresh.
                     let reason = silence_reason(&silent);
                     silences.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%reason, timeout = ?silence.timeout(), "No update and no heartbeat for the silence timeout: reconnecting, then delivering a sync.");
-                    for (publisher, _) in &silent {
-                        tracker.forget(publisher);
-                    }
                     socket = sub_socket(receive_hwm, silence_timeout)?;
                     applied = Registration::default();
                     apply(&socket, &mut applied, &wanted);
+                    // A publisher with a replay endpoint is asked for what
+                    // was missed once it is heard again (its heartbeat shows
+                    // the gap); the others, and one that does not come
+                    // back, mean a sync.
+                    let mut unrepairable = false;
+                    for (publisher, _) in &silent {
+                        if tracker.repair_point(publisher).is_some() {
+                            owed.insert(
+                                publisher.clone(),
+                                (std::time::Instant::now(), reason.clone()),
+                            );
+                        } else {
+                            tracker.forget(publisher);
+                            unrepairable = true;
+                        }
+                    }
+                    if unrepairable {
+                        tracing::warn!(%reason, timeout = ?silence.timeout(), "No update and no heartbeat for the silence timeout: reconnecting, then delivering a sync.");
+                        if sink.blocking_send(DbUpdate::sync(reason)).is_err() {
+                            return Ok(());
+                        }
+                    } else {
+                        tracing::warn!(%reason, timeout = ?silence.timeout(), "No update and no heartbeat for the silence timeout: reconnecting; what was missed is replayed once the publisher is heard again.");
+                    }
+                }
+                let given_up: Vec<String> = owed
+                    .iter()
+                    .filter(|(_, (since, _))| since.elapsed() > silence_timeout * 2)
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                for publisher in given_up {
+                    let (_, reason) = owed.remove(&publisher).expect("listed");
+                    tracker.forget(&publisher);
+                    let reason = format!("{reason}; it has not been heard again");
+                    tracing::warn!(%reason, "Delivering a sync: updates may have been missed.");
                     if sink.blocking_send(DbUpdate::sync(reason)).is_err() {
                         return Ok(());
                     }
@@ -650,6 +684,9 @@ impl Subscriber for ZmqSubscriber {
                             continue;
                         };
                         silence.heard(envelope.publisher.as_deref(), true);
+                        if let Some(p) = &envelope.publisher {
+                            owed.remove(p);
+                        }
                         if let Some(reason) =
                             tracker.heartbeat(&heartbeat, &envelope, |t| wanted.wants(t))
                         {
