@@ -15,5 +15,7 @@ plot="$(mktemp --suffix=.svg)"
 trap 'rm -f "$plot"' EXIT
 cargo run --locked --quiet --features bench --bin feedbridge-bench -- --smoke --plot "$plot"
 grep -q '<svg' "$plot" || { echo "the benchmark drew no plot" >&2; exit 1; }
+# The resume benchmark too: a bridge restart under two subscribers.
+cargo run --locked --quiet --features bench --bin feedbridge-bench -- --resume 2 --preload 100
 # `bench` also builds the benchmark's own unit tests.
 cargo test --locked --no-fail-fast --features bench "$@"

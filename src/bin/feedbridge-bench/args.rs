@@ -86,6 +86,11 @@ pub(crate) struct Args {
     /// change, as the bridge does (for deletes' values and topics).
     #[arg(long)]
     pub(crate) plain_prev_kv: bool,
+    /// Measure what a bridge restart costs this many subscribers that stay
+    /// up (comma separated: one run each), against as many full re-reads
+    /// of the `--preload` keys, instead of the throughput scenarios.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) resume: Vec<usize>,
     /// Internal: run as the writers against `etcd:URL` or `redis:URL`.
     #[arg(long, hide = true)]
     pub(crate) writer_child: Option<String>,

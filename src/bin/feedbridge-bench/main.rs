@@ -13,6 +13,7 @@ mod args;
 mod measure;
 mod plot;
 mod report;
+mod resume;
 mod scenario;
 mod servers;
 mod values;
@@ -92,14 +93,22 @@ fn main() {
         }
         let config = Config::load(cfg).unwrap_or_else(|e| panic!("{e}"));
         let stats = Arc::new(feedbridge::stats::Stats::default());
-        // The runtime the `feedbridge` binary runs the bridge on.
+        // The runtime the `feedbridge` binary runs the bridge on; SIGTERM
+        // stops it gracefully, as it does the binary.
         feedbridge::bridge::runtime()
             .unwrap()
-            .block_on(feedbridge::bridge::run(
-                config,
-                CancellationToken::new(),
-                stats,
-            ))
+            .block_on(async {
+                let shutdown = CancellationToken::new();
+                let stop = shutdown.clone();
+                tokio::spawn(async move {
+                    let mut term =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                            .expect("SIGTERM handler");
+                    term.recv().await;
+                    stop.cancel();
+                });
+                feedbridge::bridge::run(config, shutdown, stats).await
+            })
             .unwrap();
         return;
     }
@@ -113,6 +122,21 @@ fn main() {
             });
         print_table(&rows);
         draw(&args, &rows);
+        return;
+    }
+    if !args.resume.is_empty() {
+        let rows: Vec<_> = runtime.block_on(async {
+            let mut rows = Vec::new();
+            for &n in &args.resume {
+                eprintln!(
+                    "resume: a bridge restart under {n} subscriber(s), {} preloaded keys...",
+                    args.preload
+                );
+                rows.push(resume::resume(&args, n).await);
+            }
+            rows
+        });
+        resume::print(&rows);
         return;
     }
     let scenarios = scenarios(&args);
