@@ -236,6 +236,25 @@ fn zmq_subscriber(endpoint: &str) -> Arc<dyn Subscriber> {
     sub
 }
 
+/// An etcd → ZeroMQ bridge and a subscriber reaching it through a fault
+/// proxy, with updates flowing.
+async fn zmq_through_proxy() -> (
+    EtcdServer,
+    Bridge,
+    FaultProxy,
+    Arc<dyn Subscriber>,
+    mpsc::Receiver<DbUpdate>,
+) {
+    let etcd = EtcdServer::start().await;
+    let port = free_port();
+    let bridge = Bridge::start(&(etcd_source(&etcd.endpoint()) + &zmq_backend(port)));
+    let proxy = FaultProxy::start(&format!("127.0.0.1:{port}"));
+    let sub = zmq_subscriber(&format!("tcp://{}", proxy.addr()));
+    let (mut rx, _pump) = sub.clone().updates(4096);
+    await_etcd_flow(&mut rx, &etcd.client().await).await;
+    (etcd, bridge, proxy, sub, rx)
+}
+
 /// Waits until `sub` has taken a connection for dead; returns when.
 async fn noticed(sub: &Arc<dyn Subscriber>, since: Instant, what: &str) -> Duration {
     eventually(what, DETECT + SILENCE, || {
@@ -248,14 +267,8 @@ async fn noticed(sub: &Arc<dyn Subscriber>, since: Instant, what: &str) -> Durat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zmq_subscriber_whose_publisher_gave_up_during_a_partition_reconnects_and_resyncs() {
-    let etcd = EtcdServer::start().await;
-    let port = free_port();
-    let _bridge = Bridge::start(&(etcd_source(&etcd.endpoint()) + &zmq_backend(port)));
-    let proxy = FaultProxy::start(&format!("127.0.0.1:{port}"));
-    let sub = zmq_subscriber(&format!("tcp://{}", proxy.addr()));
-    let (mut rx, _pump) = sub.clone().updates(4096);
+    let (etcd, _bridge, proxy, sub, rx) = zmq_through_proxy().await;
     let kv = etcd.client().await;
-    await_etcd_flow(&mut rx, &kv).await;
     let db = Db::Etcd(Box::new(kv));
     let app = App::run(rx, db.clone());
     let writer = Writer::etcd(etcd.endpoint(), Duration::from_millis(5), 0);
@@ -616,14 +629,7 @@ async fn an_ha_leader_cut_off_from_etcd_says_standby_before_another_is_elected()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zmq_subscriber_whose_publisher_never_comes_back_is_told_to_re_read() {
-    let etcd = EtcdServer::start().await;
-    let port = free_port();
-    let _bridge = Bridge::start(&(etcd_source(&etcd.endpoint()) + &zmq_backend(port)));
-    let proxy = FaultProxy::start(&format!("127.0.0.1:{port}"));
-    let sub = zmq_subscriber(&format!("tcp://{}", proxy.addr()));
-    let (mut rx, _pump) = sub.clone().updates(4096);
-    let kv = etcd.client().await;
-    await_etcd_flow(&mut rx, &kv).await;
+    let (_etcd, _bridge, proxy, _sub, mut rx) = zmq_through_proxy().await;
     // Heartbeats give the subscriber a position and a replay endpoint.
     tokio::time::sleep(Duration::from_secs(1)).await;
     proxy.set(Fault::Blackhole); // a host that lost power: never heals

@@ -18,7 +18,7 @@ use common::*;
 use feedbridge::backend::PubSub;
 use feedbridge::codec::Codec;
 use feedbridge::config::{
-    BackendConfig, EtcdBackendConfig, RedisBackendConfig, ZmqBackendConfig, DEFAULT_SILENCE_TIMEOUT,
+    BackendConfig, EtcdBackendConfig, ZmqBackendConfig, DEFAULT_SILENCE_TIMEOUT,
 };
 use feedbridge::pubsub::Subscriber;
 use feedbridge::{Action, DbUpdate};
@@ -232,17 +232,7 @@ async fn kill_9_and_restart_cost_a_redis_subscriber_no_sync() {
     );
     let url = redis.url();
     restarts_cost_no_sync(Stop::Kill, Some(&config), move |_, _| {
-        let sub = PubSub::new(BackendConfig::Redis(RedisBackendConfig {
-            url,
-            codec: Codec::Msgpack,
-            connect_timeout: Duration::from_secs(5),
-            sharded: false,
-            silence_timeout: DEFAULT_SILENCE_TIMEOUT,
-            auth: Default::default(),
-        }))
-        .get_subscriber();
-        sub.register_topic("");
-        sub
+        redis_subscriber(&url)
     })
     .await;
 }
@@ -287,16 +277,7 @@ async fn a_failover_costs_no_sync(how: Stop) {
     let (a, b) = (config("a"), config("b"));
     let unused = format!("tcp://127.0.0.1:{}", free_port());
     let mut first = spawn(&a, &etcd, &unused, &dir.path().join("a.log"));
-    let sub = PubSub::new(BackendConfig::Redis(RedisBackendConfig {
-        url: redis.url(),
-        codec: Codec::Msgpack,
-        connect_timeout: Duration::from_secs(5),
-        sharded: false,
-        silence_timeout: DEFAULT_SILENCE_TIMEOUT,
-        auth: Default::default(),
-    }))
-    .get_subscriber();
-    sub.register_topic("");
+    let sub = redis_subscriber(&redis.url());
     let (received, _task) = collect(&sub);
     let kv = etcd.client().await;
     flowing(&received, &kv).await;
@@ -417,16 +398,7 @@ async fn a_redis_subscriber_whose_connection_was_killed_gets_the_missed_updates_
         &etcd,
         &format!("[backend]\ntype = \"redis\"\nurl = \"{}\"\n", redis.url()),
     );
-    let sub = PubSub::new(BackendConfig::Redis(RedisBackendConfig {
-        url: redis.url(),
-        codec: Codec::Msgpack,
-        connect_timeout: Duration::from_secs(5),
-        sharded: false,
-        silence_timeout: DEFAULT_SILENCE_TIMEOUT,
-        auth: Default::default(),
-    }))
-    .get_subscriber();
-    sub.register_topic("");
+    let sub = redis_subscriber(&redis.url());
     let (received, _task) = collect(&sub);
     let kv = etcd.client().await;
     flowing(&received, &kv).await;

@@ -457,20 +457,25 @@ pub fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> std::pro
     }
 }
 
-/// A Redis-backend subscriber of every topic on `url`, already running.
-pub fn redis_updates(url: &str) -> mpsc::Receiver<DbUpdate> {
+/// A Redis-backend subscriber of every topic on `url` (not running yet).
+pub fn redis_subscriber(url: &str) -> Arc<dyn feedbridge::pubsub::Subscriber> {
     use feedbridge::config::{BackendConfig, RedisBackendConfig};
     let sub = feedbridge::backend::PubSub::new(BackendConfig::Redis(RedisBackendConfig {
-        silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
         url: url.to_owned(),
         codec: feedbridge::codec::Codec::Msgpack,
         connect_timeout: Duration::from_secs(5),
         sharded: false,
+        silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
         auth: Default::default(),
     }))
     .get_subscriber();
     sub.register_topic("");
-    sub.updates(1024).0
+    sub
+}
+
+/// A Redis-backend subscriber of every topic on `url`, already running.
+pub fn redis_updates(url: &str) -> mpsc::Receiver<DbUpdate> {
+    redis_subscriber(url).updates(1024).0
 }
 
 /// Waits until Redis counts a pattern subscription (what `redis_updates`
