@@ -1,0 +1,541 @@
+//! A nemesis run (issue 22, first version): a workload with a known
+//! history, random faults injected at random intervals from a seed, and a
+//! checker of what every subscriber delivered.
+//!
+//! - Workload: one writer to etcd, a counter in every value, deletes,
+//!   large values, delete-ranges, bursts.
+//! - Bridges: an HA pair (etcd → Redis) and a single bridge (etcd →
+//!   ZeroMQ, the shipped config) as processes.
+//! - Subscribers: a Redis subscriber of the pair, a ZeroMQ subscriber of
+//!   the single bridge through the fault proxy; each an application that
+//!   re-reads etcd on a `sync`.
+//! - Nemesis: `kill -9`, SIGTERM (and a restart), SIGSTOP/SIGCONT of a
+//!   bridge; an etcd restart; a partition of the ZeroMQ subscriber's link
+//!   (sometimes until the bridge's side gives up); a compaction; a burst.
+//! - Checker: per subscriber and key, revisions delivered in order; every
+//!   written revision delivered, or a `sync` delivered around it; the final
+//!   state equal to etcd's.
+//!
+//! `scripts/nemesis.sh [--minutes N] [--seed S]` runs it (it is ignored by
+//! the ordinary test run); the same seed injects the same faults.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use feedbridge::pubsub::Subscriber;
+use feedbridge::testing::{Fault, FaultProxy};
+use feedbridge::{Action, DbUpdate};
+
+const BIN: &str = env!("CARGO_BIN_EXE_feedbridge");
+
+/// A small, seeded generator (xorshift64*): the same seed, the same run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// One acknowledged write.
+#[derive(Clone, Debug)]
+struct Write {
+    key: String,
+    revision: i64,
+}
+
+/// A bridge process, restartable.
+struct Proc {
+    name: &'static str,
+    config: PathBuf,
+    env: Vec<(&'static str, String)>,
+    logs: PathBuf,
+    child: Option<KillOnDrop>,
+    runs: usize,
+    stopped: bool,
+}
+
+impl Proc {
+    fn start(&mut self) {
+        self.runs += 1;
+        let log = self.logs.join(format!("{}-{}.log", self.name, self.runs));
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--config"]).arg(&self.config);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(KillOnDrop(
+            cmd.stderr(std::fs::File::create(log).unwrap())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ));
+        self.stopped = false;
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status();
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn term(&mut self) {
+        self.cont();
+        self.signal("-TERM");
+        if let Some(mut c) = self.child.take() {
+            let _ = wait_exit(&mut c, Duration::from_secs(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        self.signal("-STOP");
+        self.stopped = true;
+    }
+
+    fn cont(&mut self) {
+        if self.stopped {
+            self.signal("-CONT");
+            self.stopped = false;
+        }
+    }
+}
+
+/// What one subscriber delivered, in order, and its application's rows.
+#[derive(Clone, Default)]
+struct Seen {
+    delivered: Arc<Mutex<Vec<DbUpdate>>>,
+    rows: Arc<Mutex<BTreeMap<String, String>>>,
+}
+
+/// Runs a subscriber's application: applies updates, re-reads etcd on a
+/// `sync`.
+fn run_app(sub: Arc<dyn Subscriber>, etcd: String) -> Seen {
+    let seen = Seen::default();
+    let s = seen.clone();
+    let (mut rx, _pump) = sub.updates(4096);
+    tokio::spawn(async move {
+        while let Some(u) = rx.recv().await {
+            if u.action == Action::Sync {
+                // The application re-reads (retrying while etcd restarts).
+                let fresh = loop {
+                    if let Ok(kv) = etcd_client::Client::connect([etcd.clone()], None).await {
+                        if let Ok(Ok(state)) =
+                            tokio::time::timeout(Duration::from_secs(5), rows_of(kv)).await
+                        {
+                            break state;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                };
+                *s.rows.lock().unwrap() = fresh;
+            } else if u.table == "lport" {
+                let mut rows = s.rows.lock().unwrap();
+                match u.action {
+                    Action::Delete => {
+                        rows.remove(&u.key);
+                    }
+                    _ => {
+                        rows.insert(u.key.clone(), u.value.clone().unwrap_or_default());
+                    }
+                }
+            }
+            s.delivered.lock().unwrap().push(u);
+        }
+    });
+    seen
+}
+
+async fn rows_of(kv: etcd_client::Client) -> Result<BTreeMap<String, String>, ()> {
+    Ok(etcd_state_of(kv)
+        .await
+        .into_iter()
+        .map(|((_, k), v)| (k, v))
+        .collect())
+}
+
+/// The writer: values carry a counter; deletes, large values, a
+/// delete-range now and then; `burst` writes go out without a pause.
+async fn writer(
+    endpoint: String,
+    log: Arc<Mutex<Vec<Write>>>,
+    stop: Arc<AtomicBool>,
+    burst: Arc<AtomicBool>,
+) {
+    let mut kv: Option<etcd_client::Client> = None;
+    let mut i: u64 = 0;
+    while !stop.load(Relaxed) {
+        let Some(c) = kv.as_mut() else {
+            kv = etcd_client::Client::connect([endpoint.clone()], None)
+                .await
+                .ok();
+            if kv.is_none() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            continue;
+        };
+        let key = format!("/lport/k{}", i % 40);
+        let result = if i % 199 == 198 {
+            c.delete(
+                "/lport/k1",
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )
+            .await
+            .map(|r| {
+                // the keys it deleted share one revision in the history
+                if r.deleted() > 0 {
+                    vec![("/lport/k1*".to_string(), r.header().unwrap().revision())]
+                } else {
+                    vec![]
+                }
+            })
+        } else if i % 11 == 10 {
+            c.delete(key.clone(), None).await.map(|r| {
+                if r.deleted() > 0 {
+                    vec![(key.clone(), r.header().unwrap().revision())]
+                } else {
+                    vec![]
+                }
+            })
+        } else {
+            let pad = if i % 97 == 96 { 64 << 10 } else { 0 };
+            c.put(key.clone(), format!("{i}:{}", "x".repeat(pad)), None)
+                .await
+                .map(|r| vec![(key.clone(), r.header().unwrap().revision())])
+        };
+        match result {
+            Ok(writes) => {
+                let mut log = log.lock().unwrap();
+                for (key, revision) in writes {
+                    log.push(Write { key, revision });
+                }
+                i += 1;
+            }
+            Err(_) => {
+                kv = None; // etcd restarting: reconnect
+                continue;
+            }
+        }
+        if !burst.load(Relaxed) {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+    }
+}
+
+fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: scripts/nemesis.sh runs it"]
+async fn nemesis() {
+    let seconds: u64 = std::env::var("NEMESIS_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    let seed: u64 = std::env::var("NEMESIS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let mut rng = Rng(seed.max(1) * 0x9E37_79B9_7F4A_7C15);
+    let mut etcd = EtcdServer::start().await;
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().to_path_buf();
+    let endpoint = etcd.endpoint();
+
+    // The HA pair, etcd -> Redis.
+    let ha = |name: &str| {
+        format!(
+            "[source]\ntype = \"etcd\"\nendpoints = [\"{endpoint}\"]\n[backend]\ntype = \"redis\"\nurl = \"{}\"\n[ha]\nlease_ttl = \"2s\"\ninstance = \"{name}\"\n",
+            redis.url()
+        )
+    };
+    let zmq_port = free_port();
+    let mut procs = vec![
+        Proc {
+            name: "a",
+            config: write_config(&logs, "a", &ha("a")),
+            env: vec![],
+            logs: logs.clone(),
+            child: None,
+            runs: 0,
+            stopped: false,
+        },
+        Proc {
+            name: "b",
+            config: write_config(&logs, "b", &ha("b")),
+            env: vec![],
+            logs: logs.clone(),
+            child: None,
+            runs: 0,
+            stopped: false,
+        },
+        // The single bridge, etcd -> ZeroMQ, as shipped.
+        Proc {
+            name: "z",
+            config: workspace_path("config/feedbridge.toml"),
+            env: vec![
+                ("FEEDBRIDGE_ETCD_ENDPOINTS", endpoint.clone()),
+                ("FEEDBRIDGE_ZMQ_BIND", format!("tcp://127.0.0.1:{zmq_port}")),
+            ],
+            logs: logs.clone(),
+            child: None,
+            runs: 0,
+            stopped: false,
+        },
+    ];
+    for p in &mut procs {
+        p.start();
+    }
+    let proxy = FaultProxy::start(&format!("127.0.0.1:{zmq_port}"));
+    let redis_sub = redis_subscriber(&redis.url());
+    let zmq_sub = {
+        use feedbridge::config::{BackendConfig, ZmqBackendConfig};
+        let sub = feedbridge::backend::PubSub::new(BackendConfig::Zmq(ZmqBackendConfig {
+            bind: format!("tcp://{}", proxy.addr()),
+            codec: feedbridge::codec::Codec::Msgpack,
+            send_hwm: 1000,
+            linger: Duration::ZERO,
+            rejoin_wait: Duration::ZERO,
+            silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
+        }))
+        .get_subscriber();
+        sub.register_topic("");
+        sub
+    };
+    let subscribers = [
+        (
+            "redis (HA pair)",
+            run_app(redis_sub.clone(), endpoint.clone()),
+        ),
+        (
+            "zmq (through the proxy)",
+            run_app(zmq_sub.clone(), endpoint.clone()),
+        ),
+    ];
+    // Both subscribers are receiving before the run starts.
+    let mut kv = etcd.client().await;
+    for i in 0.. {
+        kv.put(format!("/probe/{i}"), "x", None).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if subscribers.iter().all(|(_, s)| {
+            s.delivered
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|u| u.table == "probe")
+        }) {
+            break;
+        }
+        assert!(i < 150, "the subscribers never received anything");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await; // positions
+
+    let log: Arc<Mutex<Vec<Write>>> = Default::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let burst = Arc::new(AtomicBool::new(false));
+    let writing = tokio::spawn(writer(
+        endpoint.clone(),
+        log.clone(),
+        stop.clone(),
+        burst.clone(),
+    ));
+
+    let mut faults: BTreeMap<&str, usize> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1000 + rng.below(3000))).await;
+        let target = rng.below(procs.len() as u64) as usize;
+        let kind = match rng.below(9) {
+            0 => {
+                procs[target].kill();
+                procs[target].start();
+                "kill -9 a bridge"
+            }
+            1 => {
+                procs[target].term();
+                procs[target].start();
+                "SIGTERM a bridge"
+            }
+            2 => {
+                procs[target].stop();
+                tokio::time::sleep(Duration::from_millis(500 + rng.below(3000))).await;
+                procs[target].cont();
+                "SIGSTOP/SIGCONT a bridge"
+            }
+            3 => {
+                etcd.restart().await;
+                "restart etcd"
+            }
+            4 | 5 => {
+                proxy.set(Fault::Blackhole);
+                tokio::time::sleep(Duration::from_millis(500 + rng.below(4000))).await;
+                if rng.below(2) == 0 {
+                    proxy.far_side_gives_up();
+                }
+                proxy.set(Fault::Pass);
+                "partition the zmq subscriber"
+            }
+            6 => {
+                if let Ok(mut c) = etcd_client::Client::connect([endpoint.clone()], None).await {
+                    if let Ok(r) = c.get("/", None).await {
+                        let rev = r.header().unwrap().revision();
+                        let _ = c.compact(rev, None).await;
+                    }
+                }
+                "compact etcd"
+            }
+            _ => {
+                burst.store(true, Relaxed);
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+                burst.store(false, Relaxed);
+                "a burst of writes"
+            }
+        };
+        *faults.entry(kind).or_default() += 1;
+    }
+
+    // Heal, stop writing, and let everything converge.
+    proxy.set(Fault::Pass);
+    for p in &mut procs {
+        p.cont();
+    }
+    stop.store(true, Relaxed);
+    writing.await.unwrap();
+    let converging = Instant::now();
+    let kv = etcd.client().await;
+    let expected = rows_of(kv.clone()).await.unwrap();
+    let mut stale = BTreeMap::new();
+    for (name, seen) in &subscribers {
+        let ok = eventually_bool(Duration::from_secs(60), || {
+            *seen.rows.lock().unwrap() == expected
+        })
+        .await;
+        if !ok {
+            let rows = seen.rows.lock().unwrap();
+            let n = expected
+                .iter()
+                .filter(|(k, v)| rows.get(*k) != Some(v))
+                .count()
+                + rows.keys().filter(|k| !expected.contains_key(*k)).count();
+            stale.insert(*name, n);
+        }
+    }
+    let converged = converging.elapsed();
+
+    // The checker.
+    let written = log.lock().unwrap().clone();
+    println!(
+        "nemesis: seed {seed}, {seconds} s, {} writes acknowledged",
+        written.len()
+    );
+    println!(
+        "faults injected: {faults:?} ({} in all)",
+        faults.values().sum::<usize>()
+    );
+    let mut failures = Vec::new();
+    for (name, seen) in &subscribers {
+        let delivered = seen.delivered.lock().unwrap().clone();
+        let syncs = delivered
+            .iter()
+            .filter(|u| u.action == Action::Sync)
+            .count();
+        // Order: each row's revisions strictly increase.
+        let mut last: HashMap<&str, i64> = HashMap::new();
+        let mut order = 0;
+        for u in delivered.iter().filter(|u| u.table == "lport") {
+            if let Some(r) = u.revision {
+                if let Some(before) = last.insert(&u.key, r) {
+                    if before >= r {
+                        order += 1;
+                    }
+                }
+            }
+        }
+        // Loss: a written revision not delivered, with no sync delivered
+        // between the updates around it.
+        let index: HashMap<i64, usize> = delivered
+            .iter()
+            .enumerate()
+            .filter_map(|(i, u)| u.revision.map(|r| (r, i)))
+            .collect();
+        let sync_at: Vec<usize> = delivered
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| u.action == Action::Sync)
+            .map(|(i, _)| i)
+            .collect();
+        let mut lost = 0;
+        let mut explained = 0;
+        for w in &written {
+            if index.contains_key(&w.revision) {
+                continue;
+            }
+            let before = delivered
+                .iter()
+                .rposition(|u| u.revision.is_some_and(|r| r < w.revision))
+                .unwrap_or(0);
+            let after = delivered
+                .iter()
+                .position(|u| u.revision.is_some_and(|r| r > w.revision))
+                .unwrap_or(delivered.len());
+            if sync_at.iter().any(|&s| s >= before && s <= after) {
+                explained += 1;
+            } else {
+                lost += 1;
+            }
+        }
+        let stale_rows = stale.get(name).copied().unwrap_or(0);
+        println!(
+            "{name}: {} updates delivered, {syncs} syncs, {lost} lost, {explained} missing but signalled by a sync, {order} order violations, {stale_rows} stale rows",
+            delivered.len()
+        );
+        if lost > 0 || order > 0 || stale_rows > 0 {
+            failures.push(*name);
+        }
+    }
+    println!("converged {converged:?} after the faults stopped");
+    for p in &mut procs {
+        p.kill();
+    }
+    assert!(
+        failures.is_empty(),
+        "the checker failed for {failures:?} (seed {seed}; logs in {})",
+        dir.keep().display()
+    );
+}
+
+async fn eventually_bool(within: Duration, ok: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ok()
+}
