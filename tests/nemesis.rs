@@ -491,6 +491,7 @@ async fn nemesis() {
             .collect();
         let mut lost = 0;
         let mut explained = 0;
+        let mut examples = Vec::new();
         for w in &written {
             if index.contains_key(&w.revision) {
                 continue;
@@ -507,6 +508,9 @@ async fn nemesis() {
                 explained += 1;
             } else {
                 lost += 1;
+                if examples.len() < 5 {
+                    examples.push(format!("{}@{}", w.key, w.revision));
+                }
             }
         }
         let stale_rows = stale.get(name).copied().unwrap_or(0);
@@ -515,6 +519,7 @@ async fn nemesis() {
             delivered.len()
         );
         if lost > 0 || order > 0 || stale_rows > 0 {
+            println!("{name}: first lost writes {examples:?}");
             failures.push(*name);
         }
     }
