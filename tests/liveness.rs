@@ -651,3 +651,49 @@ async fn a_zmq_subscriber_whose_publisher_never_comes_back_is_told_to_re_read() 
         cut.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fault_proxy_passes_delays_blackholes_and_resets() {
+    let redis = RedisServer::start().await;
+    let proxy = FaultProxy::start(&format!("127.0.0.1:{}", redis.port));
+    let ping = |timeout: Duration| {
+        let url = format!("redis://{}/0", proxy.addr());
+        async move {
+            let client = redis::Client::open(url).unwrap();
+            let start = Instant::now();
+            let answer = tokio::time::timeout(timeout, async {
+                let mut c = client.get_multiplexed_async_connection().await?;
+                redis::cmd("PING").query_async::<String>(&mut c).await
+            })
+            .await;
+            (answer, start.elapsed())
+        }
+    };
+    let (answer, _) = ping(Duration::from_secs(5)).await;
+    assert_eq!(answer.unwrap().unwrap(), "PONG", "pass");
+    // Each read is held 100 ms, each way (redis-rs gives an answer 500 ms).
+    proxy.set(Fault::Latency(Duration::from_millis(100)));
+    let (answer, took) = ping(Duration::from_secs(5)).await;
+    assert_eq!(answer.unwrap().unwrap(), "PONG");
+    assert!(took >= Duration::from_millis(200), "latency: {took:?}");
+    proxy.set(Fault::Blackhole);
+    let (answer, took) = ping(Duration::from_secs(1)).await;
+    let timed_out = |a: &Result<redis::RedisResult<String>, _>| match a {
+        Err(_) => true,
+        Ok(Err(e)) => e.to_string().contains("timed out"),
+        Ok(Ok(_)) => false,
+    };
+    assert!(
+        timed_out(&answer) && took >= Duration::from_millis(400),
+        "a blackhole answers nothing, not even an error: {answer:?} after {took:?}"
+    );
+    proxy.set(Fault::Reset);
+    let (answer, took) = ping(Duration::from_secs(5)).await;
+    assert!(
+        matches!(answer, Ok(Err(_))) && !timed_out(&answer),
+        "a reset fails at once: {answer:?} after {took:?}"
+    );
+    proxy.set(Fault::Pass);
+    let (answer, _) = ping(Duration::from_secs(5)).await;
+    assert_eq!(answer.unwrap().unwrap(), "PONG", "healed");
+}
