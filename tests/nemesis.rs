@@ -260,7 +260,7 @@ async fn nemesis() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
-    let mut rng = Rng(seed.max(1) * 0x9E37_79B9_7F4A_7C15);
+    let mut rng = Rng(seed.max(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut etcd = EtcdServer::start().await;
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
