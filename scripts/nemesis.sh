@@ -17,4 +17,4 @@ while [ $# -gt 0 ]; do
 done
 scripts/setup.sh
 NEMESIS_SECONDS=$((minutes * 60)) NEMESIS_SEED="$seed" \
-    cargo test --locked --features test-util --test nemesis -- --ignored --nocapture
+    cargo test --locked --features bench --test nemesis -- --ignored --nocapture
