@@ -14,7 +14,8 @@
 //!   (sometimes until the bridge's side gives up); a compaction; a burst.
 //! - Checker: per subscriber and key, revisions delivered in order; every
 //!   written revision delivered, or a `sync` delivered around it; the final
-//!   state equal to etcd's.
+//!   state equal to etcd's; the HA pair's terms (publisher, epoch) never
+//!   interleave on Redis (two leaders at once).
 //!
 //! `scripts/nemesis.sh [--minutes N] [--seed S]` runs it (it is ignored by
 //! the ordinary test run); the same seed injects the same faults.
@@ -327,6 +328,31 @@ async fn nemesis() {
         sub.register_topic("");
         sub
     };
+    // Who publishes on Redis, in the order Redis delivered it: a term is a
+    // (publisher, epoch); two whose messages interleave led at once.
+    let terms: Arc<Mutex<Vec<(String, u64)>>> = Default::default();
+    {
+        use futures_util::StreamExt;
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut pubsub = client.get_async_pubsub().await.unwrap();
+        pubsub.psubscribe("*").await.unwrap();
+        let terms = terms.clone();
+        tokio::spawn(async move {
+            let mut messages = pubsub.into_on_message();
+            while let Some(m) = messages.next().await {
+                if let Ok((_, env)) =
+                    feedbridge::codec::Codec::Msgpack.decode(m.get_payload_bytes())
+                {
+                    if let (Some(p), Some(e)) = (env.publisher, env.epoch) {
+                        let mut terms = terms.lock().unwrap();
+                        if terms.last().is_none_or(|t| t.0 != p || t.1 != e) {
+                            terms.push((p, e));
+                        }
+                    }
+                }
+            }
+        });
+    }
     let subscribers = [
         (
             "redis (HA pair)",
@@ -524,6 +550,24 @@ async fn nemesis() {
         }
     }
     println!("converged {converged:?} after the faults stopped");
+    // A term that comes back after another term started: two leaders at once.
+    let terms = terms.lock().unwrap().clone();
+    let mut ended = std::collections::HashSet::new();
+    let mut concurrent = 0;
+    for pair in terms.windows(2) {
+        ended.insert(pair[0].clone());
+        if ended.contains(&pair[1]) {
+            concurrent += 1;
+        }
+    }
+    let distinct: std::collections::HashSet<_> = terms.iter().collect();
+    println!(
+        "HA pair: {} terms on Redis, {concurrent} times an earlier term published after a later one had started",
+        distinct.len()
+    );
+    if concurrent > 0 {
+        failures.push("HA pair (two leaders at once)");
+    }
     for p in &mut procs {
         p.kill();
     }
