@@ -262,6 +262,14 @@ async fn nemesis() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
     let mut rng = Rng(seed.max(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    // The subscribers' own log lines (reconnects, repairs, syncs) go to
+    // stderr when RUST_LOG says so.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let mut etcd = EtcdServer::start().await;
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -443,6 +451,7 @@ async fn nemesis() {
             }
         };
         *faults.entry(kind).or_default() += 1;
+        eprintln!("nemesis: {kind} ({})", procs[target].name);
     }
 
     // Heal, stop writing, and let everything converge.
@@ -540,6 +549,14 @@ async fn nemesis() {
             }
         }
         let stale_rows = stale.get(name).copied().unwrap_or(0);
+        for reason in delivered
+            .iter()
+            .filter(|u| u.action == Action::Sync)
+            .filter_map(|u| u.value.as_deref())
+            .take(3)
+        {
+            println!("{name}: a sync: {reason}");
+        }
         println!(
             "{name}: {} updates delivered, {syncs} syncs, {lost} lost, {explained} missing but signalled by a sync, {order} order violations, {stale_rows} stale rows",
             delivered.len()

@@ -448,9 +448,12 @@ impl GapTracker {
                 Some(_) => {}
             }
         }
-        // Past this heartbeat (and the sync, if one is due: the application
-        // re-reads then) the subscriber has everything up to `pos`.
-        if let (Some(service), Some(pos)) = (beat.service, beat.pos) {
+        // Past a heartbeat that shows nothing missed, the subscriber has
+        // everything up to `pos`. One that shows a gap leaves the position
+        // where it was: the repair asks from there (and moves it), and a
+        // `sync` makes the application re-read, after which the next
+        // heartbeat moves it.
+        if let (Some(service), Some(pos), true) = (beat.service, beat.pos, reasons.is_empty()) {
             let at = self.verified.entry(service).or_insert(pos);
             *at = (*at).max(pos);
         }
@@ -683,6 +686,27 @@ mod tests {
         let (b, _) = run("p", 500, 600);
         assert_eq!(lossless.check("D", &a.stamp("D")), None);
         assert_eq!(lossless.check("D", &b.stamp("D")), None);
+    }
+
+    /// Found by the nemesis (seed 7): a heartbeat that revealed a lost tail
+    /// also moved the position past it, so the repair asked from after the
+    /// loss and got nothing.
+    #[test]
+    fn a_heartbeat_that_shows_a_gap_leaves_the_position_for_the_repair() {
+        let mut tracker = GapTracker::new(Arc::new(AtomicU64::new(0)));
+        let all = |_: &str| true;
+        let (p, positions) = run("p", 10, 100);
+        let (hb, env) = p.heartbeat().unwrap();
+        assert_eq!(tracker.heartbeat(&hb, &env, all), None);
+        assert_eq!(tracker.check("D", &p.stamp("D")), None);
+        let _lost = p.stamp("D");
+        positions.published(120);
+        let (hb, env) = p.heartbeat().unwrap();
+        assert!(tracker.heartbeat(&hb, &env, all).unwrap().contains("missed 1"));
+        assert_eq!(tracker.position("s"), Some(100), "the repair asks from here");
+        let (hb, env) = p.heartbeat().unwrap();
+        assert_eq!(tracker.heartbeat(&hb, &env, all), None);
+        assert_eq!(tracker.position("s"), Some(120), "a clean heartbeat moves it");
     }
 
     #[test]
