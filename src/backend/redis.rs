@@ -761,7 +761,7 @@ impl Subscriber for RedisSubscriber {
                     first = false;
                     self.silences
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::warn!(url = %self.url, %reason, timeout = ?self.silence_timeout, "No update and no heartbeat for the silence timeout: reconnecting, then delivering a sync.");
+                    tracing::warn!(url = %self.url, %reason, timeout = ?self.silence_timeout, "No update and no heartbeat for the silence timeout: reconnecting; what was missed is asked of the publishers' replay buffers (a sync where they cannot answer).");
                     for (publisher, _) in &silent {
                         tracker.gaps.forget(publisher);
                     }
