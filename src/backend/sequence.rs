@@ -702,11 +702,22 @@ mod tests {
         let _lost = p.stamp("D");
         positions.published(120);
         let (hb, env) = p.heartbeat().unwrap();
-        assert!(tracker.heartbeat(&hb, &env, all).unwrap().contains("missed 1"));
-        assert_eq!(tracker.position("s"), Some(100), "the repair asks from here");
+        assert!(tracker
+            .heartbeat(&hb, &env, all)
+            .unwrap()
+            .contains("missed 1"));
+        assert_eq!(
+            tracker.position("s"),
+            Some(100),
+            "the repair asks from here"
+        );
         let (hb, env) = p.heartbeat().unwrap();
         assert_eq!(tracker.heartbeat(&hb, &env, all), None);
-        assert_eq!(tracker.position("s"), Some(120), "a clean heartbeat moves it");
+        assert_eq!(
+            tracker.position("s"),
+            Some(120),
+            "a clean heartbeat moves it"
+        );
     }
 
     #[test]
