@@ -71,6 +71,7 @@ impl Publisher for EtcdPublisher {
     async fn send_event(&self, update: &DbUpdate, topic: Option<&str>) -> Result<(), PublishError> {
         let topic = topic.unwrap_or(&update.topic);
         let _order = self.order.lock().await;
+        self.leading()?;
         let payload = self.codec.encode(update, &self.sequencer.stamp(topic));
         let key = format!("{}{}", self.prefix, topic);
         let result = self.client.clone().put(key, payload, None).await;
@@ -90,6 +91,7 @@ impl Publisher for EtcdPublisher {
     /// stream on a single topic is still one PUT per update.
     async fn send_batch(&self, updates: &[DbUpdate]) -> Result<(), PublishError> {
         let _order = self.order.lock().await;
+        self.leading()?;
         let mut rest = updates;
         while !rest.is_empty() {
             let mut topics: Vec<&str> = Vec::new();
@@ -120,6 +122,20 @@ impl Publisher for EtcdPublisher {
 
     async fn close(&self) -> Result<(), PublishError> {
         Ok(())
+    }
+}
+
+impl EtcdPublisher {
+    /// Leadership, checked again under the order lock right before sending.
+    fn leading(&self) -> Result<(), PublishError> {
+        if self.sequencer.gate_open() {
+            Ok(())
+        } else {
+            Err(PublishError::Send {
+                backend: "etcd",
+                message: "not the leader any more".into(),
+            })
+        }
     }
 }
 

@@ -57,10 +57,13 @@ fn spawn_heartbeat(
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            // The gate is asked under the lock, right before sending: a
+            // heartbeat that waited for the lock while leadership was lost
+            // (a paused process) is not sent late.
+            let mut guard = connection.lock().await;
             let Some((update, envelope)) = sequencer.heartbeat() else {
                 continue;
             };
-            let mut guard = connection.lock().await;
             if let Some(conn) = guard.as_mut() {
                 let mut publish = redis::cmd(if sharded { "SPUBLISH" } else { "PUBLISH" });
                 publish
@@ -127,6 +130,13 @@ impl RedisPublisher {
                     .map_err(send_error)?,
             ),
         };
+        // Leadership is checked again here, under the lock and right before
+        // sending: a batch that waited for the lock (or a process paused
+        // after the pipeline's check) is not published late. A write the
+        // client library already holds still goes out (README: HA).
+        if !self.sequencer.gate_open() {
+            return Err(send_error("not the leader any more".into()));
+        }
         // PUBLISH reaches every node of a cluster from any node: one
         // pipeline. SPUBLISH goes to the channel's slot owner: on a cluster
         // one pipeline per slot (a pipeline may not cross slots), sent at

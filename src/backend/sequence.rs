@@ -57,6 +57,11 @@ impl Sequencer {
         self
     }
 
+    /// Whether the gate (HA leadership) lets this publisher send now.
+    pub fn gate_open(&self) -> bool {
+        self.heartbeat_gate.as_ref().is_none_or(|open| open())
+    }
+
     /// The publisher id.
     pub fn id(&self) -> &str {
         &self.id

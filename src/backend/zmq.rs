@@ -117,6 +117,13 @@ impl PubSocket {
         let mut state = self.state.lock().expect("zmq socket lock");
         let PubState { socket, buf } = &mut *state;
         let socket = socket.as_ref().ok_or(PublishError::Closed)?;
+        // Leadership, checked again under the lock right before sending.
+        if !self.sequencer.gate_open() {
+            return Err(PublishError::Send {
+                backend: "zmq",
+                message: "not the leader any more".into(),
+            });
+        }
         let id = self.sequencer.id();
         let epoch = self.sequencer.epoch();
         for update in updates {
