@@ -426,3 +426,54 @@ async fn a_stalled_application_gets_a_sync_instead_of_an_unbounded_backlog() {
     .await;
     sub.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_publisher_whose_term_lost_the_fence_publishes_nothing() {
+    use feedbridge::backend::redis::RedisPublisher;
+    use feedbridge::backend::Sequencer;
+    use feedbridge::pubsub::Publisher;
+    let redis = RedisServer::start().await;
+    let config = RedisBackendConfig {
+        silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
+        url: redis.url(),
+        codec: Codec::Msgpack,
+        connect_timeout: Duration::from_secs(5),
+        sharded: false,
+        auth: Default::default(),
+    };
+    let fence = Some("{feedbridge:test}:fence".to_string());
+    let old = RedisPublisher::fenced(
+        &config,
+        std::sync::Arc::new(Sequencer::new("old")),
+        fence.clone(),
+    )
+    .await
+    .unwrap();
+    let mut rx = redis_updates(&redis.url());
+    await_pattern_subscriber(&redis).await;
+    old.send_event(&tenant_row("before"), None).await.unwrap();
+    // A newer term takes the fence: the old term's writes are refused by
+    // Redis, however late they arrive.
+    let new = RedisPublisher::fenced(&config, std::sync::Arc::new(Sequencer::new("new")), fence)
+        .await
+        .unwrap();
+    let refused = old
+        .send_event(&tenant_row("stale"), None)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("fenced"), "{refused}");
+    new.send_event(&tenant_row("after"), None).await.unwrap();
+    let got = collect_until(
+        &mut rx,
+        "the new term's update",
+        Duration::from_secs(10),
+        |g| g.iter().any(|u| u.key == "after"),
+    )
+    .await;
+    let keys: Vec<&str> = got
+        .iter()
+        .filter(|u| u.table == "lport")
+        .map(|u| u.key.as_str())
+        .collect();
+    assert_eq!(keys, ["before", "after"], "{got:?}");
+}

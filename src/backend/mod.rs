@@ -30,6 +30,7 @@ pub struct PubSub {
     publisher_id: String,
     heartbeat_gate: Option<Gate>,
     positions: Option<Arc<Positions>>,
+    fence_key: Option<String>,
 }
 
 impl std::fmt::Debug for PubSub {
@@ -55,6 +56,7 @@ impl PubSub {
             publisher_id: crate::discovery::publisher_id(&name),
             heartbeat_gate: None,
             positions: None,
+            fence_key: None,
         }
     }
 
@@ -78,6 +80,14 @@ impl PubSub {
         self
     }
 
+    /// Publishers take this fence key at connect and publish only while
+    /// they hold it (Redis backend, see
+    /// [`RedisPublisher::fenced`](redis::RedisPublisher::fenced)).
+    pub fn with_fence(mut self, key: impl Into<String>) -> Self {
+        self.fence_key = Some(key.into());
+        self
+    }
+
     /// The id publishers of this manager stamp on their messages.
     pub fn publisher_id(&self) -> String {
         self.publisher_id.clone()
@@ -96,7 +106,7 @@ impl PubSub {
         Ok(match &self.config {
             BackendConfig::Zmq(c) => Arc::new(zmq::ZmqPublisher::bind(c, sequencer)?),
             BackendConfig::Redis(c) => {
-                Arc::new(redis::RedisPublisher::connect(c, sequencer).await?)
+                Arc::new(redis::RedisPublisher::fenced(c, sequencer, self.fence_key.clone()).await?)
             }
             BackendConfig::Etcd(c) => Arc::new(etcd::EtcdPublisher::connect(c, sequencer).await?),
         })

@@ -34,8 +34,43 @@ pub struct RedisPublisher {
     /// `SPUBLISH` instead of `PUBLISH`.
     sharded: bool,
     connection: Arc<Mutex<Option<Conn>>>,
+    /// Under HA: the fence this term holds (see [`RedisPublisher::fenced`]).
+    fence: Option<Arc<Fence>>,
     /// Stops the heartbeat task when the publisher goes away.
     _heartbeat: tokio_util::sync::DropGuard,
+}
+
+/// A fence key in Redis and the token of the term that set it: a publish
+/// goes out only while the key still holds this term's token, so a
+/// deposed leader's write that was already in the client's hands when the
+/// process froze is refused by Redis, not delivered after the new
+/// leader's (a local lease cannot stop it).
+#[derive(Debug)]
+struct Fence {
+    key: String,
+    token: String,
+}
+
+/// PUBLISHes (topic, payload) pairs while the fence holds the token.
+const FENCED_PUBLISH: &str = "if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end \
+for i = 2, #ARGV, 2 do redis.call('publish', ARGV[i], ARGV[i + 1]) end return 1";
+
+/// One fenced publish of `pairs`: `Ok(false)` when a newer term holds the
+/// fence.
+async fn publish_fenced(
+    conn: &mut Conn,
+    fence: &Fence,
+    pairs: &[(&str, Vec<u8>)],
+) -> redis::RedisResult<bool> {
+    let mut eval = redis::cmd("EVAL");
+    eval.arg(FENCED_PUBLISH)
+        .arg(1)
+        .arg(&fence.key)
+        .arg(&fence.token);
+    for (topic, payload) in pairs {
+        eval.arg(*topic).arg(payload);
+    }
+    Ok(eval.query_async::<i64>(conn).await? == 1)
 }
 
 /// PUBLISHes a heartbeat on [`HEARTBEAT_TOPIC`] every
@@ -47,6 +82,7 @@ fn spawn_heartbeat(
     sequencer: Arc<Sequencer>,
     codec: Codec,
     sharded: bool,
+    fence: Option<Arc<Fence>>,
     stop: CancellationToken,
 ) {
     tokio::spawn(async move {
@@ -65,10 +101,15 @@ fn spawn_heartbeat(
                 continue;
             };
             if let Some(conn) = guard.as_mut() {
+                let payload = codec.encode(&update, &envelope);
+                if let Some(fence) = &fence {
+                    let pairs = [(HEARTBEAT_TOPIC, payload)];
+                    let sent = publish_fenced(conn, fence, &pairs);
+                    let _ = tokio::time::timeout(HEARTBEAT_INTERVAL, sent).await;
+                    continue;
+                }
                 let mut publish = redis::cmd(if sharded { "SPUBLISH" } else { "PUBLISH" });
-                publish
-                    .arg(HEARTBEAT_TOPIC)
-                    .arg(codec.encode(&update, &envelope));
+                publish.arg(HEARTBEAT_TOPIC).arg(payload);
                 let sent = publish.query_async::<()>(conn);
                 let _ = tokio::time::timeout(HEARTBEAT_INTERVAL, sent).await;
             }
@@ -82,6 +123,18 @@ impl RedisPublisher {
         config: &RedisBackendConfig,
         sequencer: Arc<Sequencer>,
     ) -> Result<Self, PublishError> {
+        Self::fenced(config, sequencer, None).await
+    }
+
+    /// The same, for an HA term: with `fence_key`, this term first takes
+    /// the fence (its token in that key), and every publish goes out only
+    /// while Redis still holds it. Not with `sharded` (a script may not
+    /// SPUBLISH to channels outside its key's slot).
+    pub async fn fenced(
+        config: &RedisBackendConfig,
+        sequencer: Arc<Sequencer>,
+        fence_key: Option<String>,
+    ) -> Result<Self, PublishError> {
         let setup = |message: String| PublishError::Setup {
             backend: "redis",
             message: format!("{} (check backend.url {})", message, redacted(&config.url)),
@@ -91,6 +144,20 @@ impl RedisPublisher {
             .await
             .map_err(|e| setup(format!("cannot connect: {e}")))?;
         tracing::info!(url = %redacted(&config.url), codec = %config.codec, "Redis publisher connected.");
+        let mut conn = conn;
+        let fence = match fence_key.filter(|_| !config.sharded) {
+            Some(key) => {
+                let token = format!("{}:{}", sequencer.id(), sequencer.epoch());
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&token)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|e| setup(format!("cannot take the publishing fence {key}: {e}")))?;
+                Some(Arc::new(Fence { key, token }))
+            }
+            None => None,
+        };
         let connection = Arc::new(Mutex::new(Some(conn)));
         let stop = CancellationToken::new();
         spawn_heartbeat(
@@ -98,6 +165,7 @@ impl RedisPublisher {
             sequencer.clone(),
             config.codec,
             config.sharded,
+            fence.clone(),
             stop.clone(),
         );
         Ok(RedisPublisher {
@@ -107,6 +175,7 @@ impl RedisPublisher {
             timeout: config.connect_timeout,
             sharded: config.sharded,
             connection,
+            fence,
             _heartbeat: stop.drop_guard(),
         })
     }
@@ -136,6 +205,39 @@ impl RedisPublisher {
         // client library already holds still goes out (README: HA).
         if !self.sequencer.gate_open() {
             return Err(send_error("not the leader any more".into()));
+        }
+        if let Some(fence) = &self.fence {
+            // One script for the batch: Redis refuses it whole once a newer
+            // term holds the fence, whenever it arrives.
+            let pairs: Vec<(&str, Vec<u8>)> = items
+                .iter()
+                .map(|(update, topic)| {
+                    (
+                        *topic,
+                        self.codec.encode(update, &self.sequencer.stamp(topic)),
+                    )
+                })
+                .collect();
+            let sent = tokio::time::timeout(self.timeout, publish_fenced(conn, fence, &pairs))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "PUBLISH timed out",
+                    )))
+                });
+            let failure = match sent {
+                Ok(true) => return Ok(()),
+                Ok(false) => "fenced: a newer leader's term holds the publishing fence".to_owned(),
+                Err(e) => {
+                    *guard = None;
+                    e.to_string()
+                }
+            };
+            for (_, topic) in items.iter().rev() {
+                self.sequencer.rollback(topic);
+            }
+            return Err(send_error(failure));
         }
         // PUBLISH reaches every node of a cluster from any node: one
         // pipeline. SPUBLISH goes to the channel's slot owner: on a cluster

@@ -319,6 +319,9 @@ async fn connect_publisher(
         .with_positions(positions.clone());
     if let Some(lead) = lead.cloned() {
         pubsub = pubsub.with_heartbeat_gate(move || lead.is_valid());
+        // A term's writes that the client already held when the process
+        // froze are refused by Redis once the next term took the fence.
+        pubsub = pubsub.with_fence(format!("{{feedbridge:{}}}:fence", service_id(config)));
     }
     let publisher = pubsub.get_publisher().await?;
     let backend_name = match &config.backend {
