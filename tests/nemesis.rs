@@ -70,6 +70,24 @@ struct Proc {
 }
 
 impl Proc {
+    /// A bridge not started yet, logging into `logs`.
+    fn new(
+        name: &'static str,
+        config: PathBuf,
+        env: Vec<(&'static str, String)>,
+        logs: &Path,
+    ) -> Self {
+        Proc {
+            name,
+            config,
+            env,
+            logs: logs.to_path_buf(),
+            child: None,
+            runs: 0,
+            stopped: false,
+        }
+    }
+
     fn start(&mut self) {
         self.runs += 1;
         let log = self.logs.join(format!("{}-{}.log", self.name, self.runs));
@@ -285,37 +303,18 @@ async fn nemesis() {
     };
     let zmq_port = free_port();
     let mut procs = vec![
-        Proc {
-            name: "a",
-            config: write_config(&logs, "a", &ha("a")),
-            env: vec![],
-            logs: logs.clone(),
-            child: None,
-            runs: 0,
-            stopped: false,
-        },
-        Proc {
-            name: "b",
-            config: write_config(&logs, "b", &ha("b")),
-            env: vec![],
-            logs: logs.clone(),
-            child: None,
-            runs: 0,
-            stopped: false,
-        },
+        Proc::new("a", write_config(&logs, "a", &ha("a")), vec![], &logs),
+        Proc::new("b", write_config(&logs, "b", &ha("b")), vec![], &logs),
         // The single bridge, etcd -> ZeroMQ, as shipped.
-        Proc {
-            name: "z",
-            config: workspace_path("config/feedbridge.toml"),
-            env: vec![
+        Proc::new(
+            "z",
+            workspace_path("config/feedbridge.toml"),
+            vec![
                 ("FEEDBRIDGE_ETCD_ENDPOINTS", endpoint.clone()),
                 ("FEEDBRIDGE_ZMQ_BIND", format!("tcp://127.0.0.1:{zmq_port}")),
             ],
-            logs: logs.clone(),
-            child: None,
-            runs: 0,
-            stopped: false,
-        },
+            &logs,
+        ),
     ];
     for p in &mut procs {
         p.start();
