@@ -32,6 +32,11 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AnsweredLabels {
+    from: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConnectionLabels {
     connection: String,
 }
@@ -80,6 +85,7 @@ pub struct Stats {
     /// (each followed by a reconciliation).
     pub source_paused: Counter,
     skipped: Family<ReasonLabels, Counter>,
+    replay_answers: Family<AnsweredLabels, Counter>,
     reconnects: Family<ConnectionLabels, Counter>,
     /// 1 while the connection is up, by connection (set at each scrape).
     connected: Family<ConnectionLabels, Gauge>,
@@ -134,6 +140,7 @@ impl Default for Stats {
             flushes_detected: Counter::default(),
             source_paused: Counter::default(),
             skipped: Family::default(),
+            replay_answers: Family::default(),
             reconnects,
             connected: Family::default(),
             source_revision: Gauge::default(),
@@ -163,6 +170,11 @@ impl Default for Stats {
             s.published_by.clone(),
         );
         registry.register("skipped", "Changes skipped, by reason", s.skipped.clone());
+        registry.register(
+            "replay_answers",
+            "Subscribers' gap repairs answered, by where from (buffer, history) or gone (the subscriber re-reads)",
+            s.replay_answers.clone(),
+        );
         registry.register(
             "publish_errors",
             "Failed publish attempts (each is retried)",
@@ -336,6 +348,21 @@ impl Stats {
         } else {
             tracing::debug!(reason = kind.as_str(), %key, "Skipped a change.");
         }
+    }
+
+    /// Counts a gap repair answered `from` "buffer" or "history", or
+    /// "gone".
+    pub fn replay_answered(&self, from: &str) {
+        self.replay_answers
+            .get_or_create(&AnsweredLabels { from: from.into() })
+            .inc();
+    }
+
+    /// Gap repairs answered `from` the buffer, the history, or gone.
+    pub fn replay_answers(&self, from: &str) -> u64 {
+        self.replay_answers
+            .get_or_create(&AnsweredLabels { from: from.into() })
+            .get()
     }
 
     /// How many changes were skipped for `kind`.

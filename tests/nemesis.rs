@@ -280,14 +280,8 @@ async fn nemesis() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
     let mut rng = Rng(seed.max(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    // The subscribers' own log lines (reconnects, repairs, syncs) go to
-    // stderr when RUST_LOG says so.
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_writer(std::io::stderr)
-            .try_init();
-    }
+    // The subscribers' own log lines (reconnects, repairs, syncs).
+    log_if_asked();
     let mut etcd = EtcdServer::start().await;
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();

@@ -432,3 +432,119 @@ async fn a_redis_subscriber_whose_connection_was_killed_gets_the_missed_updates_
         "a reconnect was re-read, not replayed: {syncs:?}"
     );
 }
+
+// ---- Gaps older than the replay buffer: etcd's own history ----
+
+/// A bridge keeping only 10 updates in its replay buffer, a Redis
+/// subscriber cut off (connections reset) while 300 rows are written, and
+/// what `meanwhile` does to etcd before the cut heals. Returns what the
+/// subscriber delivered, the bridge and the writes.
+async fn cut_off_past_the_buffer(
+    etcd: &EtcdServer,
+    redis: &RedisServer,
+    meanwhile: impl std::future::Future<Output = ()>,
+) -> (Received, Bridge, Log) {
+    let bridge = bridge_to(
+        etcd,
+        &format!(
+            "[backend]\ntype = \"redis\"\nurl = \"{}\"\n[bridge]\nreplay_buffer = 10\n",
+            redis.url()
+        ),
+    );
+    let proxy = feedbridge::testing::FaultProxy::start(&format!("127.0.0.1:{}", redis.port));
+    let sub = redis_subscriber(&format!("redis://{}/0", proxy.addr()));
+    let (received, _task) = collect(&sub);
+    let kv = etcd.client().await;
+    flowing(&received, &kv).await;
+    tokio::time::sleep(Duration::from_secs(1)).await; // a heartbeat: a position
+    proxy.set(feedbridge::testing::Fault::Reset);
+    let log: Log = Default::default();
+    write_ops(etcd.endpoint(), 0, 300, log.clone()).await;
+    meanwhile.await;
+    proxy.set(feedbridge::testing::Fault::Pass);
+    std::mem::forget(proxy); // held open until the test ends
+    (received, bridge, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_older_than_the_replay_buffer_is_read_from_etcds_history_not_re_read() {
+    let etcd = EtcdServer::start().await;
+    let redis = RedisServer::start().await;
+    let (received, bridge, log) = cut_off_past_the_buffer(&etcd, &redis, async {}).await;
+    verify(&log, &received, &etcd).await;
+    once_and_in_order(&received);
+    let syncs = syncs(&received);
+    assert!(syncs.is_empty(), "a gap was re-read: {syncs:?}");
+    assert!(
+        bridge.stats.replay_answers("history") >= 1,
+        "the gap was past the buffer: etcd's history answered it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_etcd_compacted_away_is_a_sync() {
+    let etcd = EtcdServer::start().await;
+    let redis = RedisServer::start().await;
+    let compact = async {
+        let mut kv = etcd.client().await;
+        let rev = kv
+            .get("/", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision();
+        kv.compact(rev, None).await.unwrap();
+    };
+    let (received, bridge, _) = cut_off_past_the_buffer(&etcd, &redis, compact).await;
+    eventually("a sync for the compacted gap", STREAM_WAIT, || {
+        let got = syncs(&received);
+        async move { (!got.is_empty()).then_some(got) }
+    })
+    .await;
+    let syncs = syncs(&received);
+    assert!(
+        syncs[0]
+            .value
+            .as_deref()
+            .unwrap_or("")
+            .contains("compacted"),
+        "the sync says why: {syncs:?}"
+    );
+    assert!(bridge.stats.replay_answers("gone") >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_cut_off_across_a_bridge_restart_resumes_from_etcds_history() {
+    let etcd = EtcdServer::start().await;
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[source]\ntype = \"etcd\"\nendpoints = [\"{}\"]\ncheckpoint_file = \"{}\"\n[backend]\ntype = \"redis\"\nurl = \"{}\"\n[bridge]\nreplay_buffer = 10\n",
+        etcd.endpoint(),
+        dir.path().join("checkpoint").display(),
+        redis.url()
+    );
+    let bridge = Bridge::start(&config);
+    let proxy = feedbridge::testing::FaultProxy::start(&format!("127.0.0.1:{}", redis.port));
+    let sub = redis_subscriber(&format!("redis://{}/0", proxy.addr()));
+    let (received, _task) = collect(&sub);
+    let kv = etcd.client().await;
+    flowing(&received, &kv).await;
+    tokio::time::sleep(Duration::from_secs(1)).await; // a heartbeat: a position
+    proxy.set(feedbridge::testing::Fault::Reset);
+    let log: Log = Default::default();
+    write_ops(etcd.endpoint(), 0, 200, log.clone()).await;
+    // The bridge restarts while the subscriber is away: the new run starts
+    // past its position, and answers on a new replay endpoint.
+    bridge.stop().await;
+    let bridge = Bridge::start(&config);
+    write_ops(etcd.endpoint(), 200, 300, log.clone()).await;
+    proxy.set(feedbridge::testing::Fault::Pass);
+    verify(&log, &received, &etcd).await;
+    once_and_in_order(&received);
+    let syncs = syncs(&received);
+    assert!(syncs.is_empty(), "the gap was re-read: {syncs:?}");
+    assert!(bridge.stats.replay_answers("history") >= 1);
+    drop(proxy);
+}

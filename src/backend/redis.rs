@@ -17,7 +17,7 @@ use super::registry::{Registration, Registry};
 use super::sequence::{
     silence_reason, Dedup, GapTracker, Sequencer, Silence, HEARTBEAT_INTERVAL, HEARTBEAT_TOPIC,
 };
-use crate::codec::Codec;
+use crate::codec::{Codec, Envelope};
 use crate::config::RedisBackendConfig;
 use crate::db::redis::{client, connect, redacted};
 use crate::pubsub::{PublishError, Publisher, SubscribeError, Subscriber};
@@ -351,10 +351,25 @@ impl RedisSubscriber {
 
 /// What a subscriber keeps across its connections: the publishers' runs
 /// and sequences, and the rows already delivered.
+#[derive(Default)]
 struct Tracking {
     gaps: GapTracker,
     dedup: Dedup,
+    /// After a reconnect, the publishers owed a repair, with since when
+    /// and why. Each is asked once its next heartbeat names where it
+    /// answers now (a bridge that restarted meanwhile answers on a new
+    /// endpoint); a `sync` when none comes within twice the silence
+    /// timeout.
+    owed: std::collections::HashMap<String, (std::time::Instant, String)>,
+    /// Messages of owed publishers, held back until their repair so that
+    /// each row's older updates still come first; with their bytes.
+    held: std::collections::VecDeque<(String, DbUpdate, Envelope)>,
+    held_bytes: usize,
 }
+
+/// Held messages at most (bytes of values): past it the owed repairs are
+/// given up for a `sync`.
+const MAX_HELD_BYTES: usize = 64 << 20;
 
 /// How often a subscriber pings Redis and looks for silent publishers.
 const LIVENESS_CHECK: Duration = Duration::from_secs(1);
@@ -473,6 +488,9 @@ impl RedisSubscriber {
                     if let Err(e) = self.check_silence(&mut silence) {
                         return e;
                     }
+                    if let Err(e) = self.give_up_owed(tracker, false, &wanted, sink).await {
+                        return e;
+                    }
                     match tokio::time::timeout(self.silence_timeout, sink_cmds.ping::<redis::Value>()).await {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => return Ended::Lost(format!("PING failed: {e}")),
@@ -517,6 +535,8 @@ impl RedisSubscriber {
                 return Ok(());
             };
             silence.heard(envelope.publisher.as_deref(), true);
+            self.settle(tracker, &heartbeat, &envelope, wanted, sink)
+                .await?;
             if let Some(reason) = tracker
                 .gaps
                 .heartbeat(&heartbeat, &envelope, |t| wanted.wants(t))
@@ -539,15 +559,8 @@ impl RedisSubscriber {
         match self.codec.decode(payload) {
             Ok((update, envelope)) => {
                 silence.heard(envelope.publisher.as_deref(), false);
-                if let Some(reason) = tracker.gaps.check(channel, &envelope) {
-                    let publisher = envelope.publisher.clone().unwrap_or_default();
-                    self.repair_or_sync(tracker, &publisher, wanted, reason, sink)
-                        .await?;
-                }
-                if !tracker.dedup.fresh(&update) {
-                    return Ok(()); // repeated by a run that resumed
-                }
-                hand_over(sink, update).await
+                self.take(channel, update, envelope, wanted, tracker, sink)
+                    .await
             }
             Err(e) => {
                 *undecodable += 1;
@@ -661,6 +674,9 @@ impl RedisSubscriber {
                     if let Err(e) = self.check_silence(&mut silence) {
                         return e;
                     }
+                    if let Err(e) = self.give_up_owed(tracker, false, &wanted, sink).await {
+                        return e;
+                    }
                     // A node that cannot answer now is no news: the next tick asks again.
                     if let Ok(nodes) = crate::db::redis::nodes(&mut topology, "").await {
                         let now = owners(&nodes, &applied);
@@ -736,17 +752,120 @@ impl RedisSubscriber {
         if publishers.is_empty() {
             return hand_over(sink, DbUpdate::sync("redis subscriber reconnected")).await;
         }
+        let now = std::time::Instant::now();
         for publisher in publishers {
-            self.repair_or_sync(
-                tracker,
-                &publisher,
-                wanted,
-                "redis subscriber reconnected".into(),
-                sink,
-            )
-            .await?;
+            tracker
+                .owed
+                .entry(publisher)
+                .or_insert((now, "redis subscriber reconnected".into()));
         }
         Ok(())
+    }
+
+    /// A heartbeat from `publisher`: when it is owed a repair, asks it now
+    /// (at the endpoint the heartbeat names), then lets its held messages
+    /// through.
+    async fn settle(
+        &self,
+        tracker: &mut Tracking,
+        heartbeat: &DbUpdate,
+        envelope: &Envelope,
+        wanted: &Registration,
+        sink: &mpsc::Sender<DbUpdate>,
+    ) -> Result<(), Ended> {
+        let Some(publisher) = envelope.publisher.as_deref() else {
+            return Ok(());
+        };
+        let Some((_, reason)) = tracker.owed.remove(publisher) else {
+            return Ok(());
+        };
+        tracker.gaps.learn(heartbeat, envelope);
+        self.repair_or_sync(tracker, publisher, wanted, reason, sink)
+            .await?;
+        self.release(tracker, wanted, sink).await
+    }
+
+    /// Gives up the repairs owed for longer than twice the silence timeout
+    /// (or all of them, `now`): a `sync` each, then the held messages.
+    async fn give_up_owed(
+        &self,
+        tracker: &mut Tracking,
+        now: bool,
+        wanted: &Registration,
+        sink: &mpsc::Sender<DbUpdate>,
+    ) -> Result<(), Ended> {
+        let late: Vec<String> = tracker
+            .owed
+            .iter()
+            .filter(|(_, (since, _))| now || since.elapsed() > self.silence_timeout * 2)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for publisher in &late {
+            let (_, reason) = tracker.owed.remove(publisher).expect("listed");
+            tracker.gaps.resynced(publisher);
+            let reason =
+                format!("{reason}; publisher {publisher} was not heard again to repair it");
+            tracing::warn!(%reason, "Delivering a sync: updates may have been missed.");
+            hand_over(sink, DbUpdate::sync(reason)).await?;
+        }
+        if late.is_empty() {
+            return Ok(());
+        }
+        self.release(tracker, wanted, sink).await
+    }
+
+    /// Delivers the held messages of publishers no longer owed a repair,
+    /// in the order they came.
+    async fn release(
+        &self,
+        tracker: &mut Tracking,
+        wanted: &Registration,
+        sink: &mpsc::Sender<DbUpdate>,
+    ) -> Result<(), Ended> {
+        let held = std::mem::take(&mut tracker.held);
+        tracker.held_bytes = 0;
+        for (channel, update, envelope) in held {
+            self.take(&channel, update, envelope, wanted, tracker, sink)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// One update of `channel`: held while its publisher is owed a repair,
+    /// else checked for a gap (repaired first) and delivered unless it was
+    /// already.
+    async fn take(
+        &self,
+        channel: &str,
+        update: DbUpdate,
+        envelope: Envelope,
+        wanted: &Registration,
+        tracker: &mut Tracking,
+        sink: &mpsc::Sender<DbUpdate>,
+    ) -> Result<(), Ended> {
+        if envelope
+            .publisher
+            .as_ref()
+            .is_some_and(|p| tracker.owed.contains_key(p))
+        {
+            tracker.held_bytes += 64 + update.value.as_ref().map_or(0, String::len);
+            tracker
+                .held
+                .push_back((channel.to_owned(), update, envelope));
+            if tracker.held_bytes > MAX_HELD_BYTES {
+                return Box::pin(self.give_up_owed(tracker, true, wanted, sink)).await;
+            }
+            return Ok(());
+        }
+        if let Some(reason) = tracker.gaps.check(channel, &envelope) {
+            let publisher = envelope.publisher.clone().unwrap_or_default();
+            self.repair_or_sync(tracker, &publisher, wanted, reason, sink)
+                .await?;
+        }
+        if !tracker.dedup.fresh(&update) {
+            return Ok(()); // repeated by a run that resumed
+        }
+        hand_over(sink, update).await
     }
 
     /// A gap of `publisher`'s: repaired from its replay buffer when it can
@@ -778,6 +897,7 @@ impl RedisSubscriber {
         };
         match asked {
             Ok(updates) => {
+                tracker.gaps.caught_up(publisher);
                 for update in updates {
                     if tracker.dedup.fresh(&update) {
                         hand_over(sink, update).await?;
@@ -786,8 +906,13 @@ impl RedisSubscriber {
                 Ok(())
             }
             Err(why) => {
+                tracker.gaps.resynced(publisher);
                 tracing::warn!(%reason, repair = %why, "Delivering a sync: updates were missed and cannot be replayed.");
-                hand_over(sink, DbUpdate::sync(reason)).await
+                hand_over(
+                    sink,
+                    DbUpdate::sync(format!("{reason} (not replayed: {why})")),
+                )
+                .await
             }
         }
     }
@@ -841,7 +966,7 @@ impl Subscriber for RedisSubscriber {
         let mut first = true;
         let mut tracker = Tracking {
             gaps: GapTracker::new(self.gaps.clone()),
-            dedup: Dedup::default(),
+            ..Default::default()
         };
         loop {
             let session = if self.sharded {

@@ -389,6 +389,41 @@ impl GapTracker {
         *at = (*at).max(to);
     }
 
+    /// Takes from a heartbeat only who sent it and where it answers gaps
+    /// (a restarted bridge answers on a new endpoint), before the gap it
+    /// may show is repaired.
+    pub fn learn(&mut self, heartbeat: &DbUpdate, envelope: &crate::codec::Envelope) {
+        let (Some(publisher), Some(beat)) = (
+            &envelope.publisher,
+            heartbeat.value.as_deref().and_then(Heartbeat::parse),
+        ) else {
+            return;
+        };
+        if let Some(service) = beat.service {
+            self.services
+                .insert(publisher.clone(), (service, beat.replay));
+        }
+    }
+
+    /// A repair (or a `sync`) covered everything of `publisher`'s up to
+    /// now: its sequence numbers and run start afresh, its position and
+    /// replay endpoint stay.
+    pub fn caught_up(&mut self, publisher: &str) {
+        self.last.retain(|(p, _), _| p != publisher);
+        self.runs.remove(publisher);
+        self.unverified.remove(publisher);
+    }
+
+    /// The application was told to re-read (a `sync`) for `publisher`: as
+    /// [`GapTracker::caught_up`], and its position is taken afresh from
+    /// its next heartbeat.
+    pub fn resynced(&mut self, publisher: &str) {
+        self.caught_up(publisher);
+        if let Some((service, _)) = self.services.get(publisher) {
+            self.verified.remove(service);
+        }
+    }
+
     /// The publishers this subscriber has heard heartbeats from.
     pub fn publishers(&self) -> Vec<String> {
         self.services.keys().cloned().collect()

@@ -512,7 +512,8 @@ fn repair_or_sync(
             .all(|u| sink.blocking_send(u).is_ok()),
         Err(why) => {
             tracing::warn!(%reason, repair = %why, "Delivering a sync: updates were missed and cannot be replayed.");
-            sink.blocking_send(DbUpdate::sync(reason)).is_ok()
+            sink.blocking_send(DbUpdate::sync(format!("{reason} (not replayed: {why})")))
+                .is_ok()
         }
     }
 }

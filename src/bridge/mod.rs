@@ -15,6 +15,7 @@
 
 mod checkpoints;
 mod error;
+mod history;
 mod pipeline;
 
 pub use error::BridgeError;
@@ -39,6 +40,7 @@ use crate::pubsub::Publisher;
 use crate::retry::Reconnect;
 use crate::service::MultiprocListener;
 use crate::source::etcd::EtcdSource;
+use crate::source::etcd_history::HistoryReader;
 use crate::source::redis::RedisSource;
 use crate::source::SourceEvent;
 use crate::stats::Stats;
@@ -202,7 +204,7 @@ async fn run_once(
     let mapper = build_mapper(config);
     let (checkpoints, resume) =
         Checkpoints::open(config, lead.as_ref(), &service_id(config)).await?;
-    let (replay, _replay_server) = serve_replay(config, &positions, resume)?;
+    let (replay, _replay_server) = serve_replay(config, &positions, resume, &mapper, &stats)?;
     match resume {
         Some(resume) => positions.start_after(resume),
         None => positions.begin(),
@@ -255,24 +257,32 @@ async fn run_once(
     result
 }
 
-/// The replay buffer and the endpoint answering from it, for an etcd
-/// source (positions are its revisions) over a backend that can lose
-/// messages (ZeroMQ, Redis); announced in heartbeats.
+/// The replay buffer and the endpoint answering from it (and, past it,
+/// from etcd's history, mapped by `mapper`), for an etcd source (positions
+/// are its revisions) over a backend that can lose messages (ZeroMQ,
+/// Redis); announced in heartbeats.
 #[allow(clippy::type_complexity)]
 fn serve_replay(
     config: &Config,
     positions: &Arc<Positions>,
     resume: Option<i64>,
+    mapper: &Mapper,
+    stats: &Arc<Stats>,
 ) -> Result<(Option<Arc<Mutex<ReplayBuffer>>>, Option<ReplayServer>), BridgeError> {
     let codec = match &config.backend {
         BackendConfig::Zmq(c) => c.codec,
         BackendConfig::Redis(c) => c.codec,
         BackendConfig::Etcd(_) => return Ok((None, None)),
     };
-    if !matches!(config.source, Some(SourceConfig::Etcd(_))) || config.bridge.replay_bind.is_empty()
-    {
-        return Ok((None, None));
-    }
+    let source = match &config.source {
+        Some(SourceConfig::Etcd(source)) if !config.bridge.replay_bind.is_empty() => source,
+        _ => return Ok((None, None)),
+    };
+    let history = history::EtcdHistory {
+        reader: HistoryReader::new(source.clone()),
+        mapper: mapper.clone(),
+        runtime: tokio::runtime::Handle::current(),
+    };
     let mut buffer = ReplayBuffer::new(config.bridge.replay_buffer);
     if let Some(resume) = resume {
         buffer.published(resume);
@@ -283,6 +293,8 @@ fn serve_replay(
         buffer.clone(),
         positions.clone(),
         codec,
+        Some(Arc::new(history)),
+        stats.clone(),
     )
     .map_err(|message| BridgeError::Replay(format!("{message} (check bridge.replay_bind)")))?;
     positions.set_replay(server.endpoint());

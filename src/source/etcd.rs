@@ -547,29 +547,15 @@ impl EtcdSource {
             // The response's events are taken, not copied: key and value
             // move into the change.
             for event in std::mem::take(&mut resp.0.events) {
-                let Some(kv) = event.kv else { continue };
-                let revision = kv.mod_revision;
-                let change = if event.r#type == EventType::Delete as i32 {
-                    self.index.remove(&kv.key);
-                    Change {
-                        key: kv.key,
-                        value: event.prev_kv.map(|p| p.value),
-                        kind: ChangeKind::Delete,
-                        revision: Some(revision),
-                    }
-                } else {
-                    self.index.insert(kv.key.clone(), revision);
-                    Change {
-                        key: kv.key,
-                        value: Some(kv.value),
-                        kind: if kv.version == 1 {
-                            ChangeKind::Create
-                        } else {
-                            ChangeKind::Set
-                        },
-                        revision: Some(revision),
-                    }
+                let Some(change) = change_of(event) else {
+                    continue;
                 };
+                let revision = change.revision.unwrap_or_default();
+                if change.kind == ChangeKind::Delete {
+                    self.index.remove(&change.key);
+                } else {
+                    self.index.insert(change.key.clone(), revision);
+                }
                 last = last.max(revision);
                 self.indexed_revision = last;
                 // Plain sends, not `emit`: at shutdown the current response
@@ -595,6 +581,32 @@ impl EtcdSource {
             }
         }
     }
+}
+
+/// The change a watch event makes: key and value move into it; a delete
+/// carries the previous value when etcd sent it.
+pub(super) fn change_of(event: etcd_client::proto::PbEvent) -> Option<Change> {
+    let kv = event.kv?;
+    let revision = Some(kv.mod_revision);
+    Some(if event.r#type == EventType::Delete as i32 {
+        Change {
+            key: kv.key,
+            value: event.prev_kv.map(|p| p.value),
+            kind: ChangeKind::Delete,
+            revision,
+        }
+    } else {
+        Change {
+            key: kv.key,
+            value: Some(kv.value),
+            kind: if kv.version == 1 {
+                ChangeKind::Create
+            } else {
+                ChangeKind::Set
+            },
+            revision,
+        }
+    })
 }
 
 enum WatchEnd {

@@ -3,6 +3,7 @@
 //! channel is full it stops reading, and the database keeps the data.
 
 pub mod etcd;
+pub mod etcd_history;
 pub mod redis;
 
 use std::collections::{HashMap, HashSet};

@@ -32,8 +32,20 @@ impl Drop for Bridge {
     }
 }
 
+/// The library's log lines (the in-process bridge's and subscribers')
+/// go to stderr when RUST_LOG says so (run with `--nocapture`).
+pub fn log_if_asked() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
+
 impl Bridge {
     pub fn start(config_toml: &str) -> Self {
+        log_if_asked();
         let config = Config::parse(config_toml, Path::new("test.toml")).unwrap();
         config.validate(Path::new("test.toml")).unwrap();
         let stats = Arc::new(Stats::default());
