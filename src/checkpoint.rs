@@ -174,13 +174,13 @@ impl EtcdStore {
 
 const INDEX_HEADER: &str = "feedbridge-index-v1";
 
-/// Saves an etcd key index (key → mod revision) as of `revision`: a header
-/// line, then one `hex(key) mod_revision` line per key (hex, because keys
-/// are bytes).
-pub fn save_index<S>(
+/// Saves a source's key index as of `revision` (etcd: key → mod revision;
+/// Redis: key → value fingerprint): a header line, then one
+/// `hex(key) value` line per key (hex, because keys are bytes).
+pub fn save_index<V: std::fmt::Display, S>(
     path: &Path,
     revision: i64,
-    index: &HashMap<Vec<u8>, i64, S>,
+    index: &HashMap<Vec<u8>, V, S>,
 ) -> Result<(), CheckpointError> {
     use std::fmt::Write as _;
     let mut out = String::with_capacity(32 + index.len() * 40);
@@ -196,10 +196,10 @@ pub fn save_index<S>(
 
 /// Loads an index saved at exactly `revision`; `None` when there is none,
 /// or it was saved at another revision (then it describes another state).
-pub fn load_index<S: std::hash::BuildHasher + Default>(
+pub fn load_index<V: std::str::FromStr, S: std::hash::BuildHasher + Default>(
     path: &Path,
     revision: i64,
-) -> Result<Option<HashMap<Vec<u8>, i64, S>>, CheckpointError> {
+) -> Result<Option<HashMap<Vec<u8>, V, S>>, CheckpointError> {
     let Some(text) = read_if_exists(path)? else {
         return Ok(None);
     };
@@ -250,12 +250,12 @@ mod tests {
         save_index(&idx, 9, &index).unwrap();
         assert_eq!(load_index(&idx, 9).unwrap(), Some(index));
         assert_eq!(
-            load_index::<std::hash::RandomState>(&idx, 8).unwrap(),
+            load_index::<i64, std::hash::RandomState>(&idx, 8).unwrap(),
             None,
             "another revision's index is not used"
         );
         assert_eq!(
-            load_index::<std::hash::RandomState>(&dir.path().join("none"), 9).unwrap(),
+            load_index::<i64, std::hash::RandomState>(&dir.path().join("none"), 9).unwrap(),
             None
         );
         let e = load(&p).unwrap_err().to_string();

@@ -28,12 +28,22 @@ const BIN: &str = env!("CARGO_BIN_EXE_feedbridge");
 /// A bridge process: `config` is a file, or the shipped default with the
 /// test's etcd and ZeroMQ port in the environment.
 fn spawn(config: &Path, etcd: &EtcdServer, zmq: &str, log: &Path) -> KillOnDrop {
+    spawn_with(
+        config,
+        &[
+            ("FEEDBRIDGE_ETCD_ENDPOINTS", &etcd.endpoint()),
+            ("FEEDBRIDGE_ZMQ_BIND", zmq),
+        ],
+        log,
+    )
+}
+
+fn spawn_with(config: &Path, env: &[(&str, &str)], log: &Path) -> KillOnDrop {
     KillOnDrop(
         Command::new(BIN)
             .args(["run", "--config"])
             .arg(config)
-            .env("FEEDBRIDGE_ETCD_ENDPOINTS", etcd.endpoint())
-            .env("FEEDBRIDGE_ZMQ_BIND", zmq)
+            .envs(env.iter().copied())
             .stderr(std::fs::File::create(log).unwrap())
             .stdout(Stdio::null())
             .spawn()
@@ -547,4 +557,124 @@ async fn a_subscriber_cut_off_across_a_bridge_restart_resumes_from_etcds_history
     assert!(syncs.is_empty(), "the gap was re-read: {syncs:?}");
     assert!(bridge.stats.replay_answers("history") >= 1);
     drop(proxy);
+}
+
+// ---- A Redis source: no history, but the index saved at a graceful stop ----
+
+/// A Redis → ZeroMQ bridge process with a checkpoint file, stopped `how`
+/// while a subscriber stays up and keys change, then started again.
+/// Returns what the subscriber delivered once its view equals Redis.
+async fn redis_source_restarted(how: Stop) -> Vec<DbUpdate> {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("bridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\ntype = \"redis\"\nurl = \"{}\"\ncheckpoint_file = \"{}\"\n[backend]\ntype = \"zmq\"\nbind = \"tcp://127.0.0.1:{port}\"\n",
+            redis.url(),
+            dir.path().join("checkpoint").display()
+        ),
+    )
+    .unwrap();
+    let log = |n: u32| dir.path().join(format!("bridge{n}.log"));
+    let mut bridge = spawn_with(&config, &[], &log(0));
+    let sub = zmq_subscriber_of(port);
+    let (mut rx, _pump) = sub.clone().updates(4096);
+    await_redis_flow(&mut rx, &redis).await;
+    let mut c = redis.connection().await;
+    let set = |k: String, v: String| redis::cmd("SET").arg(k).arg(v).to_owned();
+    for i in 0..20 {
+        set(format!("{{lport.}}k{i}"), format!("v{i}"))
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+    }
+    let mut seen = collect_until(&mut rx, "the first writes", STREAM_WAIT, |g| {
+        lport(g).len() >= 20
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await; // a heartbeat: a position
+    stop(&mut bridge, how);
+    // While the bridge is down: sets, deletes, a new key.
+    for i in 0..5 {
+        set(format!("{{lport.}}k{i}"), format!("changed{i}"))
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+    }
+    for i in 10..15 {
+        redis::cmd("DEL")
+            .arg(format!("{{lport.}}k{i}"))
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+    }
+    set("{lport.}new".into(), "n".into())
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    let _bridge = spawn_with(&config, &[], &log(1));
+    let expected: std::collections::BTreeMap<(String, String), String> = {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("{lport.}*")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let mut state = std::collections::BTreeMap::new();
+        for k in keys {
+            let v: String = redis::cmd("GET").arg(&k).query_async(&mut c).await.unwrap();
+            state.insert(("lport".into(), k.trim_start_matches("{lport.}").into()), v);
+        }
+        state
+    };
+    let before = seen.len();
+    let more = collect_until(
+        &mut rx,
+        "a sync, or the view equal to Redis",
+        STREAM_WAIT,
+        |g| {
+            let mut all = seen.clone();
+            all.extend_from_slice(g);
+            g.iter().any(|u| u.action == Action::Sync) || view(&lport(&all)) == expected
+        },
+    )
+    .await;
+    seen.extend(more);
+    // Whatever else the new run sends in its first second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    while let Ok(u) = rx.try_recv() {
+        seen.push(u);
+    }
+    seen.split_off(before)
+}
+
+fn zmq_subscriber_of(port: u16) -> Arc<feedbridge::backend::zmq::ZmqSubscriber> {
+    let sub = Arc::new(feedbridge::backend::zmq::ZmqSubscriber::new(Codec::Msgpack));
+    sub.register_listen_address(&format!("tcp://127.0.0.1:{port}"));
+    sub.register_topic("");
+    sub
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_source_stopped_gracefully_publishes_what_changed_meanwhile_with_no_sync() {
+    let after = redis_source_restarted(Stop::Term).await;
+    let syncs: Vec<_> = after.iter().filter(|u| u.action == Action::Sync).collect();
+    assert!(syncs.is_empty(), "the diff needs no re-read: {syncs:?}");
+    let rows = lport(&after);
+    let deletes = rows.iter().filter(|u| u.action == Action::Delete).count();
+    assert_eq!(deletes, 5, "the keys deleted while down: {rows:?}");
+    assert!(rows
+        .iter()
+        .any(|u| u.key == "new" && u.action == Action::Create));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_source_killed_cannot_know_what_subscribers_got_and_says_sync() {
+    let after = redis_source_restarted(Stop::Kill).await;
+    assert!(
+        after.iter().any(|u| u.action == Action::Sync),
+        "no saved index after kill -9: the subscriber must re-read: {after:?}"
+    );
 }

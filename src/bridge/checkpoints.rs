@@ -20,7 +20,8 @@ pub(super) enum Checkpoints {
     File(PathBuf),
     /// The etcd source's own etcd, `/feedbridge/checkpoint/<service id>`.
     Etcd(Box<EtcdStore>),
-    /// Nothing to resume (a Redis source, or the multiproc channel alone).
+    /// Nothing to resume (a Redis source without a file, or the multiproc
+    /// channel alone).
     None,
 }
 
@@ -33,7 +34,8 @@ impl Checkpoints {
     ) -> Result<(Checkpoints, Option<i64>), BridgeError> {
         let (file, etcd) = match &config.source {
             Some(SourceConfig::Etcd(c)) => (c.checkpoint_file.clone(), Some(c)),
-            _ => (None, None),
+            Some(SourceConfig::Redis(c)) => (c.checkpoint_file.clone(), None),
+            None => (None, None),
         };
         if let Some(lead) = lead {
             let resume = match lead.load_checkpoint().await {

@@ -204,6 +204,11 @@ async fn run_once(
     let mapper = build_mapper(config);
     let (checkpoints, resume) =
         Checkpoints::open(config, lead.as_ref(), &service_id(config)).await?;
+    // A Redis source resumes only with the index saved at that checkpoint.
+    let resume = match &config.source {
+        Some(SourceConfig::Redis(c)) => RedisSource::resumable(c, resume),
+        _ => resume,
+    };
     let (replay, _replay_server) = serve_replay(config, &positions, resume, &mapper, &stats)?;
     match resume {
         Some(resume) => positions.start_after(resume),
@@ -402,7 +407,7 @@ fn start_producers(
             producers.push(spawn_producer(stop, async move { Ok(source.await?) }));
         }
         Some(SourceConfig::Redis(c)) => {
-            let mut source = RedisSource::new(c, stats.clone());
+            let mut source = RedisSource::new(c, resume, stats.clone());
             if taking_over {
                 source = source.taking_over();
             }

@@ -69,6 +69,12 @@ pub struct RedisSourceConfig {
     /// Emit a `create` for every existing row at start.
     #[serde(default)]
     pub snapshot: bool,
+    /// File holding the last published position; the key index is saved
+    /// beside it (`.index`) at a graceful stop, so that a restart
+    /// publishes what changed while the bridge was down as ordinary
+    /// updates, with no `sync` (see README, Guarantees).
+    #[serde(default)]
+    pub checkpoint_file: Option<PathBuf>,
     /// How many keys one SCAN step asks for while reconciling.
     #[serde(default = "default_scan_count")]
     pub scan_count: usize,

@@ -71,15 +71,24 @@ use state::{Ended, BATCH};
 use topology::{followed_masters, Topology};
 
 impl RedisSource {
-    /// A source for one Redis database.
-    pub fn new(config: RedisSourceConfig, stats: Arc<Stats>) -> Self {
+    /// A source for one Redis database; `resume`, the position of a
+    /// checkpoint whose index was saved with it ([`RedisSource::resumable`]),
+    /// continues from that index.
+    pub fn new(config: RedisSourceConfig, resume: Option<i64>, stats: Arc<Stats>) -> Self {
         let slots = config
             .slot_ranges()
             .unwrap_or_else(|_| vec![(0, SLOTS - 1)]);
+        let saved = resume.and_then(|at| Some((at, Self::saved_index(&config, at)?)));
+        let continuing = saved.is_some();
+        let (position, index) = saved.unwrap_or_default();
         RedisSource {
             slots,
             config,
-            index: KeyIndex::default(),
+            index,
+            position,
+            unconfirmed: false,
+            reconciled: false,
+            continuing,
             unsupported_logged: HashSet::new(),
             stats,
             takeover: false,
@@ -97,6 +106,77 @@ impl RedisSource {
             sentinel_refused: false,
             sentinel_sent: HashMap::new(),
         }
+    }
+
+    /// The checkpoint `resume` when the key index saved with it at a
+    /// graceful stop is there: a run from it publishes the difference and
+    /// costs subscribers no `sync`. `None` otherwise (no checkpoint, a
+    /// crash, a stop in the middle of a batch): Redis keeps no history, so
+    /// subscribers must re-read.
+    pub fn resumable(config: &RedisSourceConfig, resume: Option<i64>) -> Option<i64> {
+        resume.filter(|at| Self::saved_index(config, *at).is_some())
+    }
+
+    fn index_file(config: &RedisSourceConfig) -> Option<std::path::PathBuf> {
+        config
+            .checkpoint_file
+            .as_ref()
+            .map(|p| p.with_extension("index"))
+    }
+
+    /// The index saved at position `at`, if that is the one saved.
+    fn saved_index(config: &RedisSourceConfig, at: i64) -> Option<KeyIndex<u64>> {
+        let path = Self::index_file(config)?;
+        match crate::checkpoint::load_index(&path, at) {
+            Ok(index) => index,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot read the saved key index; subscribers will re-read.");
+                None
+            }
+        }
+    }
+
+    /// Saves the index with the last position at a stop, when it is what
+    /// subscribers were sent up to that position; else removes a stale one.
+    fn save_index(&self) {
+        let Some(path) = Self::index_file(&self.config) else {
+            return;
+        };
+        if !self.reconciled || self.unconfirmed {
+            let _ = std::fs::remove_file(&path);
+            return;
+        }
+        match crate::checkpoint::save_index(&path, self.position, &self.index) {
+            Ok(()) => {
+                tracing::info!(position = self.position, keys = self.index.len(), path = %path.display(), "Saved the key index.")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot save the key index; a restart will ask subscribers to re-read.")
+            }
+        }
+    }
+
+    /// Hands the pipeline a position covering every change handed over so
+    /// far (microseconds since the epoch, or one past the last: increasing
+    /// across runs). Heartbeats announce it; a graceful stop saves the index
+    /// with it.
+    pub(super) async fn confirm(
+        &mut self,
+        tx: &mpsc::Sender<SourceEvent>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), crate::source::Stopped> {
+        if !self.unconfirmed {
+            return Ok(());
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or_default();
+        let position = now.max(self.position + 1);
+        emit(tx, shutdown, SourceEvent::Checkpoint(position)).await?;
+        self.position = position;
+        self.unconfirmed = false;
+        Ok(())
     }
 
     /// Marks a start that takes over from another (HA) leader: Redis keeps
@@ -156,7 +236,7 @@ impl RedisSource {
                 )
                 .await
             {
-                Ended::Stopped => return Ok(()),
+                Ended::Stopped => break,
                 Ended::Topology => {
                     first = false;
                 }
@@ -166,21 +246,23 @@ impl RedisSource {
                     // then nothing is buffered, and the reconciliation
                     // finds what changed meanwhile (each key once).
                     if wait_for_room(&tx, &shutdown).await.is_err() {
-                        return Ok(());
+                        break;
                     }
                     tracing::info!("Publishing caught up; subscribing again and reconciling.");
                 }
                 Ended::Lost(e) => {
                     if shutdown.is_cancelled() || tx.is_closed() {
-                        return Ok(());
+                        break;
                     }
                     first = false;
                     if !reconnect.down(&e, &shutdown).await {
-                        return Ok(());
+                        break;
                     }
                 }
             }
         }
+        self.save_index();
+        Ok(())
     }
 
     /// One session: subscribe to every followed master, reconcile, then
@@ -215,7 +297,7 @@ impl RedisSource {
             );
             // Subscribed first, so nothing that changes during the scan is missed.
             let mut notes = self.subscribe(client, &topo, &prefix).await?;
-            let emit_diff = !first || self.config.snapshot || self.takeover;
+            let emit_diff = !first || self.config.snapshot || self.takeover || self.continuing;
             if first && self.takeover {
                 let reason =
                     "a new leader took over; Redis keeps no history of what changed meanwhile";
@@ -224,6 +306,8 @@ impl RedisSource {
             self.flushed(&mut topo).await?; // places the sentinels
             self.reconcile(&mut topo, &prefix, tx, shutdown, emit_diff, &mut notes)
                 .await?;
+            self.reconciled = true;
+            self.confirm(tx, shutdown).await?;
             // Up only once reconciled: a Redis that accepts connections
             // but fails the SCAN (still loading its data after a restart)
             // is one outage, logged once, not one per attempt.
@@ -258,6 +342,7 @@ impl RedisSource {
                         client, &mut topo, &prefix, &followed, tx, shutdown, &mut notes,
                     )
                     .await?;
+                    self.confirm(tx, shutdown).await?;
                     continue;
                 }
                 // Take whatever else already arrived, then read one batch of
@@ -274,6 +359,7 @@ impl RedisSource {
                         self.hand_over(change, &mut notes, tx, shutdown).await?;
                     }
                 }
+                self.confirm(tx, shutdown).await?;
             }
         }
         .await;
@@ -338,7 +424,9 @@ fn test_source() -> RedisSource {
             slots: None,
             connect_timeout: std::time::Duration::from_secs(1),
             auth: Default::default(),
+            checkpoint_file: None,
         },
+        None,
         std::sync::Arc::default(),
     )
 }

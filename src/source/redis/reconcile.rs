@@ -120,8 +120,16 @@ impl RedisSource {
         Ok(emitted)
     }
 
-    /// The change implied by reading `key` now, given what was emitted before.
+    /// The change implied by reading `key` now, given what was emitted
+    /// before; the index takes it at once, so it counts as handed over
+    /// until a position confirms it ([`RedisSource::confirm`]).
     pub(super) fn diff(&mut self, key: Vec<u8>, read: Read) -> Option<Change> {
+        let change = self.diff_index(key, read);
+        self.unconfirmed |= change.is_some();
+        change
+    }
+
+    fn diff_index(&mut self, key: Vec<u8>, read: Read) -> Option<Change> {
         let value = match read {
             Read::Value(v) => v,
             Read::Unsupported(kind) => {

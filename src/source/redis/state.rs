@@ -55,6 +55,16 @@ pub struct RedisSource {
     /// by sentinel key: when each was sent. The oldest one's age is how far
     /// behind the notifications are read (see [`NOTIFICATION_DELAY_MAX`](super::sentinels::NOTIFICATION_DELAY_MAX)).
     pub(super) sentinel_sent: HashMap<Vec<u8>, VecDeque<Instant>>,
+    /// The last position handed to the pipeline (see [`RedisSource::confirm`](super::RedisSource)).
+    pub(super) position: i64,
+    /// Changes were handed over since the last position.
+    pub(super) unconfirmed: bool,
+    /// A whole reconciliation finished in this run: the index is what
+    /// subscribers were sent, and may be saved.
+    pub(super) reconciled: bool,
+    /// The index was loaded from a graceful stop: the first
+    /// reconciliation publishes the difference.
+    pub(super) continuing: bool,
 }
 
 impl RedisSource {
