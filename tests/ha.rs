@@ -76,7 +76,7 @@ impl Seen {
 
 fn instance_config(etcd: &EtcdServer, redis: &RedisServer, name: &str, ttl: &str) -> String {
     format!(
-        "[source]\ntype = \"etcd\"\nendpoints = [\"{}\"]\n[backend]\ntype = \"redis\"\nurl = \"{}\"\n[ha]\nlease_ttl = \"{ttl}\"\ninstance = \"{name}\"\n",
+        "[source]\ntype = \"etcd\"\nendpoints = [\"{}\"]\n[backend]\ntype = \"redis\"\nurl = \"{}\"\n[ha]\nservice = \"test\"\nlease_ttl = \"{ttl}\"\ninstance = \"{name}\"\n",
         etcd.endpoint(),
         redis.url()
     )
@@ -328,7 +328,7 @@ async fn redis_source_elects_through_a_redis_lock_and_fails_over() {
     let (seen, received) = Seen::start(&redis).await;
     let cfg = |name: &str| {
         format!(
-            "[source]\ntype = \"redis\"\nurl = \"{0}\"\n[backend]\ntype = \"redis\"\nurl = \"{0}\"\n[ha]\nlease_ttl = \"2s\"\ninstance = \"{name}\"\n",
+            "[source]\ntype = \"redis\"\nurl = \"{0}\"\n[backend]\ntype = \"redis\"\nurl = \"{0}\"\n[ha]\nservice = \"test\"\nlease_ttl = \"2s\"\ninstance = \"{name}\"\n",
             redis.url()
         )
     };
@@ -417,5 +417,52 @@ async fn redis_source_elects_through_a_redis_lock_and_fails_over() {
     assert!(
         syncs >= 1,
         "the new leader announces it may have missed deletes"
+    );
+}
+
+/// Found by the nemesis (issue 22, seed 1): members that reach etcd by
+/// different addresses (here one through a proxy) derived different
+/// service ids, so each campaigned in an election of its own and both
+/// published. `ha.service` names the group instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_reaching_etcd_by_different_addresses_share_one_election() {
+    let etcd = EtcdServer::start().await;
+    let redis = RedisServer::start().await;
+    let proxy = feedbridge::testing::FaultProxy::start(&format!("127.0.0.1:{}", etcd.client_port));
+    let dir = tempfile::tempdir().unwrap();
+    let _a = spawn(dir.path(), "a", &instance_config(&etcd, &redis, "a", "2s"));
+    let b_config = instance_config(&etcd, &redis, "b", "2s")
+        .replace(&etcd.endpoint(), &format!("http://{}", proxy.addr()));
+    let _b = spawn(dir.path(), "b", &b_config);
+    let elections = eventually(
+        "both members campaigning",
+        Duration::from_secs(30),
+        || async {
+            let mut c = etcd.client().await;
+            let keys = c
+                .get(
+                    "/feedbridge/election/",
+                    Some(
+                        etcd_client::GetOptions::new()
+                            .with_prefix()
+                            .with_keys_only(),
+                    ),
+                )
+                .await
+                .ok()?;
+            let elections: std::collections::BTreeSet<String> = keys
+                .kvs()
+                .iter()
+                .filter_map(|kv| kv.key_str().ok())
+                .filter_map(|k| k.rsplit_once('/').map(|(election, _)| election.to_owned()))
+                .collect();
+            (keys.kvs().len() >= 2).then_some(elections)
+        },
+    )
+    .await;
+    assert_eq!(
+        elections.len(),
+        1,
+        "one election for the group: {elections:?}"
     );
 }

@@ -564,7 +564,7 @@ async fn an_ha_leader_cut_off_from_etcd_says_standby_before_another_is_elected()
     let proxy = FaultProxy::start(&format!("127.0.0.1:{}", etcd.client_port));
     let config = |name: &str, election: &str| {
         format!(
-            "{}[backend]\ntype = \"redis\"\nurl = \"{}\"\n[ha]\nendpoints = [\"{election}\"]\nlease_ttl = \"3s\"\ninstance = \"{name}\"\n",
+            "{}[backend]\ntype = \"redis\"\nurl = \"{}\"\n[ha]\nservice = \"test\"\nendpoints = [\"{election}\"]\nlease_ttl = \"3s\"\ninstance = \"{name}\"\n",
             etcd_source(&etcd.endpoint()),
             redis.url()
         )

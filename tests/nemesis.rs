@@ -141,6 +141,9 @@ impl Proc {
     }
 }
 
+/// One run of a subscriber: the subscriber and what its application saw.
+type Run = (Arc<dyn Subscriber>, Seen);
+
 /// What one subscriber delivered, in order, and its application's rows.
 #[derive(Clone, Default)]
 struct Seen {
@@ -149,13 +152,24 @@ struct Seen {
 }
 
 /// Runs a subscriber's application: applies updates, re-reads etcd on a
-/// `sync`.
-fn run_app(sub: Arc<dyn Subscriber>, etcd: String) -> Seen {
+/// `sync`. One that `starts` mid-run (a restarted subscriber) subscribes,
+/// then reads etcd, as an application does at start: that read counts as
+/// a `sync` at the head of what it delivered.
+fn run_app(sub: Arc<dyn Subscriber>, etcd: String, starts: bool) -> Seen {
     let seen = Seen::default();
     let s = seen.clone();
     let (mut rx, _pump) = sub.updates(4096);
+    let start = starts.then(|| DbUpdate::sync("the application started: it reads etcd"));
     tokio::spawn(async move {
-        while let Some(u) = rx.recv().await {
+        let mut next = start;
+        loop {
+            let u = match next.take() {
+                Some(u) => u,
+                None => match rx.recv().await {
+                    Some(u) => u,
+                    None => break,
+                },
+            };
             if u.action == Action::Sync {
                 // The application re-reads (retrying while etcd restarts).
                 let fresh = loop {
@@ -287,15 +301,35 @@ async fn nemesis() {
     let dir = tempfile::tempdir().unwrap();
     let logs = dir.path().to_path_buf();
     let endpoint = etcd.endpoint();
+    let zmq_port = free_port();
 
-    // The HA pair, etcd -> Redis.
+    // Every link a fault can cut goes through a proxy of its own.
+    let link = |to: u16| FaultProxy::start(&format!("127.0.0.1:{to}"));
+    let links: Vec<(&str, FaultProxy)> = vec![
+        ("bridge a -> etcd", link(etcd.client_port)),
+        ("bridge b -> etcd", link(etcd.client_port)),
+        ("bridge z -> etcd", link(etcd.client_port)),
+        ("HA pair -> redis", link(redis.port)),
+        ("redis subscriber -> redis", link(redis.port)),
+        ("zmq subscriber -> bridge z", link(zmq_port)),
+    ];
+    let via = |name: &str| {
+        links
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, p)| p.addr())
+            .unwrap()
+    };
+
+    // The HA pair, etcd -> Redis (source, election and backend through
+    // their links).
     let ha = |name: &str| {
         format!(
-            "[source]\ntype = \"etcd\"\nendpoints = [\"{endpoint}\"]\n[backend]\ntype = \"redis\"\nurl = \"{}\"\n[ha]\nlease_ttl = \"2s\"\ninstance = \"{name}\"\n",
-            redis.url()
+            "[source]\ntype = \"etcd\"\nendpoints = [\"http://{}\"]\n[backend]\ntype = \"redis\"\nurl = \"redis://{}/0\"\n[ha]\nservice = \"test\"\nlease_ttl = \"2s\"\ninstance = \"{name}\"\n",
+            via(&format!("bridge {name} -> etcd")),
+            via("HA pair -> redis"),
         )
     };
-    let zmq_port = free_port();
     let mut procs = vec![
         Proc::new("a", write_config(&logs, "a", &ha("a")), vec![], &logs),
         Proc::new("b", write_config(&logs, "b", &ha("b")), vec![], &logs),
@@ -304,7 +338,10 @@ async fn nemesis() {
             "z",
             workspace_path("config/feedbridge.toml"),
             vec![
-                ("FEEDBRIDGE_ETCD_ENDPOINTS", endpoint.clone()),
+                (
+                    "FEEDBRIDGE_ETCD_ENDPOINTS",
+                    format!("http://{}", via("bridge z -> etcd")),
+                ),
                 ("FEEDBRIDGE_ZMQ_BIND", format!("tcp://127.0.0.1:{zmq_port}")),
             ],
             &logs,
@@ -313,12 +350,10 @@ async fn nemesis() {
     for p in &mut procs {
         p.start();
     }
-    let proxy = FaultProxy::start(&format!("127.0.0.1:{zmq_port}"));
-    let redis_sub = redis_subscriber(&redis.url());
-    let zmq_sub = {
+    let zmq_sub = |address: &str| {
         use feedbridge::config::{BackendConfig, ZmqBackendConfig};
         let sub = feedbridge::backend::PubSub::new(BackendConfig::Zmq(ZmqBackendConfig {
-            bind: format!("tcp://{}", proxy.addr()),
+            bind: format!("tcp://{address}"),
             codec: feedbridge::codec::Codec::Msgpack,
             send_hwm: 1000,
             linger: Duration::ZERO,
@@ -354,23 +389,42 @@ async fn nemesis() {
             }
         });
     }
-    let subscribers = [
+    // Each subscriber's incarnations (the last one is the one running);
+    // the nemesis restarts the last subscriber's.
+    let direct = format!("127.0.0.1:{zmq_port}");
+    let mut subscribers: Vec<(&str, Vec<Run>)> = vec![
         (
             "redis (HA pair)",
-            run_app(redis_sub.clone(), endpoint.clone()),
+            vec![{
+                let sub =
+                    redis_subscriber(&format!("redis://{}/0", via("redis subscriber -> redis")));
+                (sub.clone(), run_app(sub, endpoint.clone(), false))
+            }],
         ),
         (
             "zmq (through the proxy)",
-            run_app(zmq_sub.clone(), endpoint.clone()),
+            vec![{
+                let sub = zmq_sub(&via("zmq subscriber -> bridge z"));
+                (sub.clone(), run_app(sub, endpoint.clone(), false))
+            }],
+        ),
+        (
+            "zmq (restarted)",
+            vec![{
+                let sub = zmq_sub(&direct);
+                (sub.clone(), run_app(sub, endpoint.clone(), false))
+            }],
         ),
     ];
-    // Both subscribers are receiving before the run starts.
+    // Every subscriber is receiving before the run starts.
     let mut kv = etcd.client().await;
     for i in 0.. {
         kv.put(format!("/probe/{i}"), "x", None).await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
-        if subscribers.iter().all(|(_, s)| {
-            s.delivered
+        if subscribers.iter().all(|(_, runs)| {
+            runs[0]
+                .1
+                .delivered
                 .lock()
                 .unwrap()
                 .iter()
@@ -392,40 +446,41 @@ async fn nemesis() {
         burst.clone(),
     ));
 
-    let mut faults: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut faults: BTreeMap<String, usize> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(seconds);
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(1000 + rng.below(3000))).await;
         let target = rng.below(procs.len() as u64) as usize;
-        let kind = match rng.below(9) {
+        let kind = match rng.below(10) {
             0 => {
                 procs[target].kill();
                 procs[target].start();
-                "kill -9 a bridge"
+                format!("kill -9 bridge {}", procs[target].name)
             }
             1 => {
                 procs[target].term();
                 procs[target].start();
-                "SIGTERM a bridge"
+                format!("SIGTERM bridge {}", procs[target].name)
             }
             2 => {
                 procs[target].stop();
                 tokio::time::sleep(Duration::from_millis(500 + rng.below(3000))).await;
                 procs[target].cont();
-                "SIGSTOP/SIGCONT a bridge"
+                format!("SIGSTOP/SIGCONT bridge {}", procs[target].name)
             }
             3 => {
                 etcd.restart().await;
-                "restart etcd"
+                "restart etcd".into()
             }
             4 | 5 => {
+                let (name, proxy) = &links[rng.below(links.len() as u64) as usize];
                 proxy.set(Fault::Blackhole);
                 tokio::time::sleep(Duration::from_millis(500 + rng.below(4000))).await;
                 if rng.below(2) == 0 {
                     proxy.far_side_gives_up();
                 }
                 proxy.set(Fault::Pass);
-                "partition the zmq subscriber"
+                format!("partition {name}")
             }
             6 => {
                 if let Ok(mut c) = etcd_client::Client::connect([endpoint.clone()], None).await {
@@ -434,21 +489,30 @@ async fn nemesis() {
                         let _ = c.compact(rev, None).await;
                     }
                 }
-                "compact etcd"
+                "compact etcd".into()
+            }
+            7 => {
+                let (_, runs) = subscribers.last_mut().unwrap();
+                runs.last().unwrap().0.stop();
+                let sub = zmq_sub(&direct);
+                runs.push((sub.clone(), run_app(sub, endpoint.clone(), true)));
+                "restart a subscriber".into()
             }
             _ => {
                 burst.store(true, Relaxed);
                 tokio::time::sleep(Duration::from_millis(1000)).await;
                 burst.store(false, Relaxed);
-                "a burst of writes"
+                "a burst of writes".into()
             }
         };
+        eprintln!("nemesis: {kind}");
         *faults.entry(kind).or_default() += 1;
-        eprintln!("nemesis: {kind} ({})", procs[target].name);
     }
 
     // Heal, stop writing, and let everything converge.
-    proxy.set(Fault::Pass);
+    for (_, proxy) in &links {
+        proxy.set(Fault::Pass);
+    }
     for p in &mut procs {
         p.cont();
     }
@@ -458,7 +522,8 @@ async fn nemesis() {
     let kv = etcd.client().await;
     let expected = rows_of(kv.clone()).await.unwrap();
     let mut stale = BTreeMap::new();
-    for (name, seen) in &subscribers {
+    for (name, runs) in &subscribers {
+        let seen = &runs.last().unwrap().1;
         let ok = eventually_bool(Duration::from_secs(60), || {
             *seen.rows.lock().unwrap() == expected
         })
@@ -486,76 +551,27 @@ async fn nemesis() {
         faults.values().sum::<usize>()
     );
     let mut failures = Vec::new();
-    for (name, seen) in &subscribers {
-        let delivered = seen.delivered.lock().unwrap().clone();
-        let syncs = delivered
-            .iter()
-            .filter(|u| u.action == Action::Sync)
-            .count();
-        // Order: each row's revisions strictly increase.
-        let mut last: HashMap<&str, i64> = HashMap::new();
-        let mut order = 0;
-        for u in delivered.iter().filter(|u| u.table == "lport") {
-            if let Some(r) = u.revision {
-                if let Some(before) = last.insert(&u.key, r) {
-                    if before >= r {
-                        order += 1;
-                    }
-                }
-            }
-        }
-        // Loss: a written revision not delivered, with no sync delivered
-        // between the updates around it.
-        let index: HashMap<i64, usize> = delivered
-            .iter()
-            .enumerate()
-            .filter_map(|(i, u)| u.revision.map(|r| (r, i)))
-            .collect();
-        let sync_at: Vec<usize> = delivered
-            .iter()
-            .enumerate()
-            .filter(|(_, u)| u.action == Action::Sync)
-            .map(|(i, _)| i)
-            .collect();
-        let mut lost = 0;
-        let mut explained = 0;
-        let mut examples = Vec::new();
-        for w in &written {
-            if index.contains_key(&w.revision) {
-                continue;
-            }
-            let before = delivered
-                .iter()
-                .rposition(|u| u.revision.is_some_and(|r| r < w.revision))
-                .unwrap_or(0);
-            let after = delivered
-                .iter()
-                .position(|u| u.revision.is_some_and(|r| r > w.revision))
-                .unwrap_or(delivered.len());
-            if sync_at.iter().any(|&s| s >= before && s <= after) {
-                explained += 1;
-            } else {
-                lost += 1;
-                if examples.len() < 5 {
-                    examples.push(format!("{}@{}", w.key, w.revision));
-                }
-            }
+    for (name, runs) in &subscribers {
+        let mut verdict = Verdict::default();
+        for (i, (_, seen)) in runs.iter().enumerate() {
+            let delivered = seen.delivered.lock().unwrap();
+            verdict.add(&delivered, &written, i > 0, i + 1 < runs.len());
         }
         let stale_rows = stale.get(name).copied().unwrap_or(0);
-        for reason in delivered
-            .iter()
-            .filter(|u| u.action == Action::Sync)
-            .filter_map(|u| u.value.as_deref())
-            .take(3)
-        {
+        for reason in &verdict.reasons {
             println!("{name}: a sync: {reason}");
         }
         println!(
-            "{name}: {} updates delivered, {syncs} syncs, {lost} lost, {explained} missing but signalled by a sync, {order} order violations, {stale_rows} stale rows",
-            delivered.len()
+            "{name}: {} runs, {} updates delivered, {} syncs, {} lost, {} missing but signalled by a sync, {} order violations, {stale_rows} stale rows",
+            runs.len(),
+            verdict.delivered,
+            verdict.syncs,
+            verdict.lost,
+            verdict.explained,
+            verdict.order
         );
-        if lost > 0 || order > 0 || stale_rows > 0 {
-            println!("{name}: first lost writes {examples:?}");
+        if verdict.lost > 0 || verdict.order > 0 || stale_rows > 0 {
+            println!("{name}: first lost writes {:?}", verdict.examples);
             failures.push(*name);
         }
     }
@@ -586,6 +602,82 @@ async fn nemesis() {
         "the checker failed for {failures:?} (seed {seed}; logs in {})",
         dir.keep().display()
     );
+}
+
+/// What the checker found in what one subscriber delivered (over its
+/// runs).
+#[derive(Default)]
+struct Verdict {
+    delivered: usize,
+    syncs: usize,
+    lost: usize,
+    explained: usize,
+    order: usize,
+    examples: Vec<String>,
+    reasons: Vec<String>,
+}
+
+impl Verdict {
+    /// Checks one run of a subscriber: each row's revisions strictly
+    /// increase; every written revision was delivered, or a `sync` was
+    /// delivered between the updates around it. A run `started` mid-way
+    /// answers from its first delivery on, one that `ended` (restarted)
+    /// up to its last.
+    fn add(&mut self, delivered: &[DbUpdate], written: &[Write], started: bool, ended: bool) {
+        self.delivered += delivered.len();
+        let sync_at: Vec<usize> = delivered
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| u.action == Action::Sync)
+            .map(|(i, _)| i)
+            .collect();
+        self.syncs += sync_at.len();
+        for i in &sync_at {
+            if self.reasons.len() < 3 {
+                self.reasons
+                    .push(delivered[*i].value.clone().unwrap_or_default());
+            }
+        }
+        let mut last: HashMap<&str, i64> = HashMap::new();
+        for u in delivered.iter().filter(|u| u.table == "lport") {
+            if let Some(r) = u.revision {
+                if let Some(before) = last.insert(&u.key, r) {
+                    if before >= r {
+                        self.order += 1;
+                    }
+                }
+            }
+        }
+        let index: std::collections::HashSet<i64> =
+            delivered.iter().filter_map(|u| u.revision).collect();
+        let revisions = delivered.iter().filter_map(|u| u.revision);
+        let from = revisions.clone().min().filter(|_| started);
+        let until = revisions.max().filter(|_| ended);
+        for w in written {
+            if index.contains(&w.revision)
+                || from.is_some_and(|f| w.revision < f)
+                || until.is_some_and(|u| w.revision > u)
+            {
+                continue;
+            }
+            let before = delivered
+                .iter()
+                .rposition(|u| u.revision.is_some_and(|r| r < w.revision))
+                .unwrap_or(0);
+            let after = delivered
+                .iter()
+                .position(|u| u.revision.is_some_and(|r| r > w.revision))
+                .unwrap_or(delivered.len());
+            if sync_at.iter().any(|&s| s >= before && s <= after) {
+                self.explained += 1;
+            } else {
+                self.lost += 1;
+                if self.examples.len() < 5 {
+                    self.examples.push(format!("{}@{}", w.key, w.revision));
+                }
+            }
+        }
+    }
 }
 
 async fn eventually_bool(within: Duration, ok: impl Fn() -> bool) -> bool {

@@ -297,7 +297,7 @@ async fn redis_lock_ha_and_the_publisher_table_work_on_a_cluster() {
     let config = |name: &str, port: u16| {
         cluster_to_zmq(&url, port, "")
             + &format!(
-                "[ha]\nlease_ttl = \"2s\"\ninstance = \"{name}\"\n[discovery]\nurl = \"{url}\"\nid = \"pub-{name}\"\n"
+                "[ha]\nservice = \"test\"\nlease_ttl = \"2s\"\ninstance = \"{name}\"\n[discovery]\nurl = \"{url}\"\nid = \"pub-{name}\"\n"
             )
     };
     // One service (the same bind): only its leader binds the port.

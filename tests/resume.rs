@@ -277,7 +277,7 @@ async fn a_failover_costs_no_sync(how: Stop) {
         std::fs::write(
             &path,
             format!(
-                "[source]\ntype = \"etcd\"\n[backend]\ntype = \"redis\"\nurl = \"{}\"\n[ha]\nlease_ttl = \"2s\"\ninstance = \"{name}\"\n",
+                "[source]\ntype = \"etcd\"\n[backend]\ntype = \"redis\"\nurl = \"{}\"\n[ha]\nservice = \"test\"\nlease_ttl = \"2s\"\ninstance = \"{name}\"\n",
                 redis.url()
             ),
         )

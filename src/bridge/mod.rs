@@ -90,8 +90,13 @@ where
 
 /// The bridge's publisher id: stable across restarts of the same service
 /// on the same host (so subscribers can tell a restart), distinct for two
-/// services (they differ in what they read or where they publish).
+/// services (they differ in what they read or where they publish). Under
+/// HA, the group's `ha.service`: members may reach the same databases by
+/// different addresses.
 fn service_id(config: &Config) -> String {
+    if let Some(service) = config.ha.as_ref().and_then(|h| h.service.as_deref()) {
+        return crate::discovery::publisher_id(&format!("feedbridge-ha:{service}"));
+    }
     let backend = match &config.backend {
         BackendConfig::Zmq(c) => c.bind.clone(),
         BackendConfig::Redis(c) => crate::db::redis::redacted(&c.url),

@@ -407,6 +407,17 @@ mod tests {
     }
 
     #[test]
+    fn ha_needs_the_name_its_members_share() {
+        let text = "[source]\ntype = \"etcd\"\n[backend]\ntype = \"zmq\"\n[ha]\n";
+        let err = Config::parse(text, Path::new("t.toml"))
+            .unwrap()
+            .validate(Path::new("t.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ha.service"), "{err}");
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let c = parse("[source]\ntype = \"etcd\"\n[backend]\ntype = \"zmq\"\n").unwrap();
         let Some(SourceConfig::Etcd(s)) = c.source else {
@@ -541,14 +552,18 @@ mod tests {
             "FEEDBRIDGE_REDIS_URL" => Some("redis://r:1/0".into()),
             _ => None,
         };
-        let mut c = parse("[source]\ntype = \"etcd\"\n[backend]\ntype = \"zmq\"\n[ha]\n").unwrap();
+        let mut c =
+            parse("[source]\ntype = \"etcd\"\n[backend]\ntype = \"zmq\"\n[ha]\nservice = \"s\"\n")
+                .unwrap();
         c.apply_env(env);
         assert_eq!(c.ha.unwrap().endpoints, vec!["http://a:1"]);
-        let mut c = parse("[source]\ntype = \"redis\"\n[backend]\ntype = \"zmq\"\n[ha]\n").unwrap();
+        let mut c =
+            parse("[source]\ntype = \"redis\"\n[backend]\ntype = \"zmq\"\n[ha]\nservice = \"s\"\n")
+                .unwrap();
         c.apply_env(env);
         assert_eq!(c.ha.unwrap().url.as_deref(), Some("redis://r:1/0"));
         // An election elsewhere stays where it is.
-        let mut c = parse("[source]\ntype = \"etcd\"\n[backend]\ntype = \"zmq\"\n[ha]\nendpoints = [\"http://e:1\"]\n").unwrap();
+        let mut c = parse("[source]\ntype = \"etcd\"\n[backend]\ntype = \"zmq\"\n[ha]\nservice = \"s\"\nendpoints = [\"http://e:1\"]\n").unwrap();
         c.apply_env(env);
         assert_eq!(c.ha.unwrap().endpoints, vec!["http://e:1"]);
     }

@@ -119,6 +119,13 @@ pub struct AdminConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HaConfig {
+    /// The name every member of this HA group shares (required): the
+    /// election, the shared checkpoint and the positions subscribers
+    /// compare across members derive from it, never from how a member
+    /// reaches its databases (two members with different endpoint URLs or
+    /// bind addresses would otherwise elect a leader each).
+    #[serde(default)]
+    pub service: Option<String>,
     /// etcd client URLs for the election; default: the etcd source's...
     #[serde(default)]
     pub endpoints: Vec<String>,
@@ -248,6 +255,12 @@ impl AdminConfig {
 impl HaConfig {
     /// Checks what the types cannot.
     pub fn validate(&self) -> Result<(), Invalid> {
+        if self.service.as_deref().is_none_or(|s| s.trim().is_empty()) {
+            return Err((
+                "ha.service",
+                "required: the name every member of this HA group shares (their election, shared checkpoint and positions derive from it); give each member the same one".into(),
+            ));
+        }
         check_one_database(
             ("ha.endpoints", &self.endpoints),
             ("ha.url", &self.url),
