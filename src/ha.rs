@@ -282,6 +282,37 @@ pub async fn campaign(
     }))
 }
 
+/// Whether the election's store can be reached at all, checked once at
+/// start: a wrong address or credentials fail with a clear error, while
+/// every later outage (a restart of etcd or Redis while this instance
+/// stands by) is retried.
+pub async fn reachable(config: &HaConfig) -> Result<(), String> {
+    let timeout = Duration::from_secs(5);
+    match &config.url {
+        None => {
+            let mut client = crate::db::etcd::connect(&config.endpoints, timeout, &config.auth)
+                .await
+                .map_err(|e| e.to_string())?;
+            let opts = etcd_client::GetOptions::new()
+                .with_keys_only()
+                .with_limit(1);
+            tokio::time::timeout(timeout, client.get(config.prefix.as_str(), Some(opts)))
+                .await
+                .map_err(|_| "no answer from etcd".to_string())?
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+        Some(url) => {
+            let client = crate::db::redis::client(url, &config.auth)?;
+            let mut conn = crate::db::redis::connect(&client, timeout).await?;
+            tokio::time::timeout(timeout, redis::cmd("PING").query_async::<()>(&mut conn))
+                .await
+                .map_err(|_| "no answer from Redis".to_string())?
+                .map_err(|e| e.to_string())
+        }
+    }
+}
+
 type Elected = Option<(Store, tokio::task::JoinHandle<()>)>;
 
 async fn campaign_etcd(

@@ -466,3 +466,45 @@ async fn members_reaching_etcd_by_different_addresses_share_one_election() {
         "one election for the group: {elections:?}"
     );
 }
+
+/// Found by the nemesis (issue 22, seed 2): a standby whose campaign was
+/// cut by a restart of etcd exited ("high availability: … broken pipe")
+/// instead of campaigning again, leaving the pair without a standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_of_etcd_does_not_end_either_member() {
+    let mut etcd = EtcdServer::start().await;
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = spawn(dir.path(), "a", &instance_config(&etcd, &redis, "a", "2s"));
+    let mut b = spawn(dir.path(), "b", &instance_config(&etcd, &redis, "b", "2s"));
+    eventually(
+        "both members campaigning",
+        Duration::from_secs(30),
+        || async {
+            let mut c = etcd.client().await;
+            let opts = etcd_client::GetOptions::new()
+                .with_prefix()
+                .with_keys_only();
+            let keys = c.get("/feedbridge/election/", Some(opts)).await.ok()?;
+            (keys.kvs().len() >= 2).then_some(())
+        },
+    )
+    .await;
+    etcd.restart().await;
+    // Both stay up (an exit is what the bug did, within a second), and a
+    // leader is elected again.
+    let leader = eventually(
+        "a leader after the restart",
+        Duration::from_secs(30),
+        || async { leader(&etcd).await },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (name, child) in [("a", &mut a), ("b", &mut b)] {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "member {name} exited after the etcd restart (leader now {leader}; logs in {})",
+            dir.path().display()
+        );
+    }
+}

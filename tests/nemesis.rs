@@ -1,24 +1,29 @@
-//! A nemesis run (issue 22, first version): a workload with a known
-//! history, random faults injected at random intervals from a seed, and a
-//! checker of what every subscriber delivered.
+//! A nemesis run (issue 22): a workload with a known history, random
+//! faults injected at random intervals from a seed, and a checker of what
+//! every subscriber delivered.
 //!
 //! - Workload: one writer to etcd, a counter in every value, deletes,
 //!   large values, delete-ranges, bursts.
 //! - Bridges: an HA pair (etcd → Redis) and a single bridge (etcd →
 //!   ZeroMQ, the shipped config) as processes.
-//! - Subscribers: a Redis subscriber of the pair, a ZeroMQ subscriber of
-//!   the single bridge through the fault proxy; each an application that
-//!   re-reads etcd on a `sync`.
+//! - Links: each bridge's etcd connection (source and election), the
+//!   pair's Redis connection, and each subscriber's, through a fault proxy
+//!   of its own.
+//! - Subscribers: a Redis subscriber of the pair and a ZeroMQ subscriber of
+//!   the single bridge, both staying up, and a ZeroMQ subscriber the
+//!   nemesis restarts; each an application that re-reads etcd on a `sync`
+//!   (and at its start).
 //! - Nemesis: `kill -9`, SIGTERM (and a restart), SIGSTOP/SIGCONT of a
-//!   bridge; an etcd restart; a partition of the ZeroMQ subscriber's link
-//!   (sometimes until the bridge's side gives up); a compaction; a burst.
-//! - Checker: per subscriber and key, revisions delivered in order; every
-//!   written revision delivered, or a `sync` delivered around it; the final
-//!   state equal to etcd's; the HA pair's terms (publisher, epoch) never
-//!   interleave on Redis (two leaders at once).
+//!   bridge; an etcd restart; a partition of any link (sometimes until the
+//!   far side gives up); a compaction; a subscriber restart; a burst.
+//! - Checker: per subscriber run and key, revisions delivered in order;
+//!   every written revision delivered, or a `sync` delivered around it; the
+//!   final state equal to etcd's; the HA pair's terms (publisher, epoch)
+//!   never interleave on Redis (two leaders at once).
 //!
 //! `scripts/nemesis.sh [--minutes N] [--seed S]` runs it (it is ignored by
-//! the ordinary test run); the same seed injects the same faults.
+//! the ordinary test run; `scripts/test.sh` runs two minutes of seed 1);
+//! the same seed injects the same faults.
 
 mod common;
 

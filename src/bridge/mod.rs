@@ -141,19 +141,20 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| format!("{}-{}", crate::discovery::hostname(), std::process::id()));
     let service = service_id(&config);
+    // Unreachable at start: a clear error. Lost later (a restart of the
+    // store while this instance stands by): retried, never an exit.
+    crate::ha::reachable(&ha).await.map_err(|e| {
+        BridgeError::Ha(format!(
+            "{e} (check ha.endpoints {} / ha.url)",
+            crate::config::redact_endpoints(&ha.endpoints)
+        ))
+    })?;
     let mut reconnect = Reconnect::new("leader election");
-    let mut first = true;
     loop {
         stats.leader.set(0);
         let lead = match crate::ha::campaign(&ha, &instance, &service, &shutdown).await {
             Ok(Some(lead)) => Arc::new(lead),
             Ok(None) => return Ok(()),
-            Err(e) if first => {
-                return Err(BridgeError::Ha(format!(
-                    "{e} (check ha.endpoints {} / ha.url)",
-                    crate::config::redact_endpoints(&ha.endpoints)
-                )))
-            }
             Err(e) => {
                 if !reconnect.down(&e, &shutdown).await {
                     return Ok(());
@@ -161,7 +162,6 @@ pub async fn run(
                 continue;
             }
         };
-        first = false;
         reconnect.up();
         stats.leader.set(1);
         let stop = shutdown.child_token();
