@@ -11,7 +11,12 @@ use cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cli::shared::init_logging(&cli.log_level);
+    let config = match &cli.command {
+        Command::Run { config } | Command::Check { config } => Some(config.as_path()),
+        _ => None,
+    };
+    let format = cli::shared::log_format(cli.log_format.as_deref(), config);
+    cli::shared::init_logging(&cli.log_level, format);
     match cli.command {
         Command::Run { config } => cli::run::run(&config),
         Command::Check { config } => cli::run::check(&config),

@@ -274,3 +274,50 @@ fn completions_and_man_page_come_from_the_cli_definition() {
     );
     assert!(text.contains("tail"));
 }
+
+/// `admin.log_format = "json"` (or `--log-format json`): every stderr line
+/// of a failing `run` is one JSON object with the fields log shippers
+/// index, and the password in the config appears in none of them.
+#[test]
+fn json_logs_are_one_object_per_line_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    // Nothing listens on port 1: the source cannot connect and `run` fails.
+    std::fs::write(
+        &path,
+        "[source]\ntype = \"redis\"\nurl = \"redis://user:secretpw@127.0.0.1:1/0\"\nconnect_timeout = \"1s\"\n[backend]\ntype = \"zmq\"\nbind = \"tcp://127.0.0.1:0\"\n[admin]\nlog_format = \"json\"\n",
+    )
+    .unwrap();
+    for flag in [None, Some("json")] {
+        let mut cmd = Command::new(BIN);
+        if let Some(format) = flag {
+            cmd.args(["--log-format", format]);
+        }
+        let out = cmd.args(["run", "--config"]).arg(&path).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "the source is unreachable");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert!(!lines.is_empty(), "no log line: {stderr}");
+        for line in &lines {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            for field in ["timestamp", "level", "target", "message"] {
+                assert!(v.get(field).is_some(), "{field} missing in {line}");
+            }
+        }
+        assert!(lines.iter().any(|l| l.contains("\"ERROR\"")), "{stderr}");
+        assert!(
+            !stderr.contains("secretpw"),
+            "a secret in the logs: {stderr}"
+        );
+    }
+    // Text stays the default, and the flag wins over the config.
+    let out = Command::new(BIN)
+        .args(["--log-format", "text", "run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.lines().any(|l| l.starts_with('{')), "{stderr}");
+    assert!(stderr.contains("error: redis source"), "{stderr}");
+    assert!(!stderr.contains("secretpw"), "{stderr}");
+}

@@ -27,6 +27,10 @@ pub struct Cli {
     /// Log level (overridden by RUST_LOG): error, warn, info, debug, trace.
     #[arg(long, global = true, default_value = "info")]
     pub log_level: String,
+    /// Log lines as `text` or `json` (one object per line); default: the
+    /// config's `admin.log_format`, else text.
+    #[arg(long, global = true, value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -9,7 +9,7 @@ use feedbridge::config::Config;
 use feedbridge::stats::Stats;
 use tokio_util::sync::CancellationToken;
 
-use super::shared::{cancel_on_signal, describe, runtime};
+use super::shared::{cancel_on_signal, describe, fail, runtime};
 
 /// `run`'s exit code when it stopped with updates unpublished (the backend
 /// was down through the whole shutdown timeout): 0 would claim a clean stop.
@@ -20,7 +20,7 @@ pub fn run(config: &Path) -> ExitCode {
     let config = match Config::load(config) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e}");
+            fail(&e, false);
             return ExitCode::from(2);
         }
     };
@@ -76,7 +76,7 @@ async fn serve(config: Config) -> ExitCode {
         }
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("error: {e}");
+            fail(&e, true);
             ExitCode::FAILURE
         }
     }

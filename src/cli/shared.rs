@@ -1,18 +1,60 @@
 //! What every command shares: logging, the runtime, signals, and the
 //! one-line description of a config.
 
-use feedbridge::config::{BackendConfig, Config, SourceConfig};
+use feedbridge::config::{BackendConfig, Config, LogFormat, SourceConfig};
 use tokio_util::sync::CancellationToken;
 
-/// Logs to stderr at `level`, unless `RUST_LOG` says otherwise.
-pub fn init_logging(level: &str) {
+/// The format logging was set up with.
+static FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+/// Says why a command failed: an `error:` line for a person reading text
+/// logs; with JSON logs an ERROR event, so that stderr stays one JSON
+/// object per line.
+pub fn fail(message: &dyn std::fmt::Display, logged: bool) {
+    match FORMAT.get().copied().unwrap_or_default() {
+        LogFormat::Text => eprintln!("error: {message}"),
+        LogFormat::Json if !logged => tracing::error!("{message}"),
+        LogFormat::Json => {}
+    }
+}
+
+/// Logs to stderr at `level` (unless `RUST_LOG` says otherwise), as text
+/// or one JSON object per line.
+pub fn init_logging(level: &str, format: LogFormat) {
+    let _ = FORMAT.set(format);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
+    let logger = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logger
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logger
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
+/// The log format: `--log-format`, else the config's `admin.log_format`
+/// (read before the config is checked, so that its errors are logged in
+/// that format; a config that cannot be read says so later), else text.
+pub fn log_format(flag: Option<&str>, config: Option<&std::path::Path>) -> LogFormat {
+    if let Some(format) = flag.and_then(|f| f.parse().ok()) {
+        return format;
+    }
+    config
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|top| {
+            let format = top.get("admin")?.get("log_format")?.as_str()?.parse().ok();
+            format
+        })
+        .unwrap_or_default()
 }
 
 /// The runtime every command runs on (the bridge's own, one thread).

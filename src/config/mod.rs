@@ -18,7 +18,9 @@ pub use common::{
     advertised_uri, redact_endpoints, redact_url, Invalid, DEFAULT_ETCD_ENDPOINT,
     DEFAULT_REDIS_URL, DEFAULT_ZMQ_BIND,
 };
-pub use service::{AdminConfig, BridgeConfig, DiscoveryConfig, HaConfig, MultiprocConfig};
+pub use service::{
+    AdminConfig, BridgeConfig, DiscoveryConfig, HaConfig, LogFormat, MultiprocConfig,
+};
 pub use source::{EtcdSourceConfig, RedisSourceConfig, SourceConfig};
 
 use common::binds_everything;

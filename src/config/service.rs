@@ -105,10 +105,36 @@ pub struct DiscoveryConfig {
     pub refresh_interval: Duration,
 }
 
-/// The admin HTTP listener.
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (colored on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `target`,
+    /// `message` and the event's fields), for log shippers.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("{other:?} is not a log format: text or json")),
+        }
+    }
+}
+
+/// The admin HTTP listener, and how the process logs.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
+    /// How log lines are written (`--log-format` overrides).
+    #[serde(default)]
+    pub log_format: LogFormat,
     /// `HOST:PORT` serving `/metrics`, `/healthz` and `/readyz`; off when
     /// unset. Use a loopback address unless scrapers live elsewhere.
     #[serde(default)]
