@@ -53,6 +53,8 @@ if [ "${1:-}" != "--build" ]; then
     command -v openssl >/dev/null || need_apt+=(openssl)
     command -v docker-compose >/dev/null || need_apt+=(docker-compose)
     command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
+    # The systemd unit is checked with systemd-analyze verify.
+    command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -11,6 +11,12 @@ scripts/setup.sh
 cargo fmt --check
 cargo clippy --all-targets --all-features --locked -- -D warnings
 docker-compose -f docker-compose.yml config -q
+# The systemd unit, against the binary just built (and no man page yet).
+cargo build --locked --quiet
+unit="$(mktemp -d)/feedbridge.service"
+sed "s#/usr/bin/feedbridge#$PWD/target/debug/feedbridge#g" deploy/systemd/feedbridge.service >"$unit"
+systemd-analyze verify --man=no "$unit"
+rm -rf "$(dirname "$unit")"
 plot="$(mktemp --suffix=.svg)"
 trap 'rm -f "$plot"' EXIT
 cargo run --locked --quiet --features bench --bin feedbridge-bench -- --smoke --plot "$plot"

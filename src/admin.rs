@@ -31,6 +31,14 @@ fn route(path: &str, stats: &Stats) -> Response<Full<Bytes>> {
             stats.encode(),
         ),
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/livez" => match stats.alive() {
+            Ok(()) => respond(StatusCode::OK, "text/plain", "alive\n".into()),
+            Err(why) => respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("wedged: {why}\n"),
+            ),
+        },
         "/readyz" => match stats.ready() {
             Ok(role) => respond(StatusCode::OK, "text/plain", format!("ready ({role})\n")),
             Err(why) => respond(
@@ -42,7 +50,7 @@ fn route(path: &str, stats: &Stats) -> Response<Full<Bytes>> {
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "try /metrics, /healthz or /readyz\n".into(),
+            "try /metrics, /healthz, /livez or /readyz\n".into(),
         ),
     }
 }

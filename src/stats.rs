@@ -103,6 +103,9 @@ pub struct Stats {
     lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// When the pipeline was last caught up (Unix milliseconds).
     caught_up_ms: std::sync::atomic::AtomicU64,
+    /// When the pipeline's loop last went round (Unix milliseconds; 0 while
+    /// no pipeline runs: a standby, between terms).
+    pipeline_beat_ms: std::sync::atomic::AtomicU64,
     /// When the source last heard from its database (Unix milliseconds).
     source_heard_ms: std::sync::atomic::AtomicU64,
     /// Seconds since the source last heard from its database.
@@ -150,6 +153,7 @@ impl Default for Stats {
             leader: Gauge::default(),
             lag_seconds: Gauge::default(),
             caught_up_ms: std::sync::atomic::AtomicU64::new(unix_ms()),
+            pipeline_beat_ms: std::sync::atomic::AtomicU64::new(0),
             source_heard_ms: std::sync::atomic::AtomicU64::new(unix_ms()),
             source_silent_seconds: Gauge::default(),
             resident_memory: Gauge::default(),
@@ -252,6 +256,10 @@ impl Default for Stats {
 /// How long a source may hear nothing from its database before the lag is
 /// reported unknown (sources ask at least every second).
 pub const SOURCE_BLIND_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// How long the pipeline's loop may stand still before the process
+/// counts as wedged (see [`Stats::alive`]).
+pub const WEDGED_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -390,6 +398,30 @@ impl Stats {
         Ok("leader")
     }
 
+    /// The pipeline's loop went round (it does at least once a second,
+    /// idle or not, and at every publish attempt).
+    pub fn pipeline_beat(&self) {
+        self.pipeline_beat_ms.store(unix_ms(), Relaxed);
+    }
+
+    /// No pipeline runs now (a term ended): nothing to be wedged.
+    pub fn pipeline_ended(&self) {
+        self.pipeline_beat_ms.store(0, Relaxed);
+    }
+
+    /// Alive unless the pipeline is wedged: it runs and its loop has not
+    /// gone round for [`WEDGED_AFTER`] (a deadlock, a starved runtime). A
+    /// database that is down is not wedged: the loop keeps retrying. What
+    /// `/livez` and the systemd watchdog report.
+    pub fn alive(&self) -> Result<(), String> {
+        let beat = self.pipeline_beat_ms.load(Relaxed);
+        let still = unix_ms().saturating_sub(beat);
+        if beat == 0 || still < WEDGED_AFTER.as_millis() as u64 {
+            return Ok(());
+        }
+        Err(format!("the pipeline has not moved for {} s", still / 1000))
+    }
+
     /// The source heard from its database (any answer, change or progress
     /// notice): what it has read is current as of now.
     pub fn source_heard(&self) {
@@ -463,5 +495,23 @@ impl Stats {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_running_pipeline_that_stands_still_is_wedged() {
+        let stats = Stats::default();
+        assert!(stats.alive().is_ok(), "no pipeline (a standby): alive");
+        stats.pipeline_beat();
+        assert!(stats.alive().is_ok());
+        let long_ago = unix_ms() - WEDGED_AFTER.as_millis() as u64 - 1000;
+        stats.pipeline_beat_ms.store(long_ago, Relaxed);
+        assert!(stats.alive().unwrap_err().contains("has not moved"));
+        stats.pipeline_ended();
+        assert!(stats.alive().is_ok(), "a term that ended is not wedged");
     }
 }

@@ -321,3 +321,82 @@ fn json_logs_are_one_object_per_line_without_secrets() {
     assert!(stderr.contains("error: redis source"), "{stderr}");
     assert!(!stderr.contains("secretpw"), "{stderr}");
 }
+
+/// `Type=notify` against a real datagram socket standing in for systemd:
+/// READY=1 once ready, WATCHDOG=1 at half of WATCHDOG_USEC while the
+/// pipeline is alive (and `/livez` says so), STOPPING=1 on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_notify_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let etcd = EtcdServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\ntype = \"etcd\"\nendpoints = [\"{}\"]\n[backend]\ntype = \"zmq\"\nbind = \"tcp://127.0.0.1:{}\"\n[admin]\nlisten = \"{admin}\"\n",
+            etcd.endpoint(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let mut bridge = KillOnDrop(
+        Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &socket_path)
+            .env("WATCHDOG_USEC", "1000000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let next = || {
+        let mut buf = [0u8; 512];
+        let n = socket.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = next();
+    assert!(first.lines().any(|l| l == "READY=1"), "{first:?}");
+    assert!(first.contains("STATUS=ready (leader)"), "{first:?}");
+    // Pets at half the interval: two within about a second.
+    let started = std::time::Instant::now();
+    for _ in 0..2 {
+        let pet = next();
+        assert_eq!(pet.trim(), "WATCHDOG=1");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let livez = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&admin).unwrap();
+        write!(s, "GET /livez HTTP/1.0\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    assert!(
+        livez.contains(" 200 ") && livez.ends_with("alive\n"),
+        "{livez}"
+    );
+    let pid = bridge.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let stopping = loop {
+        let m = next();
+        if m.trim() != "WATCHDOG=1" {
+            break m;
+        }
+    };
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
+    let status = wait_exit(&mut bridge, Duration::from_secs(20));
+    assert!(status.success());
+}

@@ -62,7 +62,9 @@ impl Pipeline {
     /// left unpublished.
     pub(super) async fn drain(&mut self, mut rx: mpsc::Receiver<SourceEvent>) -> Result<(), usize> {
         let mut batch: Vec<DbUpdate> = Vec::with_capacity(MAX_BATCH);
-        if self.drain_into(&mut rx, &mut batch).await {
+        let drained = self.drain_into(&mut rx, &mut batch).await;
+        self.stats.pipeline_ended();
+        if drained {
             return Ok(());
         }
         let queued = std::iter::from_fn(|| rx.try_recv().ok())
@@ -82,6 +84,7 @@ impl Pipeline {
         let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.stats.pipeline_beat();
             let event = tokio::select! {
                 biased;
                 _ = self.give_up.cancelled() => return false,
@@ -181,6 +184,7 @@ impl Pipeline {
             return true;
         }
         loop {
+            self.stats.pipeline_beat();
             if self.lead.as_ref().is_some_and(|l| !l.is_valid()) {
                 return false; // a deposed leader must not publish
             }

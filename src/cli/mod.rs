@@ -11,6 +11,7 @@ pub mod docs;
 pub mod run;
 pub mod shared;
 pub mod status;
+pub mod systemd;
 pub mod tail;
 
 use std::path::PathBuf;

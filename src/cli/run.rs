@@ -57,6 +57,7 @@ async fn serve(config: Config) -> ExitCode {
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     let stats = Arc::new(Stats::default());
+    super::systemd::spawn(stats.clone(), shutdown.clone());
     match feedbridge::bridge::run(config, shutdown, stats.clone()).await {
         Ok(()) => {
             tracing::info!(
