@@ -11,7 +11,8 @@
 #                              etcdctl, redis-server + redis-cli, openssl (TLS
 #                              test certificates), docker-compose (validates
 #                              docker-compose.yml without an engine), and
-#                              Python's pyzmq + msgpack (Dragonflow interop).
+#                              Python's pyzmq + msgpack (Dragonflow interop),
+#                              PyYAML (the Kubernetes manifests' test).
 # Idempotent: a machine that has everything installs nothing.
 set -euo pipefail
 
@@ -76,6 +77,14 @@ fi
 
 if [ "${1:-}" = "--build" ]; then
     exit 0
+fi
+
+# PyYAML: tests/packaging.rs reads the Kubernetes manifests with it.
+if [ "${1:-}" != "--build" ] && ! python3 -c 'import yaml' 2>/dev/null; then
+    echo "setup: installing PyYAML for python3" >&2
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-yaml >/dev/null
+    python3 -c 'import yaml'
 fi
 
 if ! python3 -c 'import zmq, msgpack' 2>/dev/null; then

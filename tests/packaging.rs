@@ -70,3 +70,131 @@ fn compose_uses_existing_configs_and_health_checks() {
         "etcd, redis, feedbridge, the cluster nodes (one anchor) and the cluster's bridge have health checks"
     );
 }
+
+/// The Kubernetes sidecar example: every manifest parses (PyYAML, which
+/// `scripts/setup.sh` installs), and what must agree does: the ConfigMap's
+/// config is valid for this binary, the container mounts it where its
+/// `--config` points, the probes and the Prometheus annotation use the
+/// admin listener's port, `/livez` and `/readyz` are what the admin
+/// listener serves, the ZeroMQ port is the backend's, the image is the
+/// compose file's.
+#[test]
+fn kubernetes_manifests_agree_with_the_config_and_the_binary() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/etcd-with-feedbridge.yaml");
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",
+        ])
+        .arg(&path)
+        .output()
+        .expect("python3 with PyYAML (scripts/setup.sh installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let kind = |k: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == k)
+            .unwrap_or_else(|| panic!("no {k}"))
+    };
+    let toml = kind("ConfigMap")["data"]["feedbridge.toml"]
+        .as_str()
+        .unwrap();
+    let config = feedbridge::config::Config::parse(toml, Path::new("configmap")).unwrap();
+    config.validate(Path::new("configmap")).unwrap();
+    let admin_port: u64 = config
+        .admin
+        .listen
+        .as_deref()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let feedbridge::config::BackendConfig::Zmq(zmq) = &config.backend else {
+        panic!("the example publishes on ZeroMQ");
+    };
+    let zmq_port: u64 = zmq.bind.rsplit(':').next().unwrap().parse().unwrap();
+
+    let pod = &kind("StatefulSet")["spec"]["template"];
+    let annotations = &pod["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/port"], admin_port.to_string());
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+    let containers = pod["spec"]["containers"].as_array().unwrap();
+    let c = containers
+        .iter()
+        .find(|c| c["name"] == "feedbridge")
+        .unwrap();
+    let port = |name: &str| {
+        c["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()["containerPort"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(port("admin"), admin_port);
+    assert_eq!(port("zmq"), zmq_port);
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], "admin");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/livez");
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"], "admin");
+    let admin_rs = read("src/admin.rs");
+    for route in ["\"/livez\"", "\"/readyz\"", "\"/metrics\""] {
+        assert!(
+            admin_rs.contains(route),
+            "the admin listener serves {route}"
+        );
+    }
+    // The image is the one compose builds; the config is mounted where
+    // the arguments (the Dockerfile's default command) read it.
+    let image = c["image"].as_str().unwrap();
+    assert!(
+        read("docker-compose.yml").contains(&format!("image: {image}")),
+        "{image}"
+    );
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args, ["run", "--config", "/etc/feedbridge/feedbridge.toml"]);
+    assert!(read("Dockerfile")
+        .contains(r#"CMD ["run", "--config", "/etc/feedbridge/feedbridge.toml"]"#));
+    let mount = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "config")
+        .unwrap();
+    assert_eq!(mount["mountPath"], "/etc/feedbridge");
+    let volume = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "config")
+        .unwrap();
+    assert_eq!(
+        volume["configMap"]["name"],
+        kind("ConfigMap")["metadata"]["name"]
+    );
+    // The source is the etcd container of the same pod.
+    let feedbridge::config::SourceConfig::Etcd(source) = config.source.as_ref().unwrap() else {
+        panic!("an etcd source");
+    };
+    assert_eq!(source.endpoints, ["http://127.0.0.1:2379"]);
+    let etcd = containers.iter().find(|c| c["name"] == "etcd").unwrap();
+    assert!(etcd["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["containerPort"] == 2379));
+}
