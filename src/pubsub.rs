@@ -104,6 +104,15 @@ pub trait Subscriber: Send + Sync + 'static {
         0
     }
 
+    /// By publisher service: the revision up to which this subscriber has
+    /// received every update on its topics, the position it resumes from
+    /// after a reconnect or a gap. Empty until a publisher's first
+    /// heartbeat (at most half a second after its first contact): a
+    /// subscriber cut off before it has no position, and delivers a `sync`.
+    fn positions(&self) -> std::collections::BTreeMap<String, i64> {
+        Default::default()
+    }
+
     /// The backend's receive loop: sends every update into `sink` until
     /// stopped or until `sink` is closed.
     async fn pump(&self, sink: mpsc::Sender<DbUpdate>) -> Result<(), SubscribeError>;

@@ -148,6 +148,7 @@ pub struct EtcdSubscriber {
     registry: Registry,
     stop: CancellationToken,
     gaps: Arc<AtomicU64>,
+    positions: crate::backend::sequence::SharedPositions,
     silences: Arc<AtomicU64>,
 }
 
@@ -163,6 +164,7 @@ impl EtcdSubscriber {
             registry: Registry::default(),
             stop: CancellationToken::new(),
             gaps: Arc::default(),
+            positions: Arc::default(),
             silences: Arc::default(),
         }
     }
@@ -312,12 +314,21 @@ impl Subscriber for EtcdSubscriber {
         self.silences.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    fn positions(&self) -> std::collections::BTreeMap<String, i64> {
+        self.positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     async fn pump(&self, sink: mpsc::Sender<DbUpdate>) -> Result<(), SubscribeError> {
         let mut reconnect = Reconnect::new("etcd subscriber");
         let mut next = 0;
         // The watch resumes from its revision: a publisher's restart loses
         // nothing here, so only a real gap (compaction) makes a sync.
-        let mut tracker = GapTracker::new(self.gaps.clone()).lossless();
+        let mut tracker = GapTracker::new(self.gaps.clone())
+            .lossless()
+            .showing(self.positions.clone());
         let mut dedup = Dedup::default();
         loop {
             let (n, error) = self

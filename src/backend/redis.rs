@@ -314,6 +314,7 @@ pub struct RedisSubscriber {
     registry: Registry,
     stop: CancellationToken,
     gaps: Arc<AtomicU64>,
+    positions: crate::backend::sequence::SharedPositions,
     silence_timeout: Duration,
     silences: Arc<AtomicU64>,
 }
@@ -330,6 +331,7 @@ impl RedisSubscriber {
             registry: Registry::default(),
             stop: CancellationToken::new(),
             gaps: Arc::default(),
+            positions: Arc::default(),
             silence_timeout: config.silence_timeout,
             silences: Arc::default(),
         }
@@ -957,6 +959,13 @@ impl Subscriber for RedisSubscriber {
         self.silences.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    fn positions(&self) -> std::collections::BTreeMap<String, i64> {
+        self.positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     async fn pump(&self, sink: mpsc::Sender<DbUpdate>) -> Result<(), SubscribeError> {
         let client = self.client.as_ref().map_err(|e| SubscribeError {
             backend: "redis",
@@ -965,7 +974,7 @@ impl Subscriber for RedisSubscriber {
         let mut reconnect = Reconnect::new(format!("redis subscriber {}", self.url));
         let mut first = true;
         let mut tracker = Tracking {
-            gaps: GapTracker::new(self.gaps.clone()),
+            gaps: GapTracker::new(self.gaps.clone()).showing(self.positions.clone()),
             ..Default::default()
         };
         loop {

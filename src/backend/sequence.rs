@@ -348,7 +348,15 @@ pub struct GapTracker {
     /// By publisher id: its service and where it answers gaps, as its
     /// heartbeats say.
     services: std::collections::HashMap<String, (String, Option<String>)>,
+    /// A copy of `verified` for the subscriber's handle.
+    shown: Option<SharedPositions>,
 }
+
+/// By service: the revision up to which a subscriber has received every
+/// update on its topics, as its handle shows it (see
+/// [`crate::pubsub::Subscriber::positions`]).
+pub type SharedPositions =
+    std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, i64>>>;
 
 impl GapTracker {
     /// A tracker counting into `gaps`.
@@ -364,6 +372,21 @@ impl GapTracker {
     pub fn lossless(mut self) -> Self {
         self.lossless = true;
         self
+    }
+
+    /// Also keeps `shown` equal to this subscriber's positions.
+    pub fn showing(mut self, shown: SharedPositions) -> Self {
+        self.shown = Some(shown);
+        self
+    }
+
+    /// Copies the positions to the subscriber's handle, if it has one.
+    fn show(&self) {
+        if let Some(shown) = &self.shown {
+            let mut shown = shown.lock().unwrap_or_else(|e| e.into_inner());
+            shown.clear();
+            shown.extend(self.verified.iter().map(|(s, p)| (s.clone(), *p)));
+        }
     }
 
     /// Notes the run a message or heartbeat came from; a new one waits for
@@ -387,6 +410,7 @@ impl GapTracker {
     pub fn repaired(&mut self, service: &str, to: i64) {
         let at = self.verified.entry(service.to_owned()).or_insert(to);
         *at = (*at).max(to);
+        self.show();
     }
 
     /// Takes from a heartbeat only who sent it and where it answers gaps
@@ -422,6 +446,7 @@ impl GapTracker {
         if let Some((service, _)) = self.services.get(publisher) {
             self.verified.remove(service);
         }
+        self.show();
     }
 
     /// The publishers this subscriber has heard heartbeats from.
@@ -496,6 +521,7 @@ impl GapTracker {
         if let (Some(service), Some(pos), true) = (beat.service, beat.pos, reasons.is_empty()) {
             let at = self.verified.entry(service).or_insert(pos);
             *at = (*at).max(pos);
+            self.show();
         }
         reasons.dedup();
         (!reasons.is_empty()).then(|| reasons.join("; "))

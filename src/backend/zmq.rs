@@ -451,6 +451,7 @@ pub struct ZmqSubscriber {
     registry: Registry,
     stop: CancellationToken,
     gaps: Arc<AtomicU64>,
+    positions: crate::backend::sequence::SharedPositions,
     silences: Arc<AtomicU64>,
     receive_hwm: i32,
     silence_timeout: Duration,
@@ -464,6 +465,7 @@ impl ZmqSubscriber {
             registry: Registry::default(),
             stop: CancellationToken::new(),
             gaps: Arc::default(),
+            positions: Arc::default(),
             silences: Arc::default(),
             receive_hwm: 1000,
             silence_timeout: crate::config::DEFAULT_SILENCE_TIMEOUT,
@@ -590,13 +592,20 @@ impl Subscriber for ZmqSubscriber {
         self.silences.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    fn positions(&self) -> std::collections::BTreeMap<String, i64> {
+        self.positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     async fn pump(&self, sink: mpsc::Sender<DbUpdate>) -> Result<(), SubscribeError> {
         let (receive_hwm, silence_timeout) = (self.receive_hwm, self.silence_timeout);
         let mut socket = sub_socket(receive_hwm, silence_timeout)?;
         let mut registration = self.registry.watch();
         let stop = self.stop.clone();
         let codec = self.codec;
-        let mut tracker = GapTracker::new(self.gaps.clone());
+        let mut tracker = GapTracker::new(self.gaps.clone()).showing(self.positions.clone());
         let silences = self.silences.clone();
         let receive = move || -> Result<(), SubscribeError> {
             let mut applied = Registration::default();

@@ -507,3 +507,30 @@ pub async fn await_pattern_subscriber(redis: &RedisServer) {
     })
     .await;
 }
+
+/// Waits until `sub` has a position (a publisher's heartbeat came): from
+/// then on a reconnect or a gap is repaired from the publisher, not re-read.
+pub async fn positioned<S: feedbridge::pubsub::Subscriber + ?Sized>(sub: &Arc<S>) {
+    positioned_at(sub, 0).await
+}
+
+/// Waits until `sub` has verified everything up to revision `at`: a
+/// heartbeat past it showed nothing missing, so any verdict on what came
+/// before (a repair or a `sync`) has been delivered.
+pub async fn positioned_at<S: feedbridge::pubsub::Subscriber + ?Sized>(sub: &Arc<S>, at: i64) {
+    eventually("the subscriber's position", STREAM_WAIT, || {
+        let there = sub.positions().values().any(|p| *p >= at);
+        async move { there.then_some(()) }
+    })
+    .await
+}
+
+/// The last revision written in `log`.
+pub fn last_revision(log: &Log) -> i64 {
+    log.lock()
+        .unwrap()
+        .iter()
+        .map(|w| w.revision)
+        .max()
+        .unwrap_or(0)
+}
