@@ -7,12 +7,17 @@
 #                              well-known types (etcd-client's build script)
 #                              and a C++ toolchain (libzmq is built from
 #                              source by zmq-sys). The Dockerfile uses this.
+#   scripts/setup.sh --package  what building and packaging need: the above,
+#                              cargo-deb, and dpkg-dev (dpkg-shlibdeps works
+#                              out the package's library dependencies).
 #   scripts/setup.sh           also what running and testing need: etcd +
 #                              etcdctl, redis-server + redis-cli, openssl (TLS
 #                              test certificates), docker-compose (validates
 #                              docker-compose.yml without an engine), and
 #                              Python's pyzmq + msgpack (Dragonflow interop),
-#                              PyYAML (the Kubernetes manifests' test).
+#                              PyYAML (the Kubernetes manifests' test), and
+#                              what --package installs (scripts/test.sh
+#                              builds and installs the Debian package).
 # Idempotent: a machine that has everything installs nothing.
 set -euo pipefail
 
@@ -47,6 +52,9 @@ cxx_works() {
 }
 cxx_works || need_apt+=(g++)
 if [ "${1:-}" != "--build" ]; then
+    command -v dpkg-shlibdeps >/dev/null || need_apt+=(dpkg-dev)
+fi
+if [ "${1:-}" != "--build" ] && [ "${1:-}" != "--package" ]; then
     command -v etcd >/dev/null || need_apt+=(etcd-server)
     command -v etcdctl >/dev/null || need_apt+=(etcd-client)
     command -v redis-server >/dev/null || need_apt+=(redis-server)
@@ -76,6 +84,24 @@ if ! cxx_works; then
 fi
 
 if [ "${1:-}" = "--build" ]; then
+    exit 0
+fi
+
+# cargo-deb, at a version whose [package.metadata.deb] keys Cargo.toml uses
+# (sysusers files arrived in 3.x). --no-default-features: no bundled liblzma
+# to build; it compresses with the system's xz when asked and gzip/xz in
+# Rust otherwise.
+cargo_deb_works() {
+    local v
+    v=$(cargo deb --version 2>/dev/null | cut -d' ' -f2) || return 1
+    [ "${v%%.*}" -ge 3 ] 2>/dev/null
+}
+if ! cargo_deb_works; then
+    echo "setup: installing cargo-deb (cargo install)" >&2
+    cargo install --quiet --locked --no-default-features cargo-deb@^3
+    cargo_deb_works || { echo "setup: cargo-deb >= 3 is not usable after installing it" >&2; exit 1; }
+fi
+if [ "${1:-}" = "--package" ]; then
     exit 0
 fi
 

@@ -17,6 +17,13 @@ unit="$(mktemp -d)/feedbridge.service"
 sed "s#/usr/bin/feedbridge#$PWD/target/debug/feedbridge#g" deploy/systemd/feedbridge.service >"$unit"
 systemd-analyze verify --man=no "$unit"
 rm -rf "$(dirname "$unit")"
+# The Debian package: built, installed with dpkg -i, checked, purged.
+if [ "$(id -u)" -eq 0 ]; then
+    scripts/package.sh --test
+else
+    scripts/package.sh
+    echo "test: the package was built but not installed (dpkg -i needs root)" >&2
+fi
 plot="$(mktemp --suffix=.svg)"
 trap 'rm -f "$plot"' EXIT
 cargo run --locked --quiet --features bench --bin feedbridge-bench -- --smoke --plot "$plot"
