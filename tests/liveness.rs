@@ -522,6 +522,101 @@ async fn the_etcd_source_cut_off_reports_its_lag_unknown_and_resumes_losing_noth
     println!("etcd source: lag unknown {unknown_after:?} after the cut; nothing lost");
 }
 
+/// The nemesis' seeds 2 and 3 (issue 22): etcd compacts the history a
+/// running bridge has not read yet (its link was cut, or it was stopped).
+/// The bridge re-lists and publishes each row's state at the re-list,
+/// deletes included, with no `sync`: its subscribers end equal to etcd and
+/// nobody re-reads; the intermediate revisions are gone from etcd and are
+/// not delivered (as a Kubernetes informer's relist after `410 Gone`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_etcd_source_cut_off_across_a_compaction_publishes_each_rows_state_with_no_sync() {
+    let etcd = EtcdServer::start().await;
+    let redis = RedisServer::start().await;
+    let proxy = FaultProxy::start(&format!("127.0.0.1:{}", etcd.client_port));
+    let bridge = Bridge::start(&format!(
+        "{}[backend]\ntype = \"redis\"\nurl = \"{}\"\n",
+        etcd_source(&format!("http://{}", proxy.addr())),
+        redis.url()
+    ));
+    let received = Received::default();
+    let mut kv = etcd.client().await;
+    {
+        let mut rx = redis_updates(&redis.url());
+        await_etcd_flow(&mut rx, &kv).await;
+        let sink = received.clone();
+        tokio::spawn(async move {
+            while let Some(u) = rx.recv().await {
+                sink.0.lock().unwrap().push(u);
+            }
+        });
+    }
+    for (k, v) in [("k1", "a"), ("k2", "b"), ("k4", "d")] {
+        kv.put(format!("/lport/{k}"), v, None).await.unwrap();
+    }
+    received
+        .wait("the rows before the cut", |g| view(&lport(g)).len() == 3)
+        .await;
+
+    proxy.set(Fault::Blackhole);
+    eventually(
+        "the source to notice the cut",
+        Duration::from_secs(15),
+        || {
+            let blind = bridge.stats.source_blind();
+            async move { blind.then_some(()) }
+        },
+    )
+    .await;
+    let mut intermediate = Vec::new();
+    for v in ["a2", "a3"] {
+        let r = kv.put("/lport/k1", v, None).await.unwrap();
+        intermediate.push(r.header().unwrap().revision());
+    }
+    kv.put("/lport/k1", "a4", None).await.unwrap();
+    kv.delete("/lport/k2", None).await.unwrap();
+    kv.put("/lport/k3", "c", None).await.unwrap(); // created and deleted unseen
+    kv.delete("/lport/k3", None).await.unwrap();
+    kv.delete("/lport/k4", None).await.unwrap();
+    kv.put("/lport/k5", "e", None).await.unwrap();
+    let rev = kv
+        .get("/", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    kv.compact(rev, None).await.unwrap();
+    proxy.far_side_gives_up();
+    proxy.set(Fault::Pass);
+
+    let expected = etcd_state(&etcd).await;
+    received
+        .wait("each row's state after the re-list", |g| {
+            view(&lport(g)) == expected
+        })
+        .await;
+    let got = received.all();
+    let deleted: Vec<&str> = got
+        .iter()
+        .filter(|u| u.action == Action::Delete)
+        .map(|u| u.key.as_str())
+        .collect();
+    assert!(
+        deleted.contains(&"k2") && deleted.contains(&"k4"),
+        "every row deleted meanwhile gets its delete: {deleted:?}"
+    );
+    assert!(
+        !got.iter().any(|u| u.action == Action::Sync),
+        "the re-list carried every row's state: no re-read"
+    );
+    assert_eq!(bridge.stats.syncs_published.get(), 0);
+    assert!(
+        !got.iter()
+            .any(|u| u.revision.is_some_and(|r| intermediate.contains(&r))),
+        "compacted revisions cannot be delivered"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_source_cut_off_notices_and_reconciles_what_changed_meanwhile() {
     let redis = RedisServer::start().await;

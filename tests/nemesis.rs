@@ -59,8 +59,71 @@ impl Rng {
 /// One acknowledged write.
 #[derive(Clone, Debug)]
 struct Write {
+    /// The etcd key; `/lport/k1*` for a delete-range.
     key: String,
     revision: i64,
+    delete: bool,
+}
+
+impl Write {
+    /// Whether this write changed the row `key` (`kN`, as delivered).
+    fn touches(&self, key: &str) -> bool {
+        match self.key.strip_prefix("/lport/") {
+            Some(k) => match k.strip_suffix('*') {
+                Some(prefix) => key.starts_with(prefix),
+                None => k == key,
+            },
+            None => false,
+        }
+    }
+}
+
+/// The windows of revisions a bridge declared it re-listed (its resume
+/// revision was compacted): `(first revision not read, re-list revision)`,
+/// from its "Re-list complete" log lines. Within one, a subscriber gets
+/// each row's state at the re-list, not the revisions before it.
+fn coalesced_windows(logs: &Path, bridges: &[&str]) -> Vec<(i64, i64)> {
+    let mut windows = Vec::new();
+    for entry in std::fs::read_dir(logs).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.ends_with(".log") || !bridges.iter().any(|b| name.starts_with(&format!("{b}-"))) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        for line in text.lines().filter(|l| l.contains("Re-list complete")) {
+            let plain = strip_ansi(line);
+            let field = |name: &str| -> Option<i64> {
+                let at = plain.find(&format!(" {name}="))? + name.len() + 2;
+                plain[at..]
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            };
+            if let (Some(from), Some(to)) = (field("coalesced_from"), field("revision")) {
+                windows.push((from, to));
+            }
+        }
+    }
+    windows
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A bridge process, restartable.
@@ -243,7 +306,11 @@ async fn writer(
             .map(|r| {
                 // the keys it deleted share one revision in the history
                 if r.deleted() > 0 {
-                    vec![("/lport/k1*".to_string(), r.header().unwrap().revision())]
+                    vec![(
+                        "/lport/k1*".to_string(),
+                        r.header().unwrap().revision(),
+                        true,
+                    )]
                 } else {
                     vec![]
                 }
@@ -251,7 +318,7 @@ async fn writer(
         } else if i % 11 == 10 {
             c.delete(key.clone(), None).await.map(|r| {
                 if r.deleted() > 0 {
-                    vec![(key.clone(), r.header().unwrap().revision())]
+                    vec![(key.clone(), r.header().unwrap().revision(), true)]
                 } else {
                     vec![]
                 }
@@ -260,13 +327,17 @@ async fn writer(
             let pad = if i % 97 == 96 { 64 << 10 } else { 0 };
             c.put(key.clone(), format!("{i}:{}", "x".repeat(pad)), None)
                 .await
-                .map(|r| vec![(key.clone(), r.header().unwrap().revision())])
+                .map(|r| vec![(key.clone(), r.header().unwrap().revision(), false)])
         };
         match result {
             Ok(writes) => {
                 let mut log = log.lock().unwrap();
-                for (key, revision) in writes {
-                    log.push(Write { key, revision });
+                for (key, revision, delete) in writes {
+                    log.push(Write {
+                        key,
+                        revision,
+                        delete,
+                    });
                 }
                 i += 1;
             }
@@ -557,22 +628,30 @@ async fn nemesis() {
     );
     let mut failures = Vec::new();
     for (name, runs) in &subscribers {
+        let feeders: &[&str] = if name.starts_with("redis") {
+            &["a", "b"]
+        } else {
+            &["z"]
+        };
+        let windows = coalesced_windows(&logs, feeders);
         let mut verdict = Verdict::default();
         for (i, (_, seen)) in runs.iter().enumerate() {
             let delivered = seen.delivered.lock().unwrap();
-            verdict.add(&delivered, &written, i > 0, i + 1 < runs.len());
+            verdict.add(&delivered, &written, &windows, i > 0, i + 1 < runs.len());
         }
         let stale_rows = stale.get(name).copied().unwrap_or(0);
         for reason in &verdict.reasons {
             println!("{name}: a sync: {reason}");
         }
         println!(
-            "{name}: {} runs, {} updates delivered, {} syncs, {} lost, {} missing but signalled by a sync, {} order violations, {stale_rows} stale rows",
+            "{name}: {} runs, {} updates delivered, {} syncs, {} lost, {} missing but signalled by a sync, {} superseded in {} re-list windows, {} order violations, {stale_rows} stale rows",
             runs.len(),
             verdict.delivered,
             verdict.syncs,
             verdict.lost,
             verdict.explained,
+            verdict.coalesced,
+            windows.len(),
             verdict.order
         );
         if verdict.lost > 0 || verdict.order > 0 || stale_rows > 0 {
@@ -617,6 +696,10 @@ struct Verdict {
     syncs: usize,
     lost: usize,
     explained: usize,
+    /// Missing, but inside a window its bridge declared coalesced (a
+    /// re-list after compaction), and superseded there by a later write
+    /// of the row whose result was delivered.
+    coalesced: usize,
     order: usize,
     examples: Vec<String>,
     reasons: Vec<String>,
@@ -628,7 +711,21 @@ impl Verdict {
     /// delivered between the updates around it. A run `started` mid-way
     /// answers from its first delivery on, one that `ended` (restarted)
     /// up to its last.
-    fn add(&mut self, delivered: &[DbUpdate], written: &[Write], started: bool, ended: bool) {
+    ///
+    /// A revision inside a declared coalesced window (`windows`) may be
+    /// missing only if the row's state at the window's end was delivered:
+    /// its last write there (with its own revision), or for a deleted row
+    /// a delete within the window (a re-list's delete carries the
+    /// re-list's revision), or nothing at all for a row the subscriber
+    /// did not have.
+    fn add(
+        &mut self,
+        delivered: &[DbUpdate],
+        written: &[Write],
+        windows: &[(i64, i64)],
+        started: bool,
+        ended: bool,
+    ) {
         self.delivered += delivered.len();
         let sync_at: Vec<usize> = delivered
             .iter()
@@ -673,8 +770,24 @@ impl Verdict {
                 .iter()
                 .position(|u| u.revision.is_some_and(|r| r > w.revision))
                 .unwrap_or(delivered.len());
-            if sync_at.iter().any(|&s| s >= before && s <= after) {
+            // A re-list that could not tell what was deleted says `sync`
+            // with its revision; the application's re-read comes after
+            // that list, so it covers the whole window.
+            let relist_said_sync = windows.iter().any(|&(from, to)| {
+                (from..=to).contains(&w.revision)
+                    && sync_at.iter().any(|&s| {
+                        delivered[s].value.as_deref().is_some_and(|r| {
+                            r.contains(&format!("before revision {to} was compacted"))
+                        })
+                    })
+            });
+            if relist_said_sync || sync_at.iter().any(|&s| s >= before && s <= after) {
                 self.explained += 1;
+            } else if windows
+                .iter()
+                .any(|&window| superseded(w, window, written, delivered))
+            {
+                self.coalesced += 1;
             } else {
                 self.lost += 1;
                 if self.examples.len() < 5 {
@@ -683,6 +796,53 @@ impl Verdict {
             }
         }
     }
+}
+
+/// Whether the missing write `w` is accounted for by the re-list of
+/// `window`: the row's state at the window's end reached the subscriber.
+fn superseded(
+    w: &Write,
+    (from, to): (i64, i64),
+    written: &[Write],
+    delivered: &[DbUpdate],
+) -> bool {
+    if w.revision < from || w.revision > to {
+        return false;
+    }
+    let Some(key) = w.key.strip_prefix("/lport/") else {
+        return false;
+    };
+    if key.ends_with('*') {
+        // A delete-range in the window: each row it removed is checked
+        // through its own writes and the final state.
+        return true;
+    }
+    let last = written
+        .iter()
+        .filter(|x| x.revision <= to && x.touches(key))
+        .max_by_key(|x| x.revision)
+        .expect("w itself");
+    if last.revision > w.revision {
+        return true; // superseded; `last` answers for the row
+    }
+    if !last.delete {
+        return false; // the re-list carries a row's last value with its revision
+    }
+    let mine: Vec<&DbUpdate> = delivered
+        .iter()
+        .filter(|u| u.table == "lport" && u.key == key)
+        .collect();
+    let deleted_in_window = mine.iter().any(|u| {
+        u.action == Action::Delete && u.revision.is_some_and(|r| r >= w.revision && r <= to)
+    });
+    // The subscriber never had the row (created and deleted while the
+    // bridge could not read): nothing to tell it.
+    let never_had = mine
+        .iter()
+        .rev()
+        .find(|u| u.revision.is_some_and(|r| r < from))
+        .is_none_or(|u| u.action == Action::Delete);
+    deleted_in_window || never_had
 }
 
 async fn eventually_bool(within: Duration, ok: impl Fn() -> bool) -> bool {

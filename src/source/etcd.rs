@@ -239,7 +239,7 @@ impl EtcdSource {
                         compact_revision = at,
                         "Resume revision was compacted; re-listing and emitting the difference."
                     );
-                    match self.resync(client, prefix, tx, shutdown).await {
+                    match self.resync(client, prefix, *next, tx, shutdown).await {
                         Ok(n) => {
                             *next = n;
                             continue;
@@ -340,7 +340,9 @@ impl EtcdSource {
                             self.index_complete = false;
                         }
                     }
-                    return self.resync(client, prefix, tx, shutdown).await;
+                    return self
+                        .resync(client, prefix, checkpoint + 1, tx, shutdown)
+                        .await;
                 }
                 Err(e) => return Err(StartError::Etcd(e)),
             }
@@ -377,11 +379,16 @@ impl EtcdSource {
     }
 
     /// Re-lists at the current revision and emits what differs from the
-    /// index: creates, sets, and deletes of keys that are gone.
+    /// index: creates, sets, and deletes of keys that are gone. The
+    /// revisions from `unread` (the first one this source could not read)
+    /// to the re-list's arrive as their difference: each row's state at
+    /// the re-list, not the intermediate revisions etcd no longer has. The
+    /// log line says which window that was (the nemesis' checker reads it).
     async fn resync(
         &mut self,
         client: &mut Client,
         prefix: &[u8],
+        unread: i64,
         tx: &mpsc::Sender<SourceEvent>,
         shutdown: &CancellationToken,
     ) -> Result<i64, StartError> {
@@ -430,10 +437,11 @@ impl EtcdSource {
         self.index_complete = true;
         tracing::info!(
             revision = at,
+            coalesced_from = unread,
             created,
             set,
             deleted,
-            "Re-list complete; watching on."
+            "Re-list complete: what changed since the last revision read arrived as its difference; watching on."
         );
         self.indexed_revision = at;
         emit(tx, shutdown, SourceEvent::Checkpoint(at)).await?;
