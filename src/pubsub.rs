@@ -91,15 +91,16 @@ pub trait Subscriber: Send + Sync + 'static {
     /// Makes [`Subscriber::run`] return soon.
     fn stop(&self);
 
-    /// How many gaps in publishers' sequences were detected (each one was
-    /// delivered as a `sync`).
+    /// How many gaps in publishers' sequences were detected (each one
+    /// repaired from the publisher's replay buffer or etcd's history, or,
+    /// when that history is gone, delivered as a `sync`).
     fn gaps(&self) -> u64 {
         0
     }
 
     /// How many times a connection was taken for dead because nothing was
-    /// heard on it for the silence timeout (each one was followed by a
-    /// reconnect and a `sync`).
+    /// heard on it for the silence timeout (each one followed by a
+    /// reconnect and a repair, or a `sync` when no repair is possible).
     fn silences(&self) -> u64 {
         0
     }

@@ -786,8 +786,10 @@ async fn relay(
             }
             Fault::Blackhole => {
                 cut = true;
+                // Giving up first: a test that says "give up, then heal"
+                // must never see the piled-up bytes delivered.
                 tokio::select! {
-                    changed = mode.changed() => if changed.is_err() { return },
+                    biased;
                     changed = give_up.changed() => {
                         if changed.is_err() {
                             return;
@@ -802,6 +804,7 @@ async fn relay(
                         }
                         return orphan(down).await;
                     }
+                    changed = mode.changed() => if changed.is_err() { return },
                 }
                 continue;
             }

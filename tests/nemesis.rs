@@ -4,26 +4,28 @@
 //!
 //! - Workload: one writer to etcd, a counter in every value, deletes,
 //!   large values, delete-ranges, bursts.
-//! - Bridges: an HA pair (etcd → Redis) and a single bridge (etcd →
-//!   ZeroMQ, the shipped config) as processes.
-//! - Links: each bridge's etcd connection (source and election), the
-//!   pair's Redis connection, and each subscriber's, through a fault proxy
-//!   of its own.
-//! - Subscribers: a Redis subscriber of the pair and a ZeroMQ subscriber of
-//!   the single bridge, both staying up, and a ZeroMQ subscriber the
-//!   nemesis restarts; each an application that re-reads etcd on a `sync`
-//!   (and at its start).
+//! - Bridges, as processes: an HA pair (etcd → Redis), the shipped
+//!   etcd → ZeroMQ config and the shipped etcd → etcd config.
+//! - Links: each bridge's etcd connection (source, election, and the etcd
+//!   backend's), the pair's Redis connection, and each staying
+//!   subscriber's, through a fault proxy of its own.
+//! - Subscribers: a Redis subscriber of the pair, a ZeroMQ subscriber and
+//!   an etcd subscriber staying up, and a ZeroMQ subscriber the nemesis
+//!   restarts and stalls; each an application that re-reads etcd on a
+//!   `sync` (and at its start).
 //! - Nemesis: `kill -9`, SIGTERM (and a restart), SIGSTOP/SIGCONT of a
 //!   bridge; an etcd restart; a partition of any link (sometimes until the
-//!   far side gives up); a compaction; a subscriber restart; a burst.
+//!   far side gives up); a compaction; a subscriber restart; a burst; a
+//!   burst while an application stands still (over the high-water mark).
 //! - Checker: per subscriber run and key, revisions delivered in order;
-//!   every written revision delivered, or a `sync` delivered around it; the
-//!   final state equal to etcd's; the HA pair's terms (publisher, epoch)
-//!   never interleave on Redis (two leaders at once).
+//!   every written revision delivered, or a `sync` delivered around it, or
+//!   inside a window a bridge declared it re-listed after a compaction and
+//!   superseded there by a delivered write; the final state equal to
+//!   etcd's; the HA pair's terms (publisher, epoch) never interleave on
+//!   Redis (two leaders at once).
 //!
 //! `scripts/nemesis.sh [--minutes N] [--seed S]` runs it (it is ignored by
-//! the ordinary test run; `scripts/test.sh` runs two minutes of seed 1);
-//! the same seed injects the same faults.
+//! the ordinary test run); the same seed injects the same faults.
 
 mod common;
 
@@ -217,6 +219,10 @@ type Run = (Arc<dyn Subscriber>, Seen);
 struct Seen {
     delivered: Arc<Mutex<Vec<DbUpdate>>>,
     rows: Arc<Mutex<BTreeMap<String, String>>>,
+    /// The application stops reading while set (a stalled controller):
+    /// its subscriber's queues fill and the publisher drops at its
+    /// high-water mark.
+    stalled: Arc<AtomicBool>,
 }
 
 /// Runs a subscriber's application: applies updates, re-reads etcd on a
@@ -231,6 +237,9 @@ fn run_app(sub: Arc<dyn Subscriber>, etcd: String, starts: bool) -> Seen {
     tokio::spawn(async move {
         let mut next = start;
         loop {
+            while s.stalled.load(Relaxed) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             let u = match next.take() {
                 Some(u) => u,
                 None => match rx.recv().await {
@@ -388,6 +397,8 @@ async fn nemesis() {
         ("HA pair -> redis", link(redis.port)),
         ("redis subscriber -> redis", link(redis.port)),
         ("zmq subscriber -> bridge z", link(zmq_port)),
+        ("bridge e -> etcd", link(etcd.client_port)),
+        ("etcd subscriber -> etcd", link(etcd.client_port)),
     ];
     let via = |name: &str| {
         links
@@ -420,6 +431,17 @@ async fn nemesis() {
                 ),
                 ("FEEDBRIDGE_ZMQ_BIND", format!("tcp://127.0.0.1:{zmq_port}")),
             ],
+            &logs,
+        ),
+        // etcd -> etcd (/pubsub/<topic> keys), as shipped; source and
+        // backend through one link.
+        Proc::new(
+            "e",
+            workspace_path("config/etcd-etcd.toml"),
+            vec![(
+                "FEEDBRIDGE_ETCD_ENDPOINTS",
+                format!("http://{}", via("bridge e -> etcd")),
+            )],
             &logs,
         ),
     ];
@@ -481,6 +503,24 @@ async fn nemesis() {
             "zmq (through the proxy)",
             vec![{
                 let sub = zmq_sub(&via("zmq subscriber -> bridge z"));
+                (sub.clone(), run_app(sub, endpoint.clone(), false))
+            }],
+        ),
+        (
+            "etcd (through the proxy)",
+            vec![{
+                use feedbridge::config::{BackendConfig, EtcdBackendConfig};
+                let sub =
+                    feedbridge::backend::PubSub::new(BackendConfig::Etcd(EtcdBackendConfig {
+                        endpoints: vec![format!("http://{}", via("etcd subscriber -> etcd"))],
+                        prefix: "/pubsub/".into(),
+                        codec: feedbridge::codec::Codec::Msgpack,
+                        connect_timeout: Duration::from_secs(5),
+                        silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
+                        auth: Default::default(),
+                    }))
+                    .get_subscriber();
+                sub.register_topic("");
                 (sub.clone(), run_app(sub, endpoint.clone(), false))
             }],
         ),
@@ -574,11 +614,25 @@ async fn nemesis() {
                 runs.push((sub.clone(), run_app(sub, endpoint.clone(), true)));
                 "restart a subscriber".into()
             }
-            _ => {
+            8 => {
                 burst.store(true, Relaxed);
                 tokio::time::sleep(Duration::from_millis(1000)).await;
                 burst.store(false, Relaxed);
                 "a burst of writes".into()
+            }
+            _ => {
+                // A burst while the restarted subscriber's application
+                // stands still: more than its queues and the bridge's
+                // send high-water mark hold, so the bridge drops for it
+                // and it must repair the gap.
+                let (_, runs) = subscribers.last().unwrap();
+                let stalled = runs.last().unwrap().1.stalled.clone();
+                stalled.store(true, Relaxed);
+                burst.store(true, Relaxed);
+                tokio::time::sleep(Duration::from_millis(4000 + rng.below(4000))).await;
+                burst.store(false, Relaxed);
+                stalled.store(false, Relaxed);
+                "a burst over a stalled subscriber's high-water mark".into()
             }
         };
         eprintln!("nemesis: {kind}");
@@ -630,6 +684,8 @@ async fn nemesis() {
     for (name, runs) in &subscribers {
         let feeders: &[&str] = if name.starts_with("redis") {
             &["a", "b"]
+        } else if name.starts_with("etcd") {
+            &["e"]
         } else {
             &["z"]
         };
@@ -640,6 +696,10 @@ async fn nemesis() {
             verdict.add(&delivered, &written, &windows, i > 0, i + 1 < runs.len());
         }
         let stale_rows = stale.get(name).copied().unwrap_or(0);
+        let (gaps, silences) = runs.iter().fold((0, 0), |(g, s), (sub, _)| {
+            (g + sub.gaps(), s + sub.silences())
+        });
+        println!("{name}: {gaps} gaps detected, {silences} silences");
         for reason in &verdict.reasons {
             println!("{name}: a sync: {reason}");
         }
