@@ -50,6 +50,14 @@ const TCP_KEEPALIVE_COUNT: i32 = 3;
 /// and disarms it on any later message, so it covers a link that dies
 /// while idle (the ping was the last thing received), not one cut in the
 /// middle of a burst: such a peer needs its own heartbeat or keep-alive.
+///
+/// Only for sockets that never stop reading (publishers). A socket whose
+/// queue fills stops reading its connections, so it cannot see the pongs:
+/// its heartbeat timeout replaces the connection, and when the queue drains
+/// libzmq 4.3 restarts input on the replacement and aborts the process
+/// (`Assertion failed: _input_stopped`, zeromq/libzmq#3937 and #4767, open
+/// upstream). Subscribers get [`set_keepalive`] and watch their publishers'
+/// heartbeats instead.
 pub fn set_liveness(socket: &zmq::Socket, timeout: std::time::Duration) -> zmq::Result<()> {
     let ms = |d: std::time::Duration| d.as_millis().try_into().unwrap_or(i32::MAX);
     socket.set_heartbeat_ivl(ms(ZMTP_PING_INTERVAL))?;
@@ -57,6 +65,13 @@ pub fn set_liveness(socket: &zmq::Socket, timeout: std::time::Duration) -> zmq::
     // The TTL travels in deciseconds, and libzmq 4.3 turns it back into
     // milliseconds in 16 bits: past 65.5 s it would wrap around.
     socket.set_heartbeat_ttl(ms(timeout).min(MAX_TTL_MS))?;
+    set_keepalive(socket)
+}
+
+/// TCP keep-alive on `socket`'s connections: a peer that vanished is
+/// noticed within about 16 s of an idle connection (10 s, then 3 probes
+/// 2 s apart), with no ZMTP heartbeat of the socket's own.
+pub fn set_keepalive(socket: &zmq::Socket) -> zmq::Result<()> {
     socket.set_tcp_keepalive(1)?;
     socket.set_tcp_keepalive_idle(TCP_KEEPALIVE_IDLE_S)?;
     socket.set_tcp_keepalive_intvl(TCP_KEEPALIVE_INTERVAL_S)?;

@@ -43,6 +43,43 @@ use feedbridge::{Action, DbUpdate};
 
 const BIN: &str = env!("CARGO_BIN_EXE_feedbridge");
 
+/// How the writer writes: `burst` without a pause, `pad` bytes of
+/// padding in every value (0: only now and then a large one).
+#[derive(Default)]
+struct Load {
+    burst: AtomicBool,
+    pad: std::sync::atomic::AtomicUsize,
+}
+
+impl Load {
+    fn pad(&self, i: u64) -> usize {
+        match self.pad.load(Relaxed) {
+            0 if i % 97 == 96 => 64 << 10,
+            pad => pad,
+        }
+    }
+
+    /// A burst of writes for `for_`.
+    async fn burst(&self, for_: Duration) {
+        self.burst.store(true, Relaxed);
+        tokio::time::sleep(for_).await;
+        self.burst.store(false, Relaxed);
+    }
+
+    /// A burst of 8 KiB values while the application of `seen` stands
+    /// still, 15–25 s: past the bridge's send high-water mark (10,000
+    /// messages as shipped) and the sockets' buffers, so the bridge drops
+    /// for that subscriber, which must repair the gap (or say `sync`).
+    async fn burst_over_a_stall(&self, seen: &Seen, rng: &mut Rng) {
+        seen.stalled.store(true, Relaxed);
+        self.pad.store(8 << 10, Relaxed);
+        self.burst(Duration::from_millis(15_000 + rng.below(10_000)))
+            .await;
+        self.pad.store(0, Relaxed);
+        seen.stalled.store(false, Relaxed);
+    }
+}
+
 /// A small, seeded generator (xorshift64*): the same seed, the same run.
 struct Rng(u64);
 
@@ -225,15 +262,40 @@ struct Seen {
     stalled: Arc<AtomicBool>,
 }
 
-/// Runs a subscriber's application: applies updates, re-reads etcd on a
-/// `sync`. One that `starts` mid-run (a restarted subscriber) subscribes,
-/// then reads etcd, as an application does at start: that read counts as
-/// a `sync` at the head of what it delivered.
-fn run_app(sub: Arc<dyn Subscriber>, etcd: String, starts: bool) -> Seen {
+/// How an application reads the whole database (on a `sync`, and at its
+/// start): `None` while it cannot (the database restarting).
+type Reader = Arc<
+    dyn Fn() -> futures_util::future::BoxFuture<'static, Option<BTreeMap<String, String>>>
+        + Send
+        + Sync,
+>;
+
+/// Reads etcd's `lport` rows.
+fn etcd_reader(endpoint: String) -> Reader {
+    Arc::new(move || {
+        let endpoint = endpoint.clone();
+        Box::pin(async move {
+            let kv = etcd_client::Client::connect([endpoint], None).await.ok()?;
+            tokio::time::timeout(Duration::from_secs(5), rows_of(kv))
+                .await
+                .ok()?
+                .ok()
+        })
+    })
+}
+
+/// Runs a subscriber's application: applies updates, re-reads the
+/// database on a `sync`. One that `starts` mid-run (a restarted
+/// subscriber) subscribes, then reads the database, as an application
+/// does at start: that read counts as a `sync` at the head of what it
+/// delivered.
+fn run_app(sub: Arc<dyn Subscriber>, read: Reader, starts: bool) -> Seen {
     let seen = Seen::default();
     let s = seen.clone();
-    let (mut rx, _pump) = sub.updates(4096);
-    let start = starts.then(|| DbUpdate::sync("the application started: it reads etcd"));
+    // A restarted subscriber's application keeps a short queue: when it
+    // stalls, the ZeroMQ queues behind it overflow soon.
+    let (mut rx, _pump) = sub.updates(if starts { 64 } else { 4096 });
+    let start = starts.then(|| DbUpdate::sync("the application started: it reads the database"));
     tokio::spawn(async move {
         let mut next = start;
         loop {
@@ -248,14 +310,11 @@ fn run_app(sub: Arc<dyn Subscriber>, etcd: String, starts: bool) -> Seen {
                 },
             };
             if u.action == Action::Sync {
-                // The application re-reads (retrying while etcd restarts).
+                // The application re-reads (retrying while the database
+                // restarts).
                 let fresh = loop {
-                    if let Ok(kv) = etcd_client::Client::connect([etcd.clone()], None).await {
-                        if let Ok(Ok(state)) =
-                            tokio::time::timeout(Duration::from_secs(5), rows_of(kv)).await
-                        {
-                            break state;
-                        }
+                    if let Some(state) = read().await {
+                        break state;
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 };
@@ -291,7 +350,7 @@ async fn writer(
     endpoint: String,
     log: Arc<Mutex<Vec<Write>>>,
     stop: Arc<AtomicBool>,
-    burst: Arc<AtomicBool>,
+    load: Arc<Load>,
 ) {
     let mut kv: Option<etcd_client::Client> = None;
     let mut i: u64 = 0;
@@ -333,7 +392,7 @@ async fn writer(
                 }
             })
         } else {
-            let pad = if i % 97 == 96 { 64 << 10 } else { 0 };
+            let pad = load.pad(i);
             c.put(key.clone(), format!("{i}:{}", "x".repeat(pad)), None)
                 .await
                 .map(|r| vec![(key.clone(), r.header().unwrap().revision(), false)])
@@ -355,7 +414,7 @@ async fn writer(
                 continue;
             }
         }
-        if !burst.load(Relaxed) {
+        if !load.burst.load(Relaxed) {
             tokio::time::sleep(Duration::from_millis(3)).await;
         }
     }
@@ -448,20 +507,6 @@ async fn nemesis() {
     for p in &mut procs {
         p.start();
     }
-    let zmq_sub = |address: &str| {
-        use feedbridge::config::{BackendConfig, ZmqBackendConfig};
-        let sub = feedbridge::backend::PubSub::new(BackendConfig::Zmq(ZmqBackendConfig {
-            bind: format!("tcp://{address}"),
-            codec: feedbridge::codec::Codec::Msgpack,
-            send_hwm: 1000,
-            linger: Duration::ZERO,
-            rejoin_wait: Duration::ZERO,
-            silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
-        }))
-        .get_subscriber();
-        sub.register_topic("");
-        sub
-    };
     // Who publishes on Redis, in the order Redis delivered it: a term is a
     // (publisher, epoch); two whose messages interleave led at once.
     let terms: Arc<Mutex<Vec<(String, u64)>>> = Default::default();
@@ -496,14 +541,20 @@ async fn nemesis() {
             vec![{
                 let sub =
                     redis_subscriber(&format!("redis://{}/0", via("redis subscriber -> redis")));
-                (sub.clone(), run_app(sub, endpoint.clone(), false))
+                (
+                    sub.clone(),
+                    run_app(sub, etcd_reader(endpoint.clone()), false),
+                )
             }],
         ),
         (
             "zmq (through the proxy)",
             vec![{
                 let sub = zmq_sub(&via("zmq subscriber -> bridge z"));
-                (sub.clone(), run_app(sub, endpoint.clone(), false))
+                (
+                    sub.clone(),
+                    run_app(sub, etcd_reader(endpoint.clone()), false),
+                )
             }],
         ),
         (
@@ -521,45 +572,42 @@ async fn nemesis() {
                     }))
                     .get_subscriber();
                 sub.register_topic("");
-                (sub.clone(), run_app(sub, endpoint.clone(), false))
+                (
+                    sub.clone(),
+                    run_app(sub, etcd_reader(endpoint.clone()), false),
+                )
             }],
         ),
         (
             "zmq (restarted)",
             vec![{
                 let sub = zmq_sub(&direct);
-                (sub.clone(), run_app(sub, endpoint.clone(), false))
+                (
+                    sub.clone(),
+                    run_app(sub, etcd_reader(endpoint.clone()), false),
+                )
             }],
         ),
     ];
     // Every subscriber is receiving before the run starts.
-    let mut kv = etcd.client().await;
-    for i in 0.. {
-        kv.put(format!("/probe/{i}"), "x", None).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if subscribers.iter().all(|(_, runs)| {
-            runs[0]
-                .1
-                .delivered
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|u| u.table == "probe")
-        }) {
-            break;
+    let kv = etcd.client().await;
+    await_probes(&subscribers, |i| {
+        let mut kv = kv.clone();
+        async move {
+            kv.put(format!("/probe/{i}"), "x", None).await.unwrap();
         }
-        assert!(i < 150, "the subscribers never received anything");
-    }
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await; // positions
 
     let log: Arc<Mutex<Vec<Write>>> = Default::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let burst = Arc::new(AtomicBool::new(false));
+    let load = Arc::new(Load::default());
     let writing = tokio::spawn(writer(
         endpoint.clone(),
         log.clone(),
         stop.clone(),
-        burst.clone(),
+        load.clone(),
     ));
 
     let mut faults: BTreeMap<String, usize> = BTreeMap::new();
@@ -611,27 +659,20 @@ async fn nemesis() {
                 let (_, runs) = subscribers.last_mut().unwrap();
                 runs.last().unwrap().0.stop();
                 let sub = zmq_sub(&direct);
-                runs.push((sub.clone(), run_app(sub, endpoint.clone(), true)));
+                runs.push((
+                    sub.clone(),
+                    run_app(sub, etcd_reader(endpoint.clone()), true),
+                ));
                 "restart a subscriber".into()
             }
             8 => {
-                burst.store(true, Relaxed);
-                tokio::time::sleep(Duration::from_millis(1000)).await;
-                burst.store(false, Relaxed);
+                load.burst(Duration::from_secs(1)).await;
                 "a burst of writes".into()
             }
             _ => {
-                // A burst while the restarted subscriber's application
-                // stands still: more than its queues and the bridge's
-                // send high-water mark hold, so the bridge drops for it
-                // and it must repair the gap.
                 let (_, runs) = subscribers.last().unwrap();
-                let stalled = runs.last().unwrap().1.stalled.clone();
-                stalled.store(true, Relaxed);
-                burst.store(true, Relaxed);
-                tokio::time::sleep(Duration::from_millis(4000 + rng.below(4000))).await;
-                burst.store(false, Relaxed);
-                stalled.store(false, Relaxed);
+                load.burst_over_a_stall(&runs.last().unwrap().1, &mut rng)
+                    .await;
                 "a burst over a stalled subscriber's high-water mark".into()
             }
         };
@@ -651,23 +692,7 @@ async fn nemesis() {
     let converging = Instant::now();
     let kv = etcd.client().await;
     let expected = rows_of(kv.clone()).await.unwrap();
-    let mut stale = BTreeMap::new();
-    for (name, runs) in &subscribers {
-        let seen = &runs.last().unwrap().1;
-        let ok = eventually_bool(Duration::from_secs(60), || {
-            *seen.rows.lock().unwrap() == expected
-        })
-        .await;
-        if !ok {
-            let rows = seen.rows.lock().unwrap();
-            let n = expected
-                .iter()
-                .filter(|(k, v)| rows.get(*k) != Some(v))
-                .count()
-                + rows.keys().filter(|k| !expected.contains_key(*k)).count();
-            stale.insert(*name, n);
-        }
-    }
+    let stale = converge(&subscribers, &expected).await;
     let converged = converging.elapsed();
 
     // The checker.
@@ -696,10 +721,7 @@ async fn nemesis() {
             verdict.add(&delivered, &written, &windows, i > 0, i + 1 < runs.len());
         }
         let stale_rows = stale.get(name).copied().unwrap_or(0);
-        let (gaps, silences) = runs.iter().fold((0, 0), |(g, s), (sub, _)| {
-            (g + sub.gaps(), s + sub.silences())
-        });
-        println!("{name}: {gaps} gaps detected, {silences} silences");
+        print_liveness(name, runs);
         for reason in &verdict.reasons {
             println!("{name}: a sync: {reason}");
         }
@@ -746,6 +768,583 @@ async fn nemesis() {
         "the checker failed for {failures:?} (seed {seed}; logs in {})",
         dir.keep().display()
     );
+}
+
+/// Reads the cluster's `lport` rows: the keys every master lists, each
+/// read through the cluster (a key in migration is listed twice).
+fn cluster_reader(urls: Vec<String>) -> Reader {
+    Arc::new(move || {
+        let urls = urls.clone();
+        Box::pin(async move {
+            let read = async {
+                let client = redis::cluster::ClusterClient::new(urls).ok()?;
+                let mut conn = client.get_async_connection().await.ok()?;
+                let mut rows = BTreeMap::new();
+                for (_, addr, master) in cluster_nodes(&mut conn).await? {
+                    if !master {
+                        continue;
+                    }
+                    let node = redis::Client::open(format!("redis://{addr}/0")).ok()?;
+                    let mut c = node.get_multiplexed_async_connection().await.ok()?;
+                    let keys: Vec<String> = redis::cmd("KEYS")
+                        .arg("{lport.*")
+                        .query_async(&mut c)
+                        .await
+                        .ok()?;
+                    for key in keys {
+                        let value: Option<String> = redis::cmd("GET")
+                            .arg(&key)
+                            .query_async(&mut conn)
+                            .await
+                            .ok()?;
+                        if let (Some(v), Some((_, row))) = (value, key.split_once('}')) {
+                            rows.insert(row.to_string(), v);
+                        }
+                    }
+                }
+                Some(rows)
+            };
+            tokio::time::timeout(Duration::from_secs(10), read)
+                .await
+                .ok()
+                .flatten()
+        })
+    })
+}
+
+/// `(id, host:port, master)` of every node the cluster knows and does not
+/// consider failed.
+async fn cluster_nodes(
+    conn: &mut redis::cluster_async::ClusterConnection,
+) -> Option<Vec<(String, String, bool)>> {
+    let text: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(conn)
+        .await
+        .ok()?;
+    Some(
+        text.lines()
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let addr = f.get(1)?.split('@').next()?.to_string();
+                let flags = f.get(2)?;
+                (!flags.contains("fail"))
+                    .then(|| (f[0].to_string(), addr, flags.contains("master")))
+            })
+            .collect(),
+    )
+}
+
+/// The counter a workload value starts with (`<counter>:<padding>`).
+fn counter(value: &str) -> Option<u64> {
+    value.split(':').next()?.parse().ok()
+}
+
+/// The cluster's writer: values carry a counter (every attempt its own);
+/// 40 rows over 5 hash tags (one slot each), deletes, large values, a
+/// multi-key DEL of one tag's rows now and then. A SET is followed by
+/// `WAIT 1` on its master: the counters a replica confirmed are
+/// `durable` (a failover keeps them), the others may be lost by one.
+async fn cluster_writer(
+    urls: Vec<String>,
+    durable: Arc<Mutex<std::collections::HashSet<u64>>>,
+    acknowledged: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<AtomicBool>,
+    load: Arc<Load>,
+) {
+    use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+    let mut conn: Option<redis::cluster_async::ClusterConnection> = None;
+    let mut i: u64 = 0;
+    while !stop.load(Relaxed) {
+        let Some(c) = conn.as_mut() else {
+            conn = match redis::cluster::ClusterClient::new(urls.clone()) {
+                Ok(client) => client.get_async_connection().await.ok(),
+                Err(_) => None,
+            };
+            if conn.is_none() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            continue;
+        };
+        let row = i % 40;
+        let tag = format!("lport.t{}", row % 5);
+        let key = format!("{{{tag}}}k{row}");
+        let set = !(i % 199 == 198 || i % 11 == 10);
+        let mut cmd = redis::cmd(if set { "SET" } else { "DEL" });
+        if i % 199 == 198 {
+            for r in (1..40).step_by(5) {
+                cmd.arg(format!("{{lport.t1}}k{r}"));
+            }
+        } else if set {
+            let pad = load.pad(i);
+            cmd.arg(&key).arg(format!("{i}:{}", "x".repeat(pad)));
+        } else {
+            cmd.arg(&key);
+        }
+        let done =
+            tokio::time::timeout(Duration::from_secs(5), cmd.query_async::<redis::Value>(c)).await;
+        match done {
+            Ok(Ok(_)) => {
+                acknowledged.fetch_add(1, Relaxed);
+                if set {
+                    let route =
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+                            feedbridge::db::redis::slot(tag.as_bytes()),
+                            SlotAddr::Master,
+                        )));
+                    let mut wait = redis::cmd("WAIT");
+                    wait.arg(1).arg(100);
+                    if let Ok(Ok(redis::Value::Int(n))) =
+                        tokio::time::timeout(Duration::from_secs(2), c.route_command(wait, route))
+                            .await
+                    {
+                        if n >= 1 {
+                            durable.lock().unwrap().insert(i);
+                        }
+                    }
+                }
+            }
+            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(_) => conn = None,
+        }
+        i += 1;
+        if !load.burst.load(Relaxed) {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+    }
+}
+
+/// The nemesis against a Redis Cluster source (3 masters, a replica
+/// each): the shipped cluster → ZeroMQ config as is, and again with its
+/// checkpoint (and index) on; ZeroMQ subscribers, one through a proxy,
+/// one restarted and stalled. Faults: `kill -9`, SIGTERM, SIGSTOP of a
+/// bridge; `kill -9` of a master (its replica takes over; it comes back
+/// as a replica); FLUSHDB on a master; a slot migration; a subscriber's
+/// partition and restart; bursts.
+///
+/// Redis keeps no history, so the checker cannot ask for every write:
+/// per row, the counters delivered only grow (a regression is allowed
+/// only below a write no replica confirmed: a failover may lose it), and
+/// each subscriber ends equal to the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: scripts/nemesis.sh runs it"]
+async fn nemesis_redis_cluster() {
+    let seconds: u64 = std::env::var("NEMESIS_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    let seed: u64 = std::env::var("NEMESIS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let mut rng = Rng(seed.max(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    log_if_asked();
+    let mut cluster = feedbridge::testing::RedisCluster::start(3, 1).await;
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().to_path_buf();
+    let (port_c, port_k) = (free_port(), free_port());
+    let proxy = FaultProxy::start(&format!("127.0.0.1:{port_c}"));
+
+    let shipped = std::fs::read_to_string(workspace_path("config/redis-cluster.toml")).unwrap();
+    let commented = "# checkpoint_file = \"/var/lib/feedbridge/redis-cluster.checkpoint\"";
+    assert!(shipped.contains(commented), "the shipped config changed");
+    let checkpointed = shipped.replace(
+        commented,
+        &format!("checkpoint_file = {:?}", logs.join("k.checkpoint")),
+    );
+    let env = |port: u16| {
+        vec![
+            ("FEEDBRIDGE_REDIS_URL", urls[1].clone()),
+            ("FEEDBRIDGE_ZMQ_BIND", format!("tcp://127.0.0.1:{port}")),
+        ]
+    };
+    let mut procs = vec![
+        Proc::new(
+            "c",
+            workspace_path("config/redis-cluster.toml"),
+            env(port_c),
+            &logs,
+        ),
+        Proc::new(
+            "k",
+            write_config(&logs, "k", &checkpointed),
+            env(port_k),
+            &logs,
+        ),
+    ];
+    for p in &mut procs {
+        p.start();
+    }
+    let read = cluster_reader(urls.clone());
+    let direct = format!("127.0.0.1:{port_c}");
+    let mut subscribers: Vec<(&str, Vec<Run>)> = vec![
+        (
+            "zmq of c (through the proxy)",
+            vec![{
+                let sub = zmq_sub(&proxy.addr());
+                (sub.clone(), run_app(sub, read.clone(), false))
+            }],
+        ),
+        (
+            "zmq of k (checkpointed)",
+            vec![{
+                let sub = zmq_sub(&format!("127.0.0.1:{port_k}"));
+                (sub.clone(), run_app(sub, read.clone(), false))
+            }],
+        ),
+        (
+            "zmq of c (restarted)",
+            vec![{
+                let sub = zmq_sub(&direct);
+                (sub.clone(), run_app(sub, read.clone(), false))
+            }],
+        ),
+    ];
+    let conn = cluster.connection().await;
+    await_probes(&subscribers, |i| {
+        let mut conn = conn.clone();
+        async move {
+            let _: Result<(), _> = redis::cmd("SET")
+                .arg(format!("{{probe.t{i}}}x"))
+                .arg("x")
+                .query_async(&mut conn)
+                .await;
+        }
+    })
+    .await;
+
+    let durable: Arc<Mutex<std::collections::HashSet<u64>>> = Default::default();
+    let acknowledged: Arc<std::sync::atomic::AtomicU64> = Default::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = Arc::new(Load::default());
+    let writing = tokio::spawn(cluster_writer(
+        urls.clone(),
+        durable.clone(),
+        acknowledged.clone(),
+        stop.clone(),
+        load.clone(),
+    ));
+
+    let mut faults: BTreeMap<String, usize> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1000 + rng.below(3000))).await;
+        let target = rng.below(procs.len() as u64) as usize;
+        let kind = match rng.below(11) {
+            0 => {
+                procs[target].kill();
+                procs[target].start();
+                format!("kill -9 bridge {}", procs[target].name)
+            }
+            1 => {
+                procs[target].term();
+                procs[target].start();
+                format!("SIGTERM bridge {}", procs[target].name)
+            }
+            2 => {
+                procs[target].stop();
+                tokio::time::sleep(Duration::from_millis(500 + rng.below(3000))).await;
+                procs[target].cont();
+                format!("SIGSTOP/SIGCONT bridge {}", procs[target].name)
+            }
+            3 => {
+                // kill -9 of a master: its replica takes over; it comes
+                // back as a replica.
+                let mut c = cluster.connection().await;
+                let masters: Vec<String> = cluster_nodes(&mut c)
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|n| n.2)
+                    .map(|n| n.1)
+                    .collect();
+                let victim = &masters[rng.below(masters.len() as u64) as usize];
+                let i = cluster
+                    .nodes
+                    .iter()
+                    .position(|n| format!("127.0.0.1:{}", n.port) == *victim)
+                    .unwrap();
+                cluster.nodes[i].stop();
+                tokio::time::sleep(Duration::from_millis(2000 + rng.below(3000))).await;
+                cluster.nodes[i].restart().await;
+                cluster.await_healthy().await;
+                "kill -9 a Redis master".into()
+            }
+            4 | 5 => {
+                proxy.set(Fault::Blackhole);
+                tokio::time::sleep(Duration::from_millis(500 + rng.below(4000))).await;
+                if rng.below(2) == 0 {
+                    proxy.far_side_gives_up();
+                }
+                proxy.set(Fault::Pass);
+                "partition zmq subscriber -> bridge c".into()
+            }
+            6 => {
+                let mut c = cluster.connection().await;
+                let masters: Vec<String> = cluster_nodes(&mut c)
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|n| n.2)
+                    .map(|n| n.1)
+                    .collect();
+                let victim = &masters[rng.below(masters.len() as u64) as usize];
+                if let Ok(client) = redis::Client::open(format!("redis://{victim}/0")) {
+                    if let Ok(mut m) = client.get_multiplexed_async_connection().await {
+                        let _: Result<(), _> = redis::cmd("FLUSHDB").query_async(&mut m).await;
+                    }
+                }
+                "FLUSHDB on a master".into()
+            }
+            7 => {
+                let mut c = cluster.connection().await;
+                let masters: Vec<(String, String, bool)> = cluster_nodes(&mut c)
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|n| n.2)
+                    .collect();
+                let from = rng.below(masters.len() as u64) as usize;
+                let to = (from + 1 + rng.below(masters.len() as u64 - 1) as usize) % masters.len();
+                let slots = 100 + rng.below(900);
+                let seed_node = masters[from].1.clone();
+                let (from_id, to_id) = (masters[from].0.clone(), masters[to].0.clone());
+                let moved = tokio::task::spawn_blocking(move || {
+                    Command::new("redis-cli")
+                        .args(["--cluster", "reshard", &seed_node])
+                        .args(["--cluster-from", &from_id, "--cluster-to", &to_id])
+                        .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .is_ok_and(|s| s.success())
+                })
+                .await
+                .unwrap();
+                if moved {
+                    "a slot migration".into()
+                } else {
+                    "a slot migration (refused by redis-cli)".into()
+                }
+            }
+            8 => {
+                let (_, runs) = subscribers.last_mut().unwrap();
+                runs.last().unwrap().0.stop();
+                let sub = zmq_sub(&direct);
+                runs.push((sub.clone(), run_app(sub, read.clone(), true)));
+                "restart a subscriber".into()
+            }
+            9 => {
+                load.burst(Duration::from_secs(1)).await;
+                "a burst of writes".into()
+            }
+            _ => {
+                let (_, runs) = subscribers.last().unwrap();
+                load.burst_over_a_stall(&runs.last().unwrap().1, &mut rng)
+                    .await;
+                "a burst over a stalled subscriber's high-water mark".into()
+            }
+        };
+        eprintln!("nemesis: {kind}");
+        *faults.entry(kind).or_default() += 1;
+    }
+
+    proxy.set(Fault::Pass);
+    for p in &mut procs {
+        p.cont();
+    }
+    stop.store(true, Relaxed);
+    writing.await.unwrap();
+    cluster.await_healthy().await;
+    let converging = Instant::now();
+    let expected = loop {
+        if let Some(rows) = read().await {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let stale = converge(&subscribers, &expected).await;
+    let converged = converging.elapsed();
+
+    println!(
+        "nemesis (Redis Cluster): seed {seed}, {seconds} s, {} writes acknowledged, {} confirmed by a replica",
+        acknowledged.load(Relaxed),
+        durable.lock().unwrap().len()
+    );
+    println!(
+        "faults injected: {faults:?} ({} in all)",
+        faults.values().sum::<usize>()
+    );
+    let durable = durable.lock().unwrap().clone();
+    let mut failures = Vec::new();
+    for (name, runs) in &subscribers {
+        let mut verdict = CounterVerdict::default();
+        for (_, seen) in runs {
+            verdict.add(&seen.delivered.lock().unwrap(), &durable);
+        }
+        let stale_rows = stale.get(name).copied().unwrap_or(0);
+        print_liveness(name, runs);
+        for reason in &verdict.reasons {
+            println!("{name}: a sync: {reason}");
+        }
+        println!(
+            "{name}: {} runs, {} updates delivered, {} syncs, {} order violations, {} regressions below an unconfirmed write (lost by a failover), {} duplicates, {stale_rows} stale rows",
+            runs.len(),
+            verdict.delivered,
+            verdict.syncs,
+            verdict.order,
+            verdict.lost_by_failover,
+            verdict.duplicates,
+        );
+        if verdict.order > 0 || stale_rows > 0 {
+            println!("{name}: first order violations {:?}", verdict.examples);
+            failures.push(*name);
+        }
+    }
+    println!("converged {converged:?} after the faults stopped");
+    for p in &mut procs {
+        p.kill();
+    }
+    assert!(
+        failures.is_empty(),
+        "the checker failed for {failures:?} (seed {seed}; logs in {})",
+        dir.keep().display()
+    );
+}
+
+/// The Redis checker: per row, the counters delivered grow between
+/// `sync`s (after one the application re-read).
+#[derive(Default)]
+struct CounterVerdict {
+    delivered: usize,
+    syncs: usize,
+    order: usize,
+    lost_by_failover: usize,
+    duplicates: usize,
+    examples: Vec<String>,
+    reasons: Vec<String>,
+}
+
+impl CounterVerdict {
+    fn add(&mut self, delivered: &[DbUpdate], durable: &std::collections::HashSet<u64>) {
+        self.delivered += delivered.len();
+        // row → the last counter delivered, and whether a delete followed
+        let mut last: HashMap<&str, (u64, bool)> = HashMap::new();
+        for u in delivered {
+            if u.action == Action::Sync {
+                self.syncs += 1;
+                if self.reasons.len() < 3 {
+                    self.reasons.push(u.value.clone().unwrap_or_default());
+                }
+                last.clear();
+                continue;
+            }
+            if u.table != "lport" {
+                continue;
+            }
+            if u.action == Action::Delete {
+                if let Some(l) = last.get_mut(u.key.as_str()) {
+                    l.1 = true;
+                }
+                continue;
+            }
+            let Some(c) = u.value.as_deref().and_then(counter) else {
+                continue;
+            };
+            match last.insert(&u.key, (c, false)) {
+                Some((before, _)) if c > before => {}
+                // The same value again after a delete: a failover undid
+                // the delete.
+                Some((before, true)) if c == before => {}
+                Some((before, false)) if c == before => self.duplicates += 1,
+                Some((before, _)) if !durable.contains(&before) => self.lost_by_failover += 1,
+                Some((before, _)) => {
+                    self.order += 1;
+                    if self.examples.len() < 5 {
+                        self.examples.push(format!("{}: {before} then {c}", u.key));
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+/// A ZeroMQ subscriber of every topic, as shipped (msgpack).
+fn zmq_sub(address: &str) -> Arc<dyn Subscriber> {
+    use feedbridge::config::{BackendConfig, ZmqBackendConfig};
+    let sub = feedbridge::backend::PubSub::new(BackendConfig::Zmq(ZmqBackendConfig {
+        bind: format!("tcp://{address}"),
+        codec: feedbridge::codec::Codec::Msgpack,
+        send_hwm: 1000,
+        linger: Duration::ZERO,
+        rejoin_wait: Duration::ZERO,
+        silence_timeout: feedbridge::config::DEFAULT_SILENCE_TIMEOUT,
+    }))
+    .get_subscriber();
+    sub.register_topic("");
+    sub
+}
+
+/// Writes probes with `probe(i)` until every subscriber's first run has
+/// received one (table `probe`).
+async fn await_probes<F, Fut>(subscribers: &[(&str, Vec<Run>)], mut probe: F)
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    for i in 0.. {
+        probe(i).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if subscribers.iter().all(|(_, runs)| {
+            runs[0]
+                .1
+                .delivered
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|u| u.table == "probe")
+        }) {
+            return;
+        }
+        assert!(i < 150, "the subscribers never received anything");
+    }
+}
+
+/// After the faults: waits (at most a minute) for each subscriber's
+/// application to hold `expected`; for those that do not, how many rows
+/// differ.
+async fn converge(
+    subscribers: &[(&'static str, Vec<Run>)],
+    expected: &BTreeMap<String, String>,
+) -> BTreeMap<&'static str, usize> {
+    let mut stale = BTreeMap::new();
+    for (name, runs) in subscribers {
+        let seen = &runs.last().unwrap().1;
+        let ok = eventually_bool(Duration::from_secs(60), || {
+            *seen.rows.lock().unwrap() == *expected
+        })
+        .await;
+        if !ok {
+            let rows = seen.rows.lock().unwrap();
+            let n = expected
+                .iter()
+                .filter(|(k, v)| rows.get(*k) != Some(v))
+                .count()
+                + rows.keys().filter(|k| !expected.contains_key(*k)).count();
+            stale.insert(*name, n);
+        }
+    }
+    stale
+}
+
+/// The gaps a subscriber detected and the silences it noticed, over its runs.
+fn print_liveness(name: &str, runs: &[Run]) {
+    let (gaps, silences) = runs.iter().fold((0, 0), |(g, s), (sub, _)| {
+        (g + sub.gaps(), s + sub.silences())
+    });
+    println!("{name}: {gaps} gaps detected, {silences} silences");
 }
 
 /// What the checker found in what one subscriber delivered (over its

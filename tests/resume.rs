@@ -341,14 +341,35 @@ fn bridge_to(etcd: &EtcdServer, backend: &str) -> Bridge {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_a_zmq_subscriber_dropped_at_its_high_water_mark_are_replayed_not_re_read() {
+    application_stalls(Duration::ZERO, None).await;
+}
+
+/// libzmq 4.3 aborts the process (`Assertion failed: _input_stopped`,
+/// zeromq/libzmq#3937, #4767) when a SUB socket with ZMTP heartbeats of
+/// its own stops reading on a full queue past its heartbeat timeout: the
+/// timeout replaces the connection, and the queue draining later restarts
+/// input on the replacement. An application that stalls for longer than
+/// the silence timeout must cost neither the process nor a re-read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_stalled_past_the_silence_timeout_neither_aborts_nor_re_reads() {
+    application_stalls(Duration::from_secs(4), Some(Duration::from_secs(1))).await;
+}
+
+/// A subscriber with small queues whose application stops taking updates
+/// while 8 KiB values stream (for at least `stall`): the subscriber's
+/// queue, then the bridge's, fill and drop; what was dropped is replayed.
+async fn application_stalls(stall: Duration, silence_timeout: Option<Duration>) {
     let etcd = EtcdServer::start().await;
     let port = free_port();
     let _bridge = bridge_to(
         &etcd,
         &format!("[backend]\ntype = \"zmq\"\nbind = \"tcp://127.0.0.1:{port}\"\nsend_hwm = 20\n"),
     );
-    let sub =
-        Arc::new(feedbridge::backend::zmq::ZmqSubscriber::new(Codec::Msgpack).with_receive_hwm(20));
+    let mut sub = feedbridge::backend::zmq::ZmqSubscriber::new(Codec::Msgpack).with_receive_hwm(20);
+    if let Some(timeout) = silence_timeout {
+        sub = sub.with_silence_timeout(timeout);
+    }
+    let sub = Arc::new(sub);
     sub.register_listen_address(&format!("tcp://127.0.0.1:{port}"));
     sub.register_topic("");
     // A small channel and an application that stops taking updates for a
@@ -387,8 +408,9 @@ async fn messages_a_zmq_subscriber_dropped_at_its_high_water_mark_are_replayed_n
     })
     .await;
     paused.store(true, std::sync::atomic::Ordering::Relaxed);
+    let stalled = std::time::Instant::now();
     eventually("writes while the application stalls", STREAM_WAIT, || {
-        let done = log.lock().unwrap().len() >= 1500;
+        let done = log.lock().unwrap().len() >= 1500 && stalled.elapsed() >= stall;
         async move { done.then_some(()) }
     })
     .await;

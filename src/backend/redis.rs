@@ -882,7 +882,7 @@ impl RedisSubscriber {
     ) -> Result<(), Ended> {
         let point = tracker.gaps.repair_point(publisher);
         let asked = match point {
-            Some((service, after, endpoint)) => {
+            Ok((service, after, endpoint)) => {
                 let (topics, codec) = (super::replay::topics_of(wanted), self.codec);
                 let answer = tokio::task::spawn_blocking(move || {
                     super::replay::ask(&endpoint, after, &topics, codec)
@@ -895,7 +895,7 @@ impl RedisSubscriber {
                     updates
                 })
             }
-            None => Err("its position or replay endpoint is not known yet".into()),
+            Err(why) => Err(why.into()),
         };
         match asked {
             Ok(updates) => {

@@ -563,9 +563,7 @@ pub fn repair(
     topics: &[String],
     codec: Codec,
 ) -> Result<Vec<DbUpdate>, String> {
-    let (service, after, endpoint) = tracker
-        .repair_point(publisher)
-        .ok_or("its position or replay endpoint is not known yet")?;
+    let (service, after, endpoint) = tracker.repair_point(publisher)?;
     let (updates, to) = ask(&endpoint, after, topics, codec)?;
     tracker.repaired(&service, to);
     tracing::info!(%publisher, after, to, updates = updates.len(), "Repaired a gap from the publisher's replay buffer (no re-read).");

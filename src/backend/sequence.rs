@@ -400,10 +400,20 @@ impl GapTracker {
     }
 
     /// Where a gap of `publisher`'s can be repaired: its service, this
-    /// subscriber's position for it, and the publisher's replay endpoint.
-    pub fn repair_point(&self, publisher: &str) -> Option<(String, i64, String)> {
-        let (service, replay) = self.services.get(publisher)?;
-        Some((service.clone(), self.position(service)?, replay.clone()?))
+    /// subscriber's position for it, and the publisher's replay endpoint;
+    /// else why it cannot be (the reason a `sync` carries).
+    pub fn repair_point(&self, publisher: &str) -> Result<(String, i64, String), &'static str> {
+        let (service, replay) = self
+            .services
+            .get(publisher)
+            .ok_or("no heartbeat of this publisher received yet")?;
+        let replay = replay.clone().ok_or(
+            "the publisher keeps no replay buffer: its source keeps no history (Redis) or bridge.replay_bind is empty",
+        )?;
+        let at = self
+            .position(service)
+            .ok_or("this subscriber has no position in its stream yet")?;
+        Ok((service.clone(), at, replay))
     }
 
     /// A repair brought this subscriber up to `to` for `service`.

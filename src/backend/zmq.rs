@@ -25,7 +25,7 @@ use crate::codec::Codec;
 use crate::config::ZmqBackendConfig;
 use crate::pubsub::{PublishError, SubscribeError, Subscriber};
 use crate::update::DbUpdate;
-use crate::zmq_socket::{bind, set_liveness, CONTEXT};
+use crate::zmq_socket::{bind, set_keepalive, set_liveness, CONTEXT};
 
 /// How often the subscriber thread looks at registration changes and stop
 /// requests while no message arrives.
@@ -520,17 +520,18 @@ fn repair_or_sync(
     }
 }
 
-/// A SUB socket with its own liveness: it pings its publishers and drops
-/// (then reconnects) a connection that stays unanswered for `silence`.
-fn sub_socket(receive_hwm: i32, silence: Duration) -> Result<zmq::Socket, SubscribeError> {
+/// A SUB socket: TCP keep-alive on its connections, no ZMTP heartbeat of
+/// its own (see [`set_liveness`] for the libzmq abort that would cost an
+/// application that stalls); the publishers' heartbeats, watched for
+/// `silence`, tell the subscriber a connection died.
+fn sub_socket(receive_hwm: i32) -> Result<zmq::Socket, SubscribeError> {
     let socket = CONTEXT
         .socket(zmq::SUB)
         .map_err(|e| sub_error(format!("cannot create a SUB socket: {e}")))?;
     socket
         .set_rcvhwm(receive_hwm)
         .map_err(|e| sub_error(format!("cannot set the receive high-water mark: {e}")))?;
-    set_liveness(&socket, silence)
-        .map_err(|e| sub_error(format!("cannot set heartbeats and keep-alive: {e}")))?;
+    set_keepalive(&socket).map_err(|e| sub_error(format!("cannot set keep-alive: {e}")))?;
     Ok(socket)
 }
 
@@ -601,7 +602,7 @@ impl Subscriber for ZmqSubscriber {
 
     async fn pump(&self, sink: mpsc::Sender<DbUpdate>) -> Result<(), SubscribeError> {
         let (receive_hwm, silence_timeout) = (self.receive_hwm, self.silence_timeout);
-        let mut socket = sub_socket(receive_hwm, silence_timeout)?;
+        let mut socket = sub_socket(receive_hwm)?;
         let mut registration = self.registry.watch();
         let stop = self.stop.clone();
         let codec = self.codec;
@@ -637,7 +638,7 @@ impl Subscriber for ZmqSubscriber {
                     // A new socket connects afresh.
                     let reason = silence_reason(&silent);
                     silences.fetch_add(1, Ordering::Relaxed);
-                    socket = sub_socket(receive_hwm, silence_timeout)?;
+                    socket = sub_socket(receive_hwm)?;
                     applied = Registration::default();
                     apply(&socket, &mut applied, &wanted);
                     // A publisher with a replay endpoint is asked for what
@@ -646,7 +647,7 @@ impl Subscriber for ZmqSubscriber {
                     // back, mean a sync.
                     let mut unrepairable = false;
                     for (publisher, _) in &silent {
-                        if tracker.repair_point(publisher).is_some() {
+                        if tracker.repair_point(publisher).is_ok() {
                             owed.insert(
                                 publisher.clone(),
                                 (std::time::Instant::now(), reason.clone()),

@@ -49,10 +49,11 @@ pub struct ZmqBackendConfig {
     /// How long a peer may be silent before the connection is taken for
     /// dead. A subscriber that hears neither an update nor a heartbeat from
     /// a feedbridge publisher for this long says so, reconnects and
-    /// delivers a `sync`. It is also the ZMTP heartbeat timeout and TTL
-    /// (pings every second): the publisher frees a subscriber that stopped
-    /// answering, and any libzmq subscriber (Dragonflow's too) drops a
-    /// publisher that stopped sending and reconnects.
+    /// delivers a `sync`. It is also the publisher's ZMTP heartbeat timeout
+    /// and TTL (pings every second): the publisher frees a subscriber that
+    /// stopped answering, and any libzmq subscriber (Dragonflow's too)
+    /// drops a publisher that stopped sending and reconnects. Subscribers
+    /// ping nothing themselves (a libzmq abort, see `zmq_socket`).
     #[serde(default = "default_silence_timeout", with = "humantime_serde")]
     pub silence_timeout: Duration,
 }
