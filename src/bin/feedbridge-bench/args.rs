@@ -91,6 +91,15 @@ pub(crate) struct Args {
     /// of the `--preload` keys, instead of the throughput scenarios.
     #[arg(long, value_delimiter = ',')]
     pub(crate) resume: Vec<usize>,
+    /// Measure the publisher service (multiproc channel → ZeroMQ) at these
+    /// rates in messages a second (comma separated), beside a libzmq
+    /// forwarder (`zmq_proxy`, PULL → PUB) fed and read alike, instead of
+    /// the source scenarios.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) service: Vec<u64>,
+    /// Internal: run as the floor forwarder, `PULL_ENDPOINT,PUB_ENDPOINT`.
+    #[arg(long, hide = true)]
+    pub(crate) proxy_child: Option<String>,
     /// Internal: run as the writers against `etcd:URL` or `redis:URL`.
     #[arg(long, hide = true)]
     pub(crate) writer_child: Option<String>,

@@ -16,6 +16,7 @@ mod report;
 mod resume;
 mod scenario;
 mod servers;
+mod service;
 mod values;
 
 use std::sync::Arc;
@@ -78,6 +79,10 @@ fn main() {
         writer_child(spec, &args, &runtime);
         return;
     }
+    if let Some(spec) = &args.proxy_child {
+        service::proxy_child(spec);
+        return;
+    }
     if args.pin {
         // this process (subscribers, plain watcher) and the bridge it spawns
         pin(std::process::id(), 1);
@@ -122,6 +127,13 @@ fn main() {
             });
         print_table(&rows);
         draw(&args, &rows);
+        return;
+    }
+    if !args.service.is_empty() {
+        let rows = service::service(&args);
+        if let Some(p) = &args.json {
+            std::fs::write(p, serde_json::to_string_pretty(&rows).unwrap()).unwrap();
+        }
         return;
     }
     if !args.resume.is_empty() {
