@@ -18,9 +18,6 @@ use crate::stats::Stats;
 use crate::update::{Action, DbUpdate};
 use crate::zmq_socket::{bind, CONTEXT};
 
-/// How often the receive loop looks at the stop request while idle.
-const POLL_INTERVAL_MS: i64 = 50;
-
 /// Checks one multiproc message as a source change is checked: exactly
 /// `[topic, payload]`, a UTF-8 topic, a decodable payload with a known
 /// action, a value within `max_value_bytes` (else a `sync` of that row, as
@@ -101,6 +98,10 @@ impl MultiprocListener {
     /// arrived. Malformed messages are logged, counted, and skipped; a
     /// value over `max_value_bytes` becomes a `sync` of its row, as from a
     /// source.
+    ///
+    /// It runs as a task on the pipeline's runtime, woken through the
+    /// socket's `ZMQ_FD` by the runtime's own epoll: no thread of its own
+    /// to wake and hand over from for each message.
     pub async fn run(
         self,
         tx: mpsc::Sender<SourceEvent>,
@@ -113,44 +114,88 @@ impl MultiprocListener {
             endpoint,
             codec,
         } = self;
-        let receive = move || {
-            loop {
-                let stopping = stop.is_cancelled();
-                let ready = socket
-                    .poll(zmq::POLLIN, if stopping { 0 } else { POLL_INTERVAL_MS })
-                    .unwrap_or(0);
-                if ready == 0 {
-                    if stopping {
-                        break;
-                    }
-                    continue;
+        let fd = ZmqFd(socket.get_fd().map_err(|e| e.to_string())?);
+        // SAFETY: the fd is the socket's, open while the socket lives, and
+        // the socket is dropped only after `signal` (below).
+        let signal = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.to_string())?;
+        let mut events = Vec::with_capacity(READ_BATCH);
+        let result = loop {
+            // `ZMQ_FD` is edge-triggered: what is queued is read (its
+            // events asked after the readiness was cleared) before the
+            // next wait, so no message waits for another to wake it.
+            read_queued(&socket, &mut events, codec, max_value_bytes, &stats);
+            if events.is_empty() {
+                if stop.is_cancelled() {
+                    break Ok(());
                 }
-                while let Ok(frames) = socket.recv_multipart(zmq::DONTWAIT) {
-                    let event = match validate(&frames, codec, max_value_bytes) {
-                        Mapped::Update(update) => SourceEvent::Update(update),
-                        Mapped::Resync(sync, skip) => {
-                            stats.uncarried(skip, sync.key.as_bytes());
-                            stats.syncs_published.inc();
-                            SourceEvent::Update(sync)
-                        }
-                        Mapped::Skip(_) => {
-                            stats.skip(
-                                Skip::BadMessage,
-                                frames.first().map(Vec::as_slice).unwrap_or_default(),
-                            );
-                            continue;
-                        }
-                    };
-                    if tx.blocking_send(event).is_err() {
-                        return;
-                    }
+                tokio::select! {
+                    ready = signal.readable() => match ready {
+                        Ok(mut guard) => guard.clear_ready(),
+                        Err(e) => break Err(e.to_string()),
+                    },
+                    // Once more round: what already arrived is read.
+                    _ = stop.cancelled() => {}
+                }
+                continue;
+            }
+            let mut gone = false;
+            for event in events.drain(..) {
+                if tx.send(event).await.is_err() {
+                    gone = true;
+                    break;
                 }
             }
-            let _ = std::fs::remove_file(&endpoint["ipc://".len()..]);
+            if gone {
+                break Ok(());
+            }
         };
-        tokio::task::spawn_blocking(receive)
-            .await
-            .map_err(|e| e.to_string())
+        drop(signal); // deregistered before the socket closes its fd
+        drop(socket);
+        let _ = std::fs::remove_file(&endpoint["ipc://".len()..]);
+        result
+    }
+}
+
+/// Messages read at most before they are handed over.
+const READ_BATCH: usize = 1024;
+
+/// The socket's signalling fd, owned by the socket (not closed here).
+struct ZmqFd(std::os::fd::RawFd);
+
+impl std::os::fd::AsRawFd for ZmqFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
+}
+
+/// Reads what libzmq has queued (up to [`READ_BATCH`]) into `events`,
+/// checked as [`validate`] says.
+fn read_queued(
+    socket: &zmq::Socket,
+    events: &mut Vec<SourceEvent>,
+    codec: Codec,
+    max_value_bytes: usize,
+    stats: &Stats,
+) {
+    while events.len() < READ_BATCH && socket.get_events().is_ok_and(|e| e.contains(zmq::POLLIN)) {
+        let Ok(frames) = socket.recv_multipart(zmq::DONTWAIT) else {
+            break;
+        };
+        match validate(&frames, codec, max_value_bytes) {
+            Mapped::Update(update) => events.push(SourceEvent::Update(update)),
+            Mapped::Resync(sync, skip) => {
+                stats.uncarried(skip, sync.key.as_bytes());
+                stats.syncs_published.inc();
+                events.push(SourceEvent::Update(sync));
+            }
+            Mapped::Skip(_) => stats.skip(
+                Skip::BadMessage,
+                frames.first().map(Vec::as_slice).unwrap_or_default(),
+            ),
+        }
     }
 }
 
