@@ -31,6 +31,8 @@ cargo run --locked --quiet --features bench --bin feedbridge-bench -- --smoke --
 grep -q '<svg' "$plot" || { echo "the benchmark drew no plot" >&2; exit 1; }
 # The resume benchmark too: a bridge restart under two subscribers.
 cargo run --locked --quiet --features bench --bin feedbridge-bench -- --resume 2 --preload 100
+# And the publisher service beside its floor, one short point.
+cargo run --locked --quiet --features bench --bin feedbridge-bench -- --service 1000 --duration 1s
 # `bench` also builds the benchmark's own unit tests.
 cargo test --locked --no-fail-fast --features bench "$@"
 # The nemesis smoke: one minute of each configuration (etcd, Redis
