@@ -167,11 +167,9 @@ fn point(forwarder: Forwarder, rate: u64, duration: Duration, subscribers: usize
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let base: Vec<u64> = recorders
-        .iter()
-        .map(|r| r.delivered.load(Relaxed))
-        .collect();
+    // The measured phase counts from zero.
     for r in &recorders {
+        r.delivered.store(0, Relaxed);
         r.latencies_ns.lock().unwrap().clear();
     }
     let cpu_before = cpu_ns(pid);
@@ -186,15 +184,9 @@ fn point(forwarder: Forwarder, rate: u64, duration: Duration, subscribers: usize
         push.send_multipart(message(sent), 0).unwrap();
         sent += 1;
     }
-    let delivered = |r: &(usize, &Arc<Recorder>)| r.1.delivered.load(Relaxed) - base[r.0];
     let mut last = (0, Instant::now());
     loop {
-        let least = recorders
-            .iter()
-            .enumerate()
-            .map(|r| delivered(&r))
-            .min()
-            .unwrap_or(0);
+        let least = least_delivered(&recorders);
         if least >= sent || last.1.elapsed() > Duration::from_secs(3) {
             break;
         }
@@ -204,12 +196,7 @@ fn point(forwarder: Forwarder, rate: u64, duration: Duration, subscribers: usize
         std::thread::sleep(Duration::from_millis(20));
     }
     let cpu = cpu_ns(pid).saturating_sub(cpu_before);
-    let least = recorders
-        .iter()
-        .enumerate()
-        .map(|r| delivered(&r))
-        .min()
-        .unwrap_or(0);
+    let least = least_delivered(&recorders);
     stop.store(true, Relaxed);
     drop(child);
     Point {
