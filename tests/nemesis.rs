@@ -246,6 +246,29 @@ impl Proc {
             self.stopped = false;
         }
     }
+
+    /// A fault of the bridge's own: 0 `kill -9` and restart, 1 SIGTERM
+    /// and restart, else SIGSTOP for 0.5–3.5 s; what it was.
+    async fn fault(&mut self, kind: u64, rng: &mut Rng) -> String {
+        match kind {
+            0 => {
+                self.kill();
+                self.start();
+                format!("kill -9 bridge {}", self.name)
+            }
+            1 => {
+                self.term();
+                self.start();
+                format!("SIGTERM bridge {}", self.name)
+            }
+            _ => {
+                self.stop();
+                tokio::time::sleep(Duration::from_millis(500 + rng.below(3000))).await;
+                self.cont();
+                format!("SIGSTOP/SIGCONT bridge {}", self.name)
+            }
+        }
+    }
 }
 
 /// One run of a subscriber: the subscriber and what its application saw.
@@ -429,15 +452,7 @@ fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: scripts/nemesis.sh runs it"]
 async fn nemesis() {
-    let seconds: u64 = std::env::var("NEMESIS_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(120);
-    let seed: u64 = std::env::var("NEMESIS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    let mut rng = Rng(seed.max(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let (seconds, seed, mut rng) = run_length();
     // The subscribers' own log lines (reconnects, repairs, syncs).
     log_if_asked();
     let mut etcd = EtcdServer::start().await;
@@ -616,34 +631,14 @@ async fn nemesis() {
         tokio::time::sleep(Duration::from_millis(1000 + rng.below(3000))).await;
         let target = rng.below(procs.len() as u64) as usize;
         let kind = match rng.below(10) {
-            0 => {
-                procs[target].kill();
-                procs[target].start();
-                format!("kill -9 bridge {}", procs[target].name)
-            }
-            1 => {
-                procs[target].term();
-                procs[target].start();
-                format!("SIGTERM bridge {}", procs[target].name)
-            }
-            2 => {
-                procs[target].stop();
-                tokio::time::sleep(Duration::from_millis(500 + rng.below(3000))).await;
-                procs[target].cont();
-                format!("SIGSTOP/SIGCONT bridge {}", procs[target].name)
-            }
+            kind @ 0..=2 => procs[target].fault(kind, &mut rng).await,
             3 => {
                 etcd.restart().await;
                 "restart etcd".into()
             }
             4 | 5 => {
                 let (name, proxy) = &links[rng.below(links.len() as u64) as usize];
-                proxy.set(Fault::Blackhole);
-                tokio::time::sleep(Duration::from_millis(500 + rng.below(4000))).await;
-                if rng.below(2) == 0 {
-                    proxy.far_side_gives_up();
-                }
-                proxy.set(Fault::Pass);
+                partition(proxy, &mut rng).await;
                 format!("partition {name}")
             }
             6 => {
@@ -927,15 +922,7 @@ async fn cluster_writer(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: scripts/nemesis.sh runs it"]
 async fn nemesis_redis_cluster() {
-    let seconds: u64 = std::env::var("NEMESIS_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(120);
-    let seed: u64 = std::env::var("NEMESIS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    let mut rng = Rng(seed.max(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let (seconds, seed, mut rng) = run_length();
     log_if_asked();
     let mut cluster = feedbridge::testing::RedisCluster::start(3, 1).await;
     let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
@@ -1030,33 +1017,12 @@ async fn nemesis_redis_cluster() {
         tokio::time::sleep(Duration::from_millis(1000 + rng.below(3000))).await;
         let target = rng.below(procs.len() as u64) as usize;
         let kind = match rng.below(11) {
-            0 => {
-                procs[target].kill();
-                procs[target].start();
-                format!("kill -9 bridge {}", procs[target].name)
-            }
-            1 => {
-                procs[target].term();
-                procs[target].start();
-                format!("SIGTERM bridge {}", procs[target].name)
-            }
-            2 => {
-                procs[target].stop();
-                tokio::time::sleep(Duration::from_millis(500 + rng.below(3000))).await;
-                procs[target].cont();
-                format!("SIGSTOP/SIGCONT bridge {}", procs[target].name)
-            }
+            kind @ 0..=2 => procs[target].fault(kind, &mut rng).await,
             3 => {
                 // kill -9 of a master: its replica takes over; it comes
                 // back as a replica.
-                let mut c = cluster.connection().await;
-                let masters: Vec<String> = cluster_nodes(&mut c)
-                    .await
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|n| n.2)
-                    .map(|n| n.1)
-                    .collect();
+                let masters: Vec<String> =
+                    masters(&cluster).await.into_iter().map(|n| n.1).collect();
                 let victim = &masters[rng.below(masters.len() as u64) as usize];
                 let i = cluster
                     .nodes
@@ -1070,23 +1036,12 @@ async fn nemesis_redis_cluster() {
                 "kill -9 a Redis master".into()
             }
             4 | 5 => {
-                proxy.set(Fault::Blackhole);
-                tokio::time::sleep(Duration::from_millis(500 + rng.below(4000))).await;
-                if rng.below(2) == 0 {
-                    proxy.far_side_gives_up();
-                }
-                proxy.set(Fault::Pass);
+                partition(&proxy, &mut rng).await;
                 "partition zmq subscriber -> bridge c".into()
             }
             6 => {
-                let mut c = cluster.connection().await;
-                let masters: Vec<String> = cluster_nodes(&mut c)
-                    .await
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|n| n.2)
-                    .map(|n| n.1)
-                    .collect();
+                let masters: Vec<String> =
+                    masters(&cluster).await.into_iter().map(|n| n.1).collect();
                 let victim = &masters[rng.below(masters.len() as u64) as usize];
                 if let Ok(client) = redis::Client::open(format!("redis://{victim}/0")) {
                     if let Ok(mut m) = client.get_multiplexed_async_connection().await {
@@ -1096,13 +1051,7 @@ async fn nemesis_redis_cluster() {
                 "FLUSHDB on a master".into()
             }
             7 => {
-                let mut c = cluster.connection().await;
-                let masters: Vec<(String, String, bool)> = cluster_nodes(&mut c)
-                    .await
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|n| n.2)
-                    .collect();
+                let masters = masters(&cluster).await;
                 let from = rng.below(masters.len() as u64) as usize;
                 let to = (from + 1 + rng.below(masters.len() as u64 - 1) as usize) % masters.len();
                 let slots = 100 + rng.below(900);
@@ -1265,6 +1214,44 @@ impl CounterVerdict {
             }
         }
     }
+}
+
+/// `NEMESIS_SECONDS` (120) and `NEMESIS_SEED` (1), and the run's generator.
+fn run_length() -> (u64, u64, Rng) {
+    let var = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    let (seconds, seed) = (var("NEMESIS_SECONDS", 120), var("NEMESIS_SEED", 1));
+    (
+        seconds,
+        seed,
+        Rng(seed.max(1).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+    )
+}
+
+/// Cuts `proxy`'s connections for 0.5–4.5 s (sometimes until the far side
+/// gives up), then heals them.
+async fn partition(proxy: &FaultProxy, rng: &mut Rng) {
+    proxy.set(Fault::Blackhole);
+    tokio::time::sleep(Duration::from_millis(500 + rng.below(4000))).await;
+    if rng.below(2) == 0 {
+        proxy.far_side_gives_up();
+    }
+    proxy.set(Fault::Pass);
+}
+
+/// The cluster's masters now, as [`cluster_nodes`] lists them.
+async fn masters(cluster: &feedbridge::testing::RedisCluster) -> Vec<(String, String, bool)> {
+    let mut c = cluster.connection().await;
+    cluster_nodes(&mut c)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.2)
+        .collect()
 }
 
 /// A ZeroMQ subscriber of every topic, as shipped (msgpack).
