@@ -33,6 +33,10 @@ grep -q '<svg' "$plot" || { echo "the benchmark drew no plot" >&2; exit 1; }
 cargo run --locked --quiet --features bench --bin feedbridge-bench -- --resume 2 --preload 100
 # And the publisher service beside its floor, one short point.
 cargo run --locked --quiet --features bench --bin feedbridge-bench -- --service 1000 --duration 1s
+# A fixed-rate row beside its floor, and a fan-out over subscriber processes.
+cargo run --locked --quiet --features bench --bin feedbridge-bench -- --rates 500 --duration 1s
+cargo run --locked --quiet --features bench --bin feedbridge-bench -- --fanout 6 --subscriber-processes 2 --duration 1s --plot "$plot"
+grep -q '<svg' "$plot" || { echo "the benchmark drew no fan-out plot" >&2; exit 1; }
 # `bench` also builds the benchmark's own unit tests.
 cargo test --locked --no-fail-fast --features bench "$@"
 # The nemesis smoke: one minute of each configuration (etcd, Redis

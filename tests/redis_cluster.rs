@@ -169,6 +169,46 @@ async fn writes_over_many_hash_tags_reach_the_subscriber_from_every_master() {
     bridge.stop().await;
 }
 
+/// Reads go out as one pipeline of GETs per master; a hash answers
+/// WRONGTYPE there and is read again with the type-aware script. Strings
+/// and hashes of every master, written in one burst so they share
+/// batches, all arrive with their values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strings_and_hashes_of_every_master_are_read_in_shared_batches() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let port = free_port();
+    let bridge = Bridge::start(&cluster_to_zmq(&cluster.url(), port, ""));
+    let mut rx = zmq_updates(port);
+    let conn = cluster.connection().await;
+    await_cluster_flow(&mut rx, &conn).await;
+    let mut c = conn.clone();
+    let mut masters = std::collections::BTreeSet::new();
+    let mut expected = BTreeMap::new();
+    for i in 0..30 {
+        let (string, hash) = (format!("{{lport.h{i}}}s{i}"), format!("{{lport.h{i}}}h{i}"));
+        masters.insert(cluster.master_of(string.as_bytes()).await);
+        redis::pipe()
+            .cmd("SET")
+            .arg(&string)
+            .arg(format!("v{i}"))
+            .ignore()
+            .cmd("HSET")
+            .arg(&hash)
+            .arg("mtu")
+            .arg(i)
+            .ignore()
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+        expected.insert(format!("s{i}"), format!("v{i}"));
+        expected.insert(format!("h{i}"), format!(r#"{{"mtu":"{i}"}}"#));
+    }
+    assert_eq!(masters.len(), 3, "the keys are spread over every master");
+    let mut seen = Vec::new();
+    until_equal(&mut rx, &mut seen, &expected).await;
+    bridge.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_master_under_write_load_ends_equal_to_the_cluster() {
     let mut cluster = RedisCluster::start(3, 1).await;

@@ -97,6 +97,28 @@ pub(crate) struct Args {
     /// the source scenarios.
     #[arg(long, value_delimiter = ',')]
     pub(crate) service: Vec<u64>,
+    /// Run etcd→zmq and redis→zmq at each of these fixed rates in changes
+    /// a second (comma separated), each beside its floor (a plain consumer
+    /// of the database in a process of its own: its CPU per change),
+    /// instead of one scenario.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) rates: Vec<u64>,
+    /// Fan-out: etcd→zmq at `--rate` (1000 when not given) to each of these
+    /// numbers of ZeroMQ subscribers (comma separated), spread over
+    /// `--subscriber-processes` processes, instead of one scenario.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) fanout: Vec<usize>,
+    /// Run the subscribers in this many processes of their own (ZeroMQ
+    /// only; 0: in the harness's process). `--fanout` uses 4 when not
+    /// given.
+    #[arg(long)]
+    pub(crate) subscriber_processes: Option<usize>,
+    /// Internal: run as the plain consumer of `etcd:URL` or `redis:URL`.
+    #[arg(long, hide = true)]
+    pub(crate) plain_child: Option<String>,
+    /// Internal: run as subscribers, `ZMQ_ENDPOINT,COUNT`.
+    #[arg(long, hide = true)]
+    pub(crate) subscriber_child: Option<String>,
     /// Internal: run as the floor forwarder, `PULL_ENDPOINT,PUB_ENDPOINT`.
     #[arg(long, hide = true)]
     pub(crate) proxy_child: Option<String>,

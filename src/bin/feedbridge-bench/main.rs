@@ -12,6 +12,7 @@
 mod args;
 mod measure;
 mod plot;
+mod remote;
 mod report;
 mod resume;
 mod scenario;
@@ -27,7 +28,7 @@ use feedbridge::config::Config;
 use tokio_util::sync::CancellationToken;
 
 use crate::args::{Args, Backend, Source};
-use crate::report::{csv, median, print_table, Row};
+use crate::report::{csv, median, print_fanout, print_table, Row};
 use crate::scenario::scenario;
 use crate::servers::{pin, writer_child};
 
@@ -41,6 +42,30 @@ fn scenarios(args: &Args) -> Vec<Args> {
         duration,
         ..args.clone()
     };
+    if !args.rates.is_empty() {
+        let d = args.duration;
+        return args
+            .rates
+            .iter()
+            .flat_map(|&rate| {
+                [
+                    with(Source::Etcd, Backend::Zmq, 1, rate, 0, d),
+                    with(Source::Redis, Backend::Zmq, 1, rate, 0, d),
+                ]
+            })
+            .collect();
+    }
+    if !args.fanout.is_empty() {
+        let rate = if args.rate == 0 { 1000 } else { args.rate };
+        return args
+            .fanout
+            .iter()
+            .map(|&n| Args {
+                subscriber_processes: Some(args.subscriber_processes.unwrap_or(4)),
+                ..with(args.source, Backend::Zmq, n, rate, 0, args.duration)
+            })
+            .collect();
+    }
     if args.smoke {
         let d = Duration::from_secs(1);
         return vec![
@@ -77,6 +102,14 @@ fn main() {
         .unwrap();
     if let Some(spec) = &args.writer_child {
         writer_child(spec, &args, &runtime);
+        return;
+    }
+    if let Some(spec) = &args.plain_child {
+        measure::plain_child(spec, args.plain_prev_kv);
+        return;
+    }
+    if let Some(spec) = &args.subscriber_child {
+        scenario::subscriber_child(spec, &runtime);
         return;
     }
     if let Some(spec) = &args.proxy_child {
@@ -181,6 +214,10 @@ fn main() {
     } else {
         rows.clone()
     };
+    if !args.fanout.is_empty() {
+        println!("\nfan-out:");
+        print_fanout(&summary);
+    }
     draw(&args, &summary);
     if let Some(p) = &args.json {
         std::fs::write(p, serde_json::to_string_pretty(&rows).unwrap()).unwrap();
@@ -190,10 +227,16 @@ fn main() {
     }
 }
 
-/// `--plot`, when asked for.
+/// `--plot`, when asked for: the fan-out figures for `--fanout`, else
+/// throughput and latency per scenario.
 fn draw(args: &Args, rows: &[Row]) {
     if let Some(p) = &args.plot {
-        if let Err(e) = plot::plot(rows, p) {
+        let drawn = if !args.fanout.is_empty() {
+            plot::plot_fanout(rows, p)
+        } else {
+            plot::plot(rows, p)
+        };
+        if let Err(e) = drawn {
             eprintln!("cannot draw {}: {e}", p.display());
             std::process::exit(1);
         }

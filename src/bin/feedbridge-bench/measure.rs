@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::servers::Db;
+use crate::servers::{Db, Target};
 use crate::values::{now_nanos, sent_at, value};
 
 /// What one receiver saw.
@@ -102,16 +102,31 @@ pub(crate) fn rate(recorders: &[Arc<Recorder>], start: Instant) -> f64 {
     least as f64 / last.duration_since(start).as_secs_f64().max(1e-9)
 }
 
+/// `--plain-child SPEC`: the plain consumer of `--plain-child`'s database
+/// in a process of its own, served to the harness (see [`crate::remote`]),
+/// on the runtime the bridge runs on.
+pub(crate) fn plain_child(spec: &str, prev_kv: bool) {
+    let target = Target::parse(spec);
+    feedbridge::bridge::runtime().unwrap().block_on(async {
+        let rec = Arc::new(Recorder::default());
+        let stop = CancellationToken::new();
+        let _watcher = plain_watcher(&target, rec.clone(), stop, prev_kv).await;
+        tokio::task::spawn_blocking(move || crate::remote::serve(vec![rec]))
+            .await
+            .unwrap();
+    });
+}
+
 /// The database's own delivery to one plain consumer.
 pub(crate) async fn plain_watcher(
-    db: &Db,
+    target: &Target,
     rec: Arc<Recorder>,
     stop: CancellationToken,
     prev_kv: bool,
 ) -> tokio::task::JoinHandle<()> {
-    match db {
-        Db::Etcd(e) => {
-            let mut client = e.client().await;
+    match target {
+        Target::Etcd(url) => {
+            let mut client = etcd_client::Client::connect([url], None).await.unwrap();
             let mut opts = etcd_client::WatchOptions::new().with_prefix();
             if prev_kv {
                 opts = opts.with_prev_key();
@@ -132,11 +147,11 @@ pub(crate) async fn plain_watcher(
                 }
             })
         }
-        Db::Redis(_) | Db::RedisCluster(_) => {
+        Target::Redis(url) | Target::RedisCluster(url) => {
             // Notifications carry no value: read it, pipelined per batch,
             // as any keyspace consumer (and the bridge) must. On a cluster
             // every master tells of its own keys.
-            let client = redis::Client::open(db.redis_url().expect("a Redis")).unwrap();
+            let client = redis::Client::open(url.as_str()).unwrap();
             let timeout = Duration::from_secs(5);
             let mut conn = feedbridge::db::redis::connect(&client, timeout)
                 .await
@@ -230,6 +245,19 @@ pub(crate) async fn await_flow(db: &Db, recorders: &[Arc<Recorder>]) {
         r.latencies_ns.lock().unwrap().clear();
         *r.last_at.lock().unwrap() = None;
     }
+}
+
+/// CPU time of every thread of `pid` alive now, in nanoseconds (from
+/// /proc schedstat: the clock ticks of /proc stat are 10 ms, too coarse
+/// for a few seconds at 100 changes a second).
+pub(crate) fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// CPU seconds (user + system) and peak RSS (MB) of a process.

@@ -49,6 +49,60 @@ pub(crate) fn plot(rows: &[Row], path: &Path) -> Result<(), String> {
     root.present().map_err(|e| e.to_string())
 }
 
+/// How the fan-out grows with the number of subscribers: the slowest
+/// subscriber's p99, the bridge's CPU per delivery and its peak memory.
+pub(crate) fn plot_fanout(rows: &[Row], path: &Path) -> Result<(), String> {
+    let labels: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{} subscribers @{}/s", r.subscribers, r.target_rate))
+        .collect();
+    let one = |name, colour, figure: fn(&Row) -> f64| {
+        [Series {
+            name,
+            colour,
+            values: rows.iter().map(figure).collect(),
+        }]
+    };
+    let width = (220 * labels.len() as u32).max(700);
+    let root = SVGBackend::new(path, (width, 1050)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let charts = root.split_evenly((3, 1));
+    let latency = one("slowest subscriber's p99", RGBColor(240, 120, 40), |r| {
+        r.slowest_p99_ms
+    });
+    grouped_bars(
+        &charts[0],
+        "Latency, write to the slowest subscriber",
+        "ms",
+        &labels,
+        &latency,
+        false,
+    )?;
+    let cpu = one("bridge CPU per delivery", RGBColor(60, 120, 220), |r| {
+        r.bridge_cpu_us_per_delivery
+    });
+    grouped_bars(
+        &charts[1],
+        "The bridge's CPU per delivery",
+        "µs",
+        &labels,
+        &cpu,
+        false,
+    )?;
+    let rss = one("bridge peak RSS", RGBColor(90, 170, 90), |r| {
+        r.bridge_peak_rss_mb
+    });
+    grouped_bars(
+        &charts[2],
+        "The bridge's memory",
+        "MB",
+        &labels,
+        &rss,
+        false,
+    )?;
+    root.present().map_err(|e| e.to_string())
+}
+
 /// What the x axis says for a row: the path, and what differs between
 /// scenarios of one matrix.
 fn label(r: &Row) -> String {

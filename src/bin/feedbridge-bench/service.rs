@@ -17,7 +17,7 @@ use feedbridge::{Action, DbUpdate};
 use serde::{Deserialize, Serialize};
 
 use crate::args::Args;
-use crate::measure::{latencies, least_delivered, Recorder};
+use crate::measure::{cpu_ns, latencies, least_delivered, Recorder};
 use crate::servers::KillOnDrop;
 use crate::values::value;
 
@@ -61,17 +61,6 @@ pub(crate) fn proxy_child(spec: &str) {
     publisher.set_sndhwm(10_000).unwrap();
     publisher.bind(pub_at).unwrap();
     zmq::proxy(&pull, &publisher).unwrap();
-}
-
-/// CPU time of every thread of `pid` so far, in nanoseconds.
-fn cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
 }
 
 /// A raw SUB socket on its own thread, recording every bench value.

@@ -353,7 +353,7 @@ impl RedisSource {
                     return Err(Ended::Lost(NOTIFICATIONS_CLOSED.into()));
                 }
                 let keys = notes.take(BATCH);
-                let reads = read_values(&mut topo.data, &keys).await?;
+                let reads = read_values(&mut topo, &keys).await?;
                 for (key, read) in keys.into_iter().zip(reads) {
                     if let Some(change) = self.diff(key, read) {
                         self.hand_over(change, &mut notes, tx, shutdown).await?;

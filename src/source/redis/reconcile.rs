@@ -12,7 +12,6 @@ use super::reads::{read_values, Read};
 use super::sentinels::SENTINEL_PREFIX;
 use super::state::{Ended, RedisSource, BATCH};
 use super::topology::Topology;
-use crate::db::redis::Conn;
 use crate::mapper::{Change, ChangeKind};
 use crate::source::{emit, KeySet, SourceEvent};
 
@@ -71,7 +70,7 @@ impl RedisSource {
                     .collect();
                 seen.extend(keys.iter().cloned());
                 emitted += self
-                    .read_and_diff(&mut topo.data, &keys, tx, shutdown, emit_diff)
+                    .read_and_diff(topo, &keys, tx, shutdown, emit_diff)
                     .await?;
                 // What was notified meanwhile waits as keys, not messages.
                 self.drain(notes);
@@ -88,7 +87,7 @@ impl RedisSource {
             .cloned()
             .collect();
         emitted += self
-            .read_and_diff(&mut topo.data, &unseen, tx, shutdown, emit_diff)
+            .read_and_diff(topo, &unseen, tx, shutdown, emit_diff)
             .await?;
         tracing::info!(keys = self.index.len(), emitted, "Reconciled Redis keys.");
         self.restart_sentinel_clocks();
@@ -99,7 +98,7 @@ impl RedisSource {
     /// when `emit`; returns how many there were.
     pub(super) async fn read_and_diff(
         &mut self,
-        data: &mut Conn,
+        topo: &mut Topology,
         keys: &[Vec<u8>],
         tx: &mpsc::Sender<SourceEvent>,
         shutdown: &CancellationToken,
@@ -107,7 +106,7 @@ impl RedisSource {
     ) -> Result<u64, Ended> {
         let mut emitted = 0;
         for chunk in keys.chunks(BATCH) {
-            let reads = read_values(data, chunk).await?;
+            let reads = read_values(topo, chunk).await?;
             for (key, read) in chunk.iter().zip(reads) {
                 if let Some(change) = self.diff(key.clone(), read) {
                     if emit_changes {

@@ -15,6 +15,12 @@ pub(super) struct Topology {
     /// Every node, replicas too.
     pub(super) nodes: Vec<Node>,
     pub(super) masters: Vec<(Node, redis::Client, MultiplexedConnection)>,
+    /// The slots each of `masters` serves now, for routing reads: refreshed
+    /// at each check, so a slot migration does not send its keys' reads
+    /// through a redirect for the rest of the session. (The masters'
+    /// `Node`s keep the slots of the session's start: they place the
+    /// sentinels, which must not move.)
+    pub(super) routes: Vec<Vec<(u16, u16)>>,
 }
 
 /// Whether `node` is a master owning any of the followed `slots`.
@@ -75,15 +81,18 @@ impl RedisSource {
         if data.is_cluster() && masters.is_empty() {
             return Err("no master of the cluster serves the followed slots (source.slots)".into());
         }
+        let routes = masters.iter().map(|(n, _, _)| n.slots.clone()).collect();
         Ok(Topology {
             data,
             nodes,
             masters,
+            routes,
         })
     }
 
     /// Whether the cluster's masters changed since `followed` (a failover,
-    /// nodes added or removed): the session then starts again.
+    /// nodes added or removed): the session then starts again. Refreshes
+    /// the read routes (slots migrate between the same masters).
     pub(super) async fn masters_changed(
         &self,
         topo: &mut Topology,
@@ -94,6 +103,11 @@ impl RedisSource {
         }
         let nodes = crate::db::redis::nodes(&mut topo.data, "").await?;
         let now = followed_masters(&nodes, &self.slots);
+        for ((master, _, _), route) in topo.masters.iter().zip(&mut topo.routes) {
+            if let Some(n) = nodes.iter().find(|n| n.addr == master.addr) {
+                route.clone_from(&n.slots);
+            }
+        }
         if now != followed {
             tracing::info!(was = ?followed, ?now, "The cluster's masters changed (failover, or nodes added or removed); subscribing to the new ones and reconciling.");
             return Ok(true);
