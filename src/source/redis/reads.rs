@@ -195,6 +195,12 @@ async fn cluster_gets(topo: &Topology, keys: &[Vec<u8>]) -> redis::RedisResult<V
             }
         }
     }
+    if !again.is_empty() {
+        tracing::debug!(
+            keys = again.len(),
+            "Reading keys again through the cluster connection (redirected: a slot migrated or is migrating; or their master's pipeline failed)."
+        );
+    }
     let redirected = again.iter().map(|&i| {
         let mut c = topo.data.clone();
         async move {
