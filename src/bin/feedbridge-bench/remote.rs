@@ -1,7 +1,8 @@
 //! Receivers in child processes of their own (the plain consumer that is
 //! the floor, the subscribers of a fan-out), so their CPU is theirs and
 //! not the harness's. The child reports the least its receivers have
-//! delivered on stdout (each 100 ms, when it changed) and answers commands
+//! delivered on stdout (each 100 ms, when it changed, with how long ago
+//! its last delivery was) and answers commands
 //! on stdin: `reset` (counting starts again from zero; acknowledged with
 //! `reset`) and `report` (the latency percentiles). The parent mirrors the
 //! count in a [`Recorder`], so the same waits and rates work on it.
@@ -37,7 +38,14 @@ pub(crate) fn serve(recorders: Vec<Arc<Recorder>>) {
             let mut o = o.lock().unwrap();
             let least = least_delivered(&recs);
             if least != told {
-                let _ = writeln!(o, "delivered {least}");
+                // How long ago the last delivery was, so the parent's rate
+                // does not depend on this 100 ms tick.
+                let age = recs
+                    .iter()
+                    .filter_map(|r| *r.last_at.lock().unwrap())
+                    .max()
+                    .map_or(0, |t| t.elapsed().as_nanos());
+                let _ = writeln!(o, "delivered {least} {age}");
                 let _ = o.flush();
                 told = least;
             }
@@ -109,10 +117,12 @@ impl Remote {
         let m = mirror.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(n) = line.strip_prefix("delivered ") {
-                    let n: u64 = n.parse().unwrap_or(0);
+                if let Some(report) = line.strip_prefix("delivered ") {
+                    let mut f = report.split(' ').map(|x| x.parse::<u64>().unwrap_or(0));
+                    let (n, age) = (f.next().unwrap_or(0), f.next().unwrap_or(0));
                     if n != m.delivered.swap(n, Relaxed) {
-                        *m.last_at.lock().unwrap() = Some(Instant::now());
+                        let at = Instant::now().checked_sub(Duration::from_nanos(age));
+                        *m.last_at.lock().unwrap() = at.or(Some(Instant::now()));
                     }
                 } else {
                     if line == "reset" {
