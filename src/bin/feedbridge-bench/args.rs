@@ -113,9 +113,18 @@ pub(crate) struct Args {
     /// given.
     #[arg(long)]
     pub(crate) subscriber_processes: Option<usize>,
+    /// Also measure a minimal forwarder to ZeroMQ: the plain consumer
+    /// sending each value it receives on a libzmq PUB socket to a raw
+    /// subscriber, nothing else (no mapping, no envelope); its CPU per
+    /// change is the floor of a bridge to ZeroMQ. `--rates` measures it.
+    #[arg(long)]
+    pub(crate) forwarder_floor: bool,
     /// Internal: run as the plain consumer of `etcd:URL` or `redis:URL`.
     #[arg(long, hide = true)]
     pub(crate) plain_child: Option<String>,
+    /// Internal: the plain consumer forwards to a PUB socket bound here.
+    #[arg(long, hide = true)]
+    pub(crate) plain_forward: Option<String>,
     /// Internal: run as subscribers, `ZMQ_ENDPOINT,COUNT`.
     #[arg(long, hide = true)]
     pub(crate) subscriber_child: Option<String>,

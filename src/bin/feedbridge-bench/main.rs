@@ -48,10 +48,10 @@ fn scenarios(args: &Args) -> Vec<Args> {
             .rates
             .iter()
             .flat_map(|&rate| {
-                [
-                    with(Source::Etcd, Backend::Zmq, 1, rate, 0, d),
-                    with(Source::Redis, Backend::Zmq, 1, rate, 0, d),
-                ]
+                [Source::Etcd, Source::Redis].map(|source| Args {
+                    forwarder_floor: true,
+                    ..with(source, Backend::Zmq, 1, rate, 0, d)
+                })
             })
             .collect();
     }
@@ -105,7 +105,7 @@ fn main() {
         return;
     }
     if let Some(spec) = &args.plain_child {
-        measure::plain_child(spec, args.plain_prev_kv);
+        measure::plain_child(spec, args.plain_prev_kv, args.plain_forward.as_deref());
         return;
     }
     if let Some(spec) = &args.subscriber_child {

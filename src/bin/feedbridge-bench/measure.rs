@@ -3,10 +3,11 @@
 //! and the bridge process's CPU time and peak RSS from /proc.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use feedbridge::codec::Codec;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +40,40 @@ pub(crate) fn least_delivered(recorders: &[Arc<Recorder>]) -> u64 {
         .map(|r| r.delivered.load(Relaxed))
         .min()
         .unwrap_or(0)
+}
+
+/// A raw SUB socket on its own thread, recording every bench value: the
+/// second frame is a msgpack `DbUpdate` (`msgpack`) or the value itself.
+pub(crate) fn raw_subscriber(
+    address: String,
+    rec: Arc<Recorder>,
+    stop: Arc<AtomicBool>,
+    msgpack: bool,
+) {
+    std::thread::spawn(move || {
+        let context = zmq::Context::new();
+        let socket = context.socket(zmq::SUB).unwrap();
+        socket.set_rcvhwm(100_000).unwrap();
+        socket.set_subscribe(b"").unwrap();
+        socket.connect(&address).unwrap();
+        while !stop.load(Relaxed) {
+            if socket.poll(zmq::POLLIN, 100).unwrap_or(0) == 0 {
+                continue;
+            }
+            while let Ok(frames) = socket.recv_multipart(zmq::DONTWAIT) {
+                let Some(payload) = frames.get(1) else {
+                    continue;
+                };
+                if !msgpack {
+                    rec.record(payload);
+                } else if let Ok((update, _)) = Codec::Msgpack.decode(payload) {
+                    if let Some(v) = &update.value {
+                        rec.record(v.as_bytes());
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// The `p` quantile of sorted nanoseconds, in milliseconds.
@@ -102,15 +137,40 @@ pub(crate) fn rate(recorders: &[Arc<Recorder>], start: Instant) -> f64 {
     least as f64 / last.duration_since(start).as_secs_f64().max(1e-9)
 }
 
+/// What the plain consumer does with each value it receives.
+pub(crate) type Sink = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
 /// `--plain-child SPEC`: the plain consumer of `--plain-child`'s database
 /// in a process of its own, served to the harness (see [`crate::remote`]),
-/// on the runtime the bridge runs on.
-pub(crate) fn plain_child(spec: &str, prev_kv: bool) {
+/// on the runtime the bridge runs on. With `forward`, a minimal forwarder
+/// instead: each value goes out on a libzmq PUB socket bound there (a
+/// topic frame and the value, as the bridge sends), for the harness's raw
+/// subscriber to record.
+pub(crate) fn plain_child(spec: &str, prev_kv: bool, forward: Option<&str>) {
     let target = Target::parse(spec);
     feedbridge::bridge::runtime().unwrap().block_on(async {
         let rec = Arc::new(Recorder::default());
+        let sink: Sink = match forward {
+            None => {
+                let rec = rec.clone();
+                Arc::new(move |v: &[u8]| rec.record(v))
+            }
+            Some(endpoint) => {
+                let context = zmq::Context::new();
+                let publisher = context.socket(zmq::PUB).unwrap();
+                publisher.set_sndhwm(10_000).unwrap();
+                publisher.bind(endpoint).unwrap();
+                let publisher = std::sync::Mutex::new(publisher);
+                Arc::new(move |v: &[u8]| {
+                    let _ = publisher
+                        .lock()
+                        .unwrap()
+                        .send_multipart([&b"bench"[..], v], 0);
+                })
+            }
+        };
         let stop = CancellationToken::new();
-        let _watcher = plain_watcher(&target, rec.clone(), stop, prev_kv).await;
+        let _watcher = plain_watcher(&target, sink, stop, prev_kv).await;
         tokio::task::spawn_blocking(move || crate::remote::serve(vec![rec]))
             .await
             .unwrap();
@@ -120,7 +180,7 @@ pub(crate) fn plain_child(spec: &str, prev_kv: bool) {
 /// The database's own delivery to one plain consumer.
 pub(crate) async fn plain_watcher(
     target: &Target,
-    rec: Arc<Recorder>,
+    rec: Sink,
     stop: CancellationToken,
     prev_kv: bool,
 ) -> tokio::task::JoinHandle<()> {
@@ -141,7 +201,7 @@ pub(crate) async fn plain_watcher(
                     let Ok(Some(resp)) = msg else { return };
                     for ev in resp.events() {
                         if let Some(kv) = ev.kv() {
-                            rec.record(kv.value());
+                            rec(kv.value());
                         }
                     }
                 }
@@ -219,7 +279,7 @@ pub(crate) async fn plain_watcher(
                         pipe.query_async(&mut conn).await.unwrap_or_default()
                     };
                     for v in values.into_iter().flatten() {
-                        rec.record(&v);
+                        rec(&v);
                     }
                 }
             })

@@ -40,6 +40,13 @@ pub(crate) struct Row {
     /// The bridge's CPU per change over the floor's.
     #[serde(default)]
     pub(crate) ratio_to_floor: f64,
+    /// A minimal forwarder's CPU per change (µs): the plain consumer also
+    /// handing each value to a libzmq PUB socket (0: not measured).
+    #[serde(default)]
+    pub(crate) forwarder_cpu_us_per_change: f64,
+    /// The bridge's CPU per change over the forwarder's.
+    #[serde(default)]
+    pub(crate) ratio_to_forwarder: f64,
     /// Processes the subscribers ran in (0: the harness's own).
     #[serde(default)]
     pub(crate) subscriber_processes: usize,
@@ -82,6 +89,8 @@ pub(crate) fn median(runs: &[Row]) -> Row {
         bridge_peak_rss_mb,
         floor_cpu_us_per_change,
         ratio_to_floor,
+        forwarder_cpu_us_per_change,
+        ratio_to_forwarder,
         slowest_p99_ms,
         bridge_cpu_us_per_delivery
     );
@@ -114,12 +123,34 @@ pub(crate) fn print_table(rows: &[Row]) {
         .iter()
         .filter(|r| r.target_rate > 0 && r.subscribers == 1 && r.floor_cpu_us_per_change > 0.0)
         .collect();
+    if fixed.iter().any(|r| r.forwarder_cpu_us_per_change > 0.0) {
+        println!(
+            "\n{:<12} {:>6} {:>12} {:>14} {:>10} {:>18} {:>14}",
+            "path", "rate", "bridge µs", "floor µs", "× floor", "forwarder µs", "× forwarder"
+        );
+        for r in &fixed {
+            println!(
+                "{:<12} {:>6} {:>12.1} {:>14.1} {:>10.2} {:>18.1} {:>14.2}",
+                r.path,
+                r.target_rate,
+                r.bridge_cpu_ms_per_1k,
+                r.floor_cpu_us_per_change,
+                r.ratio_to_floor,
+                r.forwarder_cpu_us_per_change,
+                r.ratio_to_forwarder
+            );
+        }
+    }
     if !fixed.is_empty() {
         let worst = fixed.iter().map(|r| r.ratio_to_floor).fold(0.0, f64::max);
         println!(
             "goal: the bridge at most 2× its floor's CPU per change at a fixed rate: {} (worst {worst:.2}×)",
             if worst <= 2.0 { "met" } else { "not met" }
         );
+        let forwarded = fixed.iter().filter(|r| r.ratio_to_forwarder > 0.0);
+        if let Some(worst) = forwarded.map(|r| r.ratio_to_forwarder).reduce(f64::max) {
+            println!("against the forwarder (the same consumer handing each value to libzmq): worst {worst:.2}×");
+        }
     }
 }
 
@@ -160,14 +191,14 @@ pub(crate) fn print_fanout(rows: &[Row]) {
 
 /// The rows as CSV.
 pub(crate) fn csv(rows: &[Row]) -> String {
-    let mut out = String::from("path,subscribers,writers,target_rate,keys_known,written,ceiling_per_s,written_per_s,bridged_per_s,ratio,keep_up,plain_p50_ms,plain_p99_ms,plain_p999_ms,bridged_p50_ms,bridged_p99_ms,bridged_p999_ms,added_p99_ms,missing,max_lag,bridge_cpu_ms_per_1k,bridge_peak_rss_mb,floor_cpu_us_per_change,ratio_to_floor,subscriber_processes,slowest_p99_ms,bridge_cpu_us_per_delivery\n");
+    let mut out = String::from("path,subscribers,writers,target_rate,keys_known,written,ceiling_per_s,written_per_s,bridged_per_s,ratio,keep_up,plain_p50_ms,plain_p99_ms,plain_p999_ms,bridged_p50_ms,bridged_p99_ms,bridged_p999_ms,added_p99_ms,missing,max_lag,bridge_cpu_ms_per_1k,bridge_peak_rss_mb,floor_cpu_us_per_change,ratio_to_floor,forwarder_cpu_us_per_change,ratio_to_forwarder,subscriber_processes,slowest_p99_ms,bridge_cpu_us_per_delivery\n");
     for r in rows {
         out.push_str(&format!(
-            "{},{},{},{},{},{},{:.1},{:.1},{:.1},{:.4},{:.4},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{:.2},{:.1},{:.2},{:.3},{},{:.3},{:.3}\n",
+            "{},{},{},{},{},{},{:.1},{:.1},{:.1},{:.4},{:.4},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{:.2},{:.1},{:.2},{:.3},{:.2},{:.3},{},{:.3},{:.3}\n",
             r.path, r.subscribers, r.writers, r.target_rate, r.keys_known, r.written, r.ceiling_per_s, r.written_per_s, r.bridged_per_s, r.ratio, r.keep_up,
             r.plain_p50_ms, r.plain_p99_ms, r.plain_p999_ms, r.bridged_p50_ms, r.bridged_p99_ms, r.bridged_p999_ms,
             r.added_p99_ms, r.missing, r.max_lag, r.bridge_cpu_ms_per_1k, r.bridge_peak_rss_mb,
-            r.floor_cpu_us_per_change, r.ratio_to_floor, r.subscriber_processes, r.slowest_p99_ms, r.bridge_cpu_us_per_delivery
+            r.floor_cpu_us_per_change, r.ratio_to_floor, r.forwarder_cpu_us_per_change, r.ratio_to_forwarder, r.subscriber_processes, r.slowest_p99_ms, r.bridge_cpu_us_per_delivery
         ));
     }
     out
@@ -203,6 +234,8 @@ mod tests {
             bridge_peak_rss_mb: 20.0,
             floor_cpu_us_per_change: cpu / 2.0,
             ratio_to_floor: 2.0,
+            forwarder_cpu_us_per_change: 0.0,
+            ratio_to_forwarder: 0.0,
             subscriber_processes: 0,
             slowest_p99_ms: 2.0,
             bridge_cpu_us_per_delivery: cpu,

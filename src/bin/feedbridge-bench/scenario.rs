@@ -2,6 +2,7 @@
 //! load through the bridge (a child process) to N subscribers.
 
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +14,8 @@ use feedbridge::testing::free_port;
 
 use crate::args::{Args, Backend};
 use crate::measure::{
-    await_flow, cpu_ns, drain, latencies, least_delivered, proc_usage, rate, Recorder,
+    await_flow, cpu_ns, drain, latencies, least_delivered, proc_usage, rate, raw_subscriber,
+    Recorder,
 };
 use crate::remote::{Remote, Report};
 use crate::report::Row;
@@ -207,6 +209,31 @@ impl Subscribers {
     }
 }
 
+/// The CPU per change (µs) of a minimal forwarder to ZeroMQ: on a fresh
+/// database of the same size, the plain consumer sends each value on a
+/// libzmq PUB socket, read by a raw subscriber here.
+async fn forwarder_floor(args: &Args) -> f64 {
+    let db = fresh_db(args).await;
+    let endpoint = format!("tcp://127.0.0.1:{}", free_port());
+    let mut cmd = child("--plain-child", &Target::of(&db).spec());
+    cmd.args(["--plain-forward", &endpoint]);
+    if args.plain_prev_kv {
+        cmd.arg("--plain-prev-kv");
+    }
+    let forwarder = Remote::spawn(cmd);
+    let rec = Arc::new(Recorder::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    raw_subscriber(endpoint, rec.clone(), stop.clone(), false);
+    let recs = vec![rec];
+    await_flow(&db, &recs).await;
+    let before = cpu_ns(forwarder.pid());
+    let (written, _, _) = write_phase(&db, args, || least_delivered(&recs)).await;
+    drain(&recs, written).await;
+    let ns = cpu_ns(forwarder.pid()).saturating_sub(before);
+    stop.store(true, Relaxed);
+    ns as f64 / 1000.0 / written.max(1) as f64
+}
+
 /// Runs one scenario: the ceiling phase, then the bridged phase.
 pub(crate) async fn scenario(args: &Args) -> Row {
     let db = fresh_db(args).await;
@@ -232,6 +259,14 @@ pub(crate) async fn scenario(args: &Args) -> Row {
     let plain_lat = plain.report();
     drop(plain);
     drop(db);
+
+    // 1b. With `--forwarder-floor`: the plain consumer that also hands each
+    // value to libzmq, nothing else.
+    let forwarder_us = if args.forwarder_floor {
+        forwarder_floor(args).await
+    } else {
+        0.0
+    };
 
     // 2. Through the bridge, a separate process, to N subscribers.
     let db = fresh_db(args).await;
@@ -328,6 +363,12 @@ pub(crate) async fn scenario(args: &Args) -> Row {
         bridge_peak_rss_mb: rss,
         floor_cpu_us_per_change: floor_us_per_change,
         ratio_to_floor: bridge_us_per_change / floor_us_per_change,
+        forwarder_cpu_us_per_change: forwarder_us,
+        ratio_to_forwarder: if forwarder_us > 0.0 {
+            bridge_us_per_change / forwarder_us
+        } else {
+            0.0
+        },
         subscriber_processes: processes,
         slowest_p99_ms: lat.worst_p99,
         bridge_cpu_us_per_delivery: bridge_us_per_change / args.subscribers.max(1) as f64,

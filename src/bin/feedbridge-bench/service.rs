@@ -17,7 +17,7 @@ use feedbridge::{Action, DbUpdate};
 use serde::{Deserialize, Serialize};
 
 use crate::args::Args;
-use crate::measure::{cpu_ns, latencies, least_delivered, Recorder};
+use crate::measure::{cpu_ns, latencies, least_delivered, raw_subscriber, Recorder};
 use crate::servers::KillOnDrop;
 use crate::values::value;
 
@@ -61,29 +61,6 @@ pub(crate) fn proxy_child(spec: &str) {
     publisher.set_sndhwm(10_000).unwrap();
     publisher.bind(pub_at).unwrap();
     zmq::proxy(&pull, &publisher).unwrap();
-}
-
-/// A raw SUB socket on its own thread, recording every bench value.
-fn subscriber(address: String, rec: Arc<Recorder>, stop: Arc<AtomicBool>) {
-    std::thread::spawn(move || {
-        let context = zmq::Context::new();
-        let socket = context.socket(zmq::SUB).unwrap();
-        socket.set_rcvhwm(100_000).unwrap();
-        socket.set_subscribe(b"").unwrap();
-        socket.connect(&address).unwrap();
-        while !stop.load(Relaxed) {
-            if socket.poll(zmq::POLLIN, 100).unwrap_or(0) == 0 {
-                continue;
-            }
-            while let Ok(frames) = socket.recv_multipart(zmq::DONTWAIT) {
-                if let Some(Ok((update, _))) = frames.get(1).map(|p| Codec::Msgpack.decode(p)) {
-                    if let Some(v) = &update.value {
-                        rec.record(v.as_bytes());
-                    }
-                }
-            }
-        }
-    });
 }
 
 fn message(i: u64) -> Vec<Vec<u8>> {
@@ -137,7 +114,7 @@ fn point(forwarder: Forwarder, rate: u64, duration: Duration, subscribers: usize
         .map(|_| Arc::new(Recorder::default()))
         .collect();
     for rec in &recorders {
-        subscriber(tcp.clone(), rec.clone(), stop.clone());
+        raw_subscriber(tcp.clone(), rec.clone(), stop.clone(), true);
     }
     let context = zmq::Context::new();
     let push = context.socket(zmq::PUSH).unwrap();
