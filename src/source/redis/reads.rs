@@ -1,5 +1,5 @@
 //! Reading keys after their notifications: plain GETs in one pipeline
-//! (one command per key on a cluster), and a type-aware script for what a
+//! per node (per master on a cluster), and a type-aware script for what a
 //! GET cannot read (hashes; other types are reported, not published).
 
 use std::collections::BTreeMap;
