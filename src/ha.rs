@@ -188,6 +188,17 @@ impl Leadership {
         }
     }
 
+    /// Gives the term's key and lease back without a word (a term that
+    /// never led, or one that ended): a store out of reach only delays
+    /// the next election by the lease's TTL.
+    pub async fn release_quietly(&self) {
+        self.keeper.abort();
+        self.lost.cancel();
+        if let Err(e) = within(self.call_timeout, self.release()).await {
+            tracing::debug!(error = %e, "Cannot release the election key; its lease will expire instead.");
+        }
+    }
+
     async fn release(&self) -> Result<(), String> {
         match self.store.clone() {
             Store::Etcd {
@@ -226,7 +237,34 @@ impl Drop for Leadership {
 }
 
 /// Waits until this instance is elected (`None` if `shutdown` comes first).
+///
+/// An election that answers after this instance's lease may have expired
+/// (the store was out of reach while the campaign waited: etcd's
+/// `Campaign` returns once the keys before its own are gone, without
+/// checking that its own still exists) is void: its key is released and
+/// the campaign starts again with a new lease. Taken as a win, it made a
+/// second leader beside the one elected meanwhile, and took the
+/// publishing fence from it.
 pub async fn campaign(
+    config: &HaConfig,
+    instance: &str,
+    service_id: &str,
+    shutdown: &CancellationToken,
+) -> Result<Option<Leadership>, String> {
+    loop {
+        let Some(lead) = campaign_once(config, instance, service_id, shutdown).await? else {
+            return Ok(None);
+        };
+        if lead.is_valid() {
+            tracing::info!(%instance, "Elected leader; publishing.");
+            return Ok(Some(lead));
+        }
+        tracing::warn!(%instance, "Elected only after this instance's lease may have expired (the store was out of reach while campaigning): not leading; campaigning again with a new lease.");
+        lead.release_quietly().await;
+    }
+}
+
+async fn campaign_once(
     config: &HaConfig,
     instance: &str,
     service_id: &str,
@@ -271,7 +309,6 @@ pub async fn campaign(
     let Some((store, keeper, checkpoint_key)) = elected else {
         return Ok(None);
     };
-    tracing::info!(%instance, "Elected leader; publishing.");
     Ok(Some(Leadership {
         store,
         checkpoint_key,

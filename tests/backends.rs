@@ -10,6 +10,7 @@ use feedbridge::backend::PubSub;
 use feedbridge::codec::Codec;
 use feedbridge::config::{BackendConfig, EtcdBackendConfig, RedisBackendConfig};
 use feedbridge::{Action, DbUpdate};
+use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -441,11 +442,12 @@ async fn a_redis_publisher_whose_term_lost_the_fence_publishes_nothing() {
         sharded: false,
         auth: Default::default(),
     };
-    let fence = Some("{feedbridge:test}:fence".to_string());
+    let key = "{feedbridge:test}:fence".to_string();
+    let (old_fenced, new_fenced) = (CancellationToken::new(), CancellationToken::new());
     let old = RedisPublisher::fenced(
         &config,
         std::sync::Arc::new(Sequencer::new("old")),
-        fence.clone(),
+        Some((key.clone(), old_fenced.clone())),
     )
     .await
     .unwrap();
@@ -454,15 +456,39 @@ async fn a_redis_publisher_whose_term_lost_the_fence_publishes_nothing() {
     old.send_event(&tenant_row("before"), None).await.unwrap();
     // A newer term takes the fence: the old term's writes are refused by
     // Redis, however late they arrive.
-    let new = RedisPublisher::fenced(&config, std::sync::Arc::new(Sequencer::new("new")), fence)
-        .await
-        .unwrap();
+    let new = RedisPublisher::fenced(
+        &config,
+        std::sync::Arc::new(Sequencer::new("new")),
+        Some((key.clone(), new_fenced.clone())),
+    )
+    .await
+    .unwrap();
     let refused = old
         .send_event(&tenant_row("stale"), None)
         .await
         .unwrap_err();
     assert!(refused.to_string().contains("fenced"), "{refused}");
+    assert!(
+        old_fenced.is_cancelled(),
+        "the fenced term is told to stand down: retrying could never succeed"
+    );
+    // A term whose leadership is already gone (an election answered after
+    // its lease expired) does not take the fence from the valid one.
+    let closed: feedbridge::backend::Gate = std::sync::Arc::new(|| false);
+    let void = RedisPublisher::fenced(
+        &config,
+        std::sync::Arc::new(Sequencer::new("void").with_heartbeat_gate(closed)),
+        Some((key, CancellationToken::new())),
+    )
+    .await
+    .err()
+    .expect("a term that is not leading takes no fence");
+    assert!(
+        void.to_string().contains("not taking the publishing fence"),
+        "{void}"
+    );
     new.send_event(&tenant_row("after"), None).await.unwrap();
+    assert!(!new_fenced.is_cancelled());
     let got = collect_until(
         &mut rx,
         "the new term's update",

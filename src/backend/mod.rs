@@ -13,6 +13,8 @@ pub mod zmq;
 
 use std::sync::Arc;
 
+use tokio_util::sync::CancellationToken;
+
 pub use registry::{Registration, Registry};
 pub use sequence::{
     Dedup, GapTracker, Gate, Heartbeat, Positions, Sequencer, Silence, HEARTBEAT_INTERVAL,
@@ -30,7 +32,7 @@ pub struct PubSub {
     publisher_id: String,
     heartbeat_gate: Option<Gate>,
     positions: Option<Arc<Positions>>,
-    fence_key: Option<String>,
+    fence: Option<(String, CancellationToken)>,
 }
 
 impl std::fmt::Debug for PubSub {
@@ -56,7 +58,7 @@ impl PubSub {
             publisher_id: crate::discovery::publisher_id(&name),
             heartbeat_gate: None,
             positions: None,
-            fence_key: None,
+            fence: None,
         }
     }
 
@@ -82,9 +84,11 @@ impl PubSub {
 
     /// Publishers take this fence key at connect and publish only while
     /// they hold it (Redis backend, see
-    /// [`RedisPublisher::fenced`](redis::RedisPublisher::fenced)).
-    pub fn with_fence(mut self, key: impl Into<String>) -> Self {
-        self.fence_key = Some(key.into());
+    /// [`RedisPublisher::fenced`](redis::RedisPublisher::fenced)); they
+    /// cancel `fenced` when they find a newer term holds it: this term can
+    /// never publish again, and its owner must stand down.
+    pub fn with_fence(mut self, key: impl Into<String>, fenced: CancellationToken) -> Self {
+        self.fence = Some((key.into(), fenced));
         self
     }
 
@@ -106,7 +110,7 @@ impl PubSub {
         Ok(match &self.config {
             BackendConfig::Zmq(c) => Arc::new(zmq::ZmqPublisher::bind(c, sequencer)?),
             BackendConfig::Redis(c) => {
-                Arc::new(redis::RedisPublisher::fenced(c, sequencer, self.fence_key.clone()).await?)
+                Arc::new(redis::RedisPublisher::fenced(c, sequencer, self.fence.clone()).await?)
             }
             BackendConfig::Etcd(c) => Arc::new(etcd::EtcdPublisher::connect(c, sequencer).await?),
         })

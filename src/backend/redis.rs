@@ -49,6 +49,18 @@ pub struct RedisPublisher {
 struct Fence {
     key: String,
     token: String,
+    /// Cancelled once a newer term is found holding the fence.
+    fenced: CancellationToken,
+}
+
+impl Fence {
+    /// A newer term holds the fence: this term can never publish again.
+    fn lost(&self) {
+        if !self.fenced.is_cancelled() {
+            tracing::warn!(fence = %self.key, "A newer leader's term holds the publishing fence: this term can never publish again; standing down.");
+            self.fenced.cancel();
+        }
+    }
 }
 
 /// PUBLISHes (topic, payload) pairs while the fence holds the token.
@@ -105,7 +117,9 @@ fn spawn_heartbeat(
                 if let Some(fence) = &fence {
                     let pairs = [(HEARTBEAT_TOPIC, payload)];
                     let sent = publish_fenced(conn, fence, &pairs);
-                    let _ = tokio::time::timeout(HEARTBEAT_INTERVAL, sent).await;
+                    if let Ok(Ok(false)) = tokio::time::timeout(HEARTBEAT_INTERVAL, sent).await {
+                        fence.lost();
+                    }
                     continue;
                 }
                 let mut publish = redis::cmd(if sharded { "SPUBLISH" } else { "PUBLISH" });
@@ -133,7 +147,7 @@ impl RedisPublisher {
     pub async fn fenced(
         config: &RedisBackendConfig,
         sequencer: Arc<Sequencer>,
-        fence_key: Option<String>,
+        fence: Option<(String, CancellationToken)>,
     ) -> Result<Self, PublishError> {
         let setup = |message: String| PublishError::Setup {
             backend: "redis",
@@ -145,8 +159,16 @@ impl RedisPublisher {
             .map_err(|e| setup(format!("cannot connect: {e}")))?;
         tracing::info!(url = %redacted(&config.url), codec = %config.codec, "Redis publisher connected.");
         let mut conn = conn;
-        let fence = match fence_key.filter(|_| !config.sharded) {
-            Some(key) => {
+        let fence = match fence.filter(|_| !config.sharded) {
+            Some((key, fenced)) => {
+                // A term that is not (or no longer) valid must not take the
+                // fence from the one that is: an election answered after
+                // this instance's lease expired, a pause since.
+                if !sequencer.gate_open() {
+                    return Err(setup(format!(
+                        "not taking the publishing fence {key}: leadership lost before publishing began"
+                    )));
+                }
                 let token = format!("{}:{}", sequencer.id(), sequencer.epoch());
                 redis::cmd("SET")
                     .arg(&key)
@@ -154,7 +176,7 @@ impl RedisPublisher {
                     .query_async::<()>(&mut conn)
                     .await
                     .map_err(|e| setup(format!("cannot take the publishing fence {key}: {e}")))?;
-                Some(Arc::new(Fence { key, token }))
+                Some(Arc::new(Fence { key, token, fenced }))
             }
             None => None,
         };
@@ -228,7 +250,10 @@ impl RedisPublisher {
                 });
             let failure = match sent {
                 Ok(true) => return Ok(()),
-                Ok(false) => "fenced: a newer leader's term holds the publishing fence".to_owned(),
+                Ok(false) => {
+                    fence.lost();
+                    "fenced: a newer leader's term holds the publishing fence".to_owned()
+                }
                 Err(e) => {
                     *guard = None;
                     e.to_string()

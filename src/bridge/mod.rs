@@ -190,6 +190,9 @@ pub async fn run(
         }
         stats.leader.set(0);
         tracing::warn!(%instance, "Leadership lost: stopped publishing; standing by again.");
+        // A term that stood down while its lease still held (found fenced)
+        // gives its key back, so the next election does not wait a TTL.
+        lead.release_quietly().await;
     }
 }
 
@@ -340,10 +343,13 @@ async fn connect_publisher(
         .with_publisher_id(id)
         .with_positions(positions.clone());
     if let Some(lead) = lead.cloned() {
+        let lost = lead.lost();
         pubsub = pubsub.with_heartbeat_gate(move || lead.is_valid());
         // A term's writes that the client already held when the process
         // froze are refused by Redis once the next term took the fence.
-        pubsub = pubsub.with_fence(format!("{{feedbridge:{}}}:fence", service_id(config)));
+        // Found fenced, the term stands down (its leadership counts as
+        // lost) and campaigns again: retrying could never succeed.
+        pubsub = pubsub.with_fence(format!("{{feedbridge:{}}}:fence", service_id(config)), lost);
     }
     let publisher = pubsub.get_publisher().await?;
     let backend_name = match &config.backend {
