@@ -22,7 +22,9 @@ pub enum BridgeError {
     /// The admin listener could not bind.
     #[error("admin listener: {0}")]
     Admin(String),
-    /// Leader election failed at start-up.
+    /// Leader election failed at start-up (the process exits), or the
+    /// election's store failed a term's first call (the member stands by
+    /// and campaigns again).
     #[error("high availability: {0}")]
     Ha(String),
     /// The replay endpoint could not bind.

@@ -184,6 +184,18 @@ pub async fn run(
         )
         .await;
         standing_down.abort();
+        if let (Err(BridgeError::Ha(e)), false) = (&result, shutdown.is_cancelled()) {
+            // The election's store answered the campaign, then failed the
+            // term's first call (the checkpoint: etcd restarting): an
+            // outage of the store like any other, so stand by and campaign
+            // again, never exit.
+            stats.leader.set(0);
+            lead.release_quietly().await;
+            if !reconnect.down(e, &shutdown).await {
+                return Ok(());
+            }
+            continue;
+        }
         if shutdown.is_cancelled() || (result.is_err() && lead.is_valid()) {
             lead.resign().await;
             return result;
