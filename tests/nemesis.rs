@@ -718,6 +718,7 @@ async fn nemesis() {
         );
         if verdict.lost > 0 || verdict.order > 0 || stale_rows > 0 {
             println!("{name}: first lost writes {:?}", verdict.examples);
+            println!("{name}: delivered around the first: {:?}", verdict.context);
             failures.push(*name);
         }
     }
@@ -1348,6 +1349,10 @@ struct Verdict {
     order: usize,
     examples: Vec<String>,
     reasons: Vec<String>,
+    /// What the subscriber delivered around the first lost write: the
+    /// deliveries just before and after it, syncs marked, so a failing
+    /// seed says where the history broke.
+    context: Vec<String>,
 }
 
 impl Verdict {
@@ -1439,6 +1444,18 @@ impl Verdict {
                 self.lost += 1;
                 if self.examples.len() < 5 {
                     self.examples.push(format!("{}@{}", w.key, w.revision));
+                }
+                if self.context.is_empty() {
+                    let shown = before.saturating_sub(5)..(after + 5).min(delivered.len());
+                    self.context = shown
+                        .map(|i| {
+                            let u = &delivered[i];
+                            format!(
+                                "#{i} {:?} {}/{} @{:?}",
+                                u.action, u.table, u.key, u.revision
+                            )
+                        })
+                        .collect();
                 }
             }
         }
