@@ -39,6 +39,20 @@ async fn await_cluster_flow(rx: &mut mpsc::Receiver<DbUpdate>, conn: &ClusterCon
     await_redis_keys_flow(rx, conn.clone(), |i| format!("{{probe.t{i}}}x")).await;
 }
 
+/// The shipped-style bridge (cluster → ZeroMQ) on `url`, a subscriber of
+/// it, and a cluster connection, once updates flow from every master.
+async fn bridged(
+    cluster: &RedisCluster,
+    url: &str,
+) -> (Bridge, mpsc::Receiver<DbUpdate>, ClusterConnection) {
+    let port = free_port();
+    let bridge = Bridge::start(&cluster_to_zmq(url, port, ""));
+    let mut rx = zmq_updates(port);
+    let conn = cluster.connection().await;
+    await_cluster_flow(&mut rx, &conn).await;
+    (bridge, rx, conn)
+}
+
 /// Every `lport` row in the cluster: key → value.
 async fn cluster_rows(cluster: &RedisCluster) -> BTreeMap<String, String> {
     let mut rows = BTreeMap::new();
@@ -145,12 +159,8 @@ async fn write_load(conn: ClusterConnection, n: usize, keys: usize, tag: &'stati
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_over_many_hash_tags_reach_the_subscriber_from_every_master() {
     let cluster = RedisCluster::start(3, 0).await;
-    let port = free_port();
     // The URL names one node only: the source finds the others.
-    let bridge = Bridge::start(&cluster_to_zmq(&cluster.nodes[1].url(), port, ""));
-    let mut rx = zmq_updates(port);
-    let conn = cluster.connection().await;
-    await_cluster_flow(&mut rx, &conn).await;
+    let (bridge, mut rx, conn) = bridged(&cluster, &cluster.nodes[1].url()).await;
     write_load(conn.clone(), 60, 60, "t").await;
     let expected = cluster_rows(&cluster).await;
     assert_eq!(expected.len(), 60);
@@ -176,11 +186,7 @@ async fn writes_over_many_hash_tags_reach_the_subscriber_from_every_master() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strings_and_hashes_of_every_master_are_read_in_shared_batches() {
     let cluster = RedisCluster::start(3, 0).await;
-    let port = free_port();
-    let bridge = Bridge::start(&cluster_to_zmq(&cluster.url(), port, ""));
-    let mut rx = zmq_updates(port);
-    let conn = cluster.connection().await;
-    await_cluster_flow(&mut rx, &conn).await;
+    let (bridge, mut rx, conn) = bridged(&cluster, &cluster.url()).await;
     let mut c = conn.clone();
     let mut masters = std::collections::BTreeSet::new();
     let mut expected = BTreeMap::new();
@@ -212,11 +218,7 @@ async fn strings_and_hashes_of_every_master_are_read_in_shared_batches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_master_under_write_load_ends_equal_to_the_cluster() {
     let mut cluster = RedisCluster::start(3, 1).await;
-    let port = free_port();
-    let bridge = Bridge::start(&cluster_to_zmq(&cluster.url(), port, ""));
-    let mut rx = zmq_updates(port);
-    let conn = cluster.connection().await;
-    await_cluster_flow(&mut rx, &conn).await;
+    let (bridge, mut rx, conn) = bridged(&cluster, &cluster.url()).await;
     let mut seen = Vec::new();
     let writer = tokio::spawn(write_load(conn.clone(), 3000, 300, "f"));
     // Under load, kill -9 a master that is not the seed the bridge named.
@@ -239,11 +241,7 @@ async fn kill_9_of_a_master_under_write_load_ends_equal_to_the_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_migration_under_load_never_deletes_a_key_that_exists() {
     let cluster = RedisCluster::start(3, 0).await;
-    let port = free_port();
-    let bridge = Bridge::start(&cluster_to_zmq(&cluster.url(), port, ""));
-    let mut rx = zmq_updates(port);
-    let conn = cluster.connection().await;
-    await_cluster_flow(&mut rx, &conn).await;
+    let (bridge, mut rx, conn) = bridged(&cluster, &cluster.url()).await;
     write_load(conn.clone(), 400, 400, "m").await;
     let writer = tokio::spawn(write_load(conn.clone(), 4000, 400, "m"));
     // Move 2000 slots (and their keys) from the first master to another.
