@@ -105,7 +105,7 @@ fn main() {
         return;
     }
     if let Some(spec) = &args.plain_child {
-        measure::plain_child(spec, args.plain_prev_kv, args.plain_forward.as_deref());
+        remote::plain_child(spec, args.plain_prev_kv, args.plain_forward.as_deref());
         return;
     }
     if let Some(spec) = &args.subscriber_child {

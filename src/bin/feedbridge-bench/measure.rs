@@ -140,43 +140,6 @@ pub(crate) fn rate(recorders: &[Arc<Recorder>], start: Instant) -> f64 {
 /// What the plain consumer does with each value it receives.
 pub(crate) type Sink = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
-/// `--plain-child SPEC`: the plain consumer of `--plain-child`'s database
-/// in a process of its own, served to the harness (see [`crate::remote`]),
-/// on the runtime the bridge runs on. With `forward`, a minimal forwarder
-/// instead: each value goes out on a libzmq PUB socket bound there (a
-/// topic frame and the value, as the bridge sends), for the harness's raw
-/// subscriber to record.
-pub(crate) fn plain_child(spec: &str, prev_kv: bool, forward: Option<&str>) {
-    let target = Target::parse(spec);
-    feedbridge::bridge::runtime().unwrap().block_on(async {
-        let rec = Arc::new(Recorder::default());
-        let sink: Sink = match forward {
-            None => {
-                let rec = rec.clone();
-                Arc::new(move |v: &[u8]| rec.record(v))
-            }
-            Some(endpoint) => {
-                let context = zmq::Context::new();
-                let publisher = context.socket(zmq::PUB).unwrap();
-                publisher.set_sndhwm(10_000).unwrap();
-                publisher.bind(endpoint).unwrap();
-                let publisher = std::sync::Mutex::new(publisher);
-                Arc::new(move |v: &[u8]| {
-                    let _ = publisher
-                        .lock()
-                        .unwrap()
-                        .send_multipart([&b"bench"[..], v], 0);
-                })
-            }
-        };
-        let stop = CancellationToken::new();
-        let _watcher = plain_watcher(&target, sink, stop, prev_kv).await;
-        tokio::task::spawn_blocking(move || crate::remote::serve(vec![rec]))
-            .await
-            .unwrap();
-    });
-}
-
 /// The database's own delivery to one plain consumer.
 pub(crate) async fn plain_watcher(
     target: &Target,

@@ -13,8 +13,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use crate::measure::{least_delivered, percentile, Recorder};
+use tokio_util::sync::CancellationToken;
+
+use crate::measure::{least_delivered, percentile, plain_watcher, Recorder, Sink};
 use crate::servers::KillOnDrop;
+use crate::servers::Target;
 
 /// What a child's receivers saw, in milliseconds.
 #[derive(Clone, Copy, Debug)]
@@ -181,4 +184,41 @@ impl Remote {
             worst_p99: f[3],
         }
     }
+}
+
+/// `--plain-child SPEC`: the plain consumer of `--plain-child`'s database
+/// in a process of its own, served to the harness (see [`crate::remote`]),
+/// on the runtime the bridge runs on. With `forward`, a minimal forwarder
+/// instead: each value goes out on a libzmq PUB socket bound there (a
+/// topic frame and the value, as the bridge sends), for the harness's raw
+/// subscriber to record.
+pub(crate) fn plain_child(spec: &str, prev_kv: bool, forward: Option<&str>) {
+    let target = Target::parse(spec);
+    feedbridge::bridge::runtime().unwrap().block_on(async {
+        let rec = Arc::new(Recorder::default());
+        let sink: Sink = match forward {
+            None => {
+                let rec = rec.clone();
+                Arc::new(move |v: &[u8]| rec.record(v))
+            }
+            Some(endpoint) => {
+                let context = zmq::Context::new();
+                let publisher = context.socket(zmq::PUB).unwrap();
+                publisher.set_sndhwm(10_000).unwrap();
+                publisher.bind(endpoint).unwrap();
+                let publisher = std::sync::Mutex::new(publisher);
+                Arc::new(move |v: &[u8]| {
+                    let _ = publisher
+                        .lock()
+                        .unwrap()
+                        .send_multipart([&b"bench"[..], v], 0);
+                })
+            }
+        };
+        let stop = CancellationToken::new();
+        let _watcher = plain_watcher(&target, sink, stop, prev_kv).await;
+        tokio::task::spawn_blocking(move || serve(vec![rec]))
+            .await
+            .unwrap();
+    });
 }
