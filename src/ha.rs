@@ -179,10 +179,7 @@ impl Leadership {
     /// Hands leadership over at once (graceful stop): a standby is elected
     /// without waiting for the lease to expire.
     pub async fn resign(&self) {
-        self.keeper.abort();
-        self.lost.cancel();
-        let result = within(self.call_timeout, self.release()).await;
-        match result {
+        match self.end_term().await {
             Ok(()) => tracing::info!("Resigned leadership."),
             Err(e) => tracing::warn!(error = %e, "Cannot resign; the lease will expire instead."),
         }
@@ -192,11 +189,17 @@ impl Leadership {
     /// never led, or one that ended): a store out of reach only delays
     /// the next election by the lease's TTL.
     pub async fn release_quietly(&self) {
-        self.keeper.abort();
-        self.lost.cancel();
-        if let Err(e) = within(self.call_timeout, self.release()).await {
+        if let Err(e) = self.end_term().await {
             tracing::debug!(error = %e, "Cannot release the election key; its lease will expire instead.");
         }
+    }
+
+    /// Stops the term here (no more keep-alives, leadership counts as
+    /// lost), then gives its key and lease back within the call timeout.
+    async fn end_term(&self) -> Result<(), String> {
+        self.keeper.abort();
+        self.lost.cancel();
+        within(self.call_timeout, self.release()).await
     }
 
     async fn release(&self) -> Result<(), String> {

@@ -143,6 +143,16 @@ fn child(mode: &str, spec: &str) -> Command {
     cmd
 }
 
+/// The plain consumer of `db` as a child process (`--plain-prev-kv`
+/// passed on).
+fn plain_child(db: &Db, args: &Args) -> Command {
+    let mut cmd = child("--plain-child", &Target::of(db).spec());
+    if args.plain_prev_kv {
+        cmd.arg("--plain-prev-kv");
+    }
+    cmd
+}
+
 /// Where the subscribers of a scenario run.
 enum Subscribers {
     /// In this process.
@@ -215,11 +225,8 @@ impl Subscribers {
 async fn forwarder_floor(args: &Args) -> f64 {
     let db = fresh_db(args).await;
     let endpoint = format!("tcp://127.0.0.1:{}", free_port());
-    let mut cmd = child("--plain-child", &Target::of(&db).spec());
+    let mut cmd = plain_child(&db, args);
     cmd.args(["--plain-forward", &endpoint]);
-    if args.plain_prev_kv {
-        cmd.arg("--plain-prev-kv");
-    }
     let forwarder = Remote::spawn(cmd);
     let rec = Arc::new(Recorder::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -240,14 +247,7 @@ pub(crate) async fn scenario(args: &Args) -> Row {
 
     // 1. The ceiling: the database to one plain consumer, in a process of
     // its own, whose CPU per change is the floor of the bridge's.
-    let mut spec = Target::of(&db).spec();
-    let mut plain = Remote::spawn({
-        let mut cmd = child("--plain-child", &spec);
-        if args.plain_prev_kv {
-            cmd.arg("--plain-prev-kv");
-        }
-        cmd
-    });
+    let mut plain = Remote::spawn(plain_child(&db, args));
     let recs = vec![plain.mirror()];
     await_flow(&db, &recs).await;
     plain.reset();
@@ -300,14 +300,14 @@ pub(crate) async fn scenario(args: &Args) -> Row {
             args.backend == Backend::Zmq,
             "subscribers run in processes of their own only on ZeroMQ"
         );
-        spec = format!("tcp://127.0.0.1:{zmq_port}");
+        let endpoint = format!("tcp://127.0.0.1:{zmq_port}");
         Subscribers::Children(
             (0..processes)
                 .map(|i| {
                     // The subscribers spread evenly, the first ones one more.
                     let n = args.subscribers / processes
                         + usize::from(i < args.subscribers % processes);
-                    Remote::spawn(child("--subscriber-child", &format!("{spec},{n}")))
+                    Remote::spawn(child("--subscriber-child", &format!("{endpoint},{n}")))
                 })
                 .collect(),
         )
