@@ -80,6 +80,9 @@ pub struct Stats {
     /// Redis FLUSHDB / FLUSHALL / SWAPDB detected (each answered by a full
     /// reconciliation).
     pub flushes_detected: Counter,
+    /// etcd watches that moved past a compacted resume revision without a
+    /// compaction notice (etcd-io/etcd#17529), each answered by a re-list.
+    pub source_skips_caught: Counter,
     /// Times the Redis source let go of its notifications because it was
     /// behind: the pipeline stayed full, or notifications were read late
     /// (each followed by a reconciliation).
@@ -141,6 +144,7 @@ impl Default for Stats {
             publish_errors: Counter::default(),
             syncs_published: Counter::default(),
             flushes_detected: Counter::default(),
+            source_skips_caught: Counter::default(),
             source_paused: Counter::default(),
             skipped: Family::default(),
             replay_answers: Family::default(),
@@ -193,6 +197,11 @@ impl Default for Stats {
             "flushes_detected",
             "Redis FLUSHDB / FLUSHALL / SWAPDB detected and reconciled",
             s.flushes_detected.clone(),
+        );
+        registry.register(
+            "source_skips_caught",
+            "etcd watches that jumped past a compacted resume revision without a compaction notice (etcd-io/etcd#17529), each answered by a re-list",
+            s.source_skips_caught.clone(),
         );
         registry.register(
             "source_paused",

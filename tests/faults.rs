@@ -871,3 +871,144 @@ async fn fault15_a_long_backend_outage_under_redis_writes_keeps_memory_bounded_a
         "the pause is logged with its reason"
     );
 }
+
+// ---- etcd moves a slow watcher past a compaction (issue 22, seed 4) ----
+
+/// The nemesis' seed 4 (issue 22): etcd before 3.4.31 / 3.5.13 (Debian
+/// ships 3.4.23; etcd-io/etcd#17529) moves a watcher that fell behind past
+/// a compaction on to the head when its stream's queue is full, instead of
+/// cancelling it with the compaction notice: every change in between is
+/// skipped without a word. Here the source's consumer stands still until
+/// etcd's queue for the stream (128 responses) is full and the watcher is
+/// set aside, etcd compacts past it, and the consumer then reads one
+/// response at a time with pauses of 300 ms (etcd syncs watchers every
+/// 100 ms): each response is larger than the stream's flow-control
+/// window update (about 1 MiB), so a read frees one place in the queue,
+/// the watcher's set-aside response takes it, and the queue is full when
+/// etcd next tries to send the compaction notice. Without the check of a
+/// jump against etcd's history, the rows written after the watcher was set
+/// aside never arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_etcd_moves_past_a_compaction_without_notice_is_re_listed() {
+    use feedbridge::mapper::ChangeKind;
+    use feedbridge::source::SourceEvent;
+    use std::collections::BTreeSet;
+
+    let etcd = EtcdServer::start().await;
+    let mut kv = etcd.client().await;
+    let config: feedbridge::config::EtcdSourceConfig = toml::from_str(&format!(
+        "endpoints = [\"{}\"]\nprefix = \"/t/\"\n",
+        etcd.endpoint()
+    ))
+    .unwrap();
+    let stats = std::sync::Arc::new(feedbridge::stats::Stats::default());
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let source = tokio::spawn(
+        feedbridge::source::etcd::EtcdSource::new(config, None, stats.clone())
+            .run(tx, shutdown.clone()),
+    );
+    let mut seen: BTreeSet<Vec<u8>> = BTreeSet::new();
+    log_if_asked();
+    let take = |event: SourceEvent, seen: &mut BTreeSet<Vec<u8>>| match event {
+        SourceEvent::Change(c) if c.kind == ChangeKind::Delete => {
+            seen.remove(&c.key);
+        }
+        SourceEvent::Change(c) => {
+            seen.insert(c.key);
+        }
+        _ => {}
+    };
+    // Watching once a first change comes through.
+    let ready = tokio::spawn({
+        let mut kv = kv.clone();
+        async move {
+            loop {
+                kv.put("/t/ready", "1", None).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+    let first = tokio::time::timeout(WAIT, async {
+        loop {
+            match rx.recv().await {
+                Some(SourceEvent::Change(c)) => break c,
+                Some(_) => continue,
+                None => panic!("the source ended"),
+            }
+        }
+    })
+    .await
+    .expect("the source to watch");
+    ready.abort();
+    seen.insert(first.key);
+
+    // 1. Nobody reads: transactions of 100 keys of 12 kB, one response of
+    //    1.2 MB each, fill the stream and etcd's queue behind it.
+    let value = "x".repeat(12_000);
+    let mut head = 0;
+    for i in 0..145 {
+        let ops: Vec<_> = (0..100)
+            .map(|j| etcd_client::TxnOp::put(format!("/t/a{i:03}/{j:03}"), value.clone(), None))
+            .collect();
+        head = kv
+            .txn(etcd_client::Txn::new().and_then(ops))
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision();
+    }
+    // 2. etcd compacts past what the watcher was sent.
+    kv.compact(head, None).await.unwrap();
+    // 3. One response at a time for 3 s, then at full speed up to a last
+    //    key.
+    let slow = std::time::Instant::now();
+    while slow.elapsed() < Duration::from_secs(3) {
+        for _ in 0..100 {
+            if let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+                take(event, &mut seen);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    kv.put("/t/zz-last", "1", None).await.unwrap();
+    let expected: BTreeSet<Vec<u8>> = kv
+        .get(
+            "/t/",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await
+        .unwrap()
+        .kvs()
+        .iter()
+        .map(|kv| kv.key().to_vec())
+        .collect();
+    let drained = tokio::time::timeout(WAIT, async {
+        while let Some(event) = rx.recv().await {
+            take(event, &mut seen);
+            if seen.contains(b"/t/zz-last".as_slice()) && seen.len() >= expected.len() {
+                break;
+            }
+        }
+    })
+    .await;
+    shutdown.cancel();
+    drop(rx);
+    let _ = source.await;
+    let missing = expected.difference(&seen).count();
+    println!(
+        "jumps past a compaction caught: {}, rows missing: {missing} of {}",
+        stats.source_skips_caught.get(),
+        expected.len()
+    );
+    assert!(
+        drained.is_ok() && missing == 0,
+        "{missing} of {} rows never arrived (the watch skipped them)",
+        expected.len()
+    );
+}

@@ -125,6 +125,31 @@ fn is_compacted(e: &etcd_client::Error) -> bool {
     e.to_string().contains("compacted")
 }
 
+/// Whether etcd still holds `revision` in its history, i.e. no compaction
+/// has passed it. One point read at that revision: etcd refuses it when
+/// the revision is compacted, before looking at any key.
+pub(super) async fn in_history(
+    client: &mut Client,
+    key: &[u8],
+    revision: i64,
+    timeout: Duration,
+) -> Result<bool, etcd_client::Error> {
+    let opts = GetOptions::new()
+        .with_revision(revision)
+        .with_keys_only()
+        .with_limit(1);
+    match tokio::time::timeout(timeout, kv_client(client).get(key.to_vec(), Some(opts))).await {
+        Err(_) => Err(etcd_client::Error::WatchError(format!(
+            "the history check timed out after {timeout:?}"
+        ))),
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(e)) if is_compacted(&e) => Ok(false),
+        // Not written yet: nothing before it can have been compacted.
+        Ok(Err(e)) if e.to_string().contains("future revision") => Ok(true),
+        Ok(Err(e)) => Err(e),
+    }
+}
+
 /// The etcd source.
 pub struct EtcdSource {
     config: EtcdSourceConfig,
@@ -233,12 +258,8 @@ impl EtcdSource {
             }
             let error = match end {
                 Ok(WatchEnd::Stopped) => return,
-                Ok(WatchEnd::Compacted(at)) => {
-                    tracing::warn!(
-                        resume_revision = *next,
-                        compact_revision = at,
-                        "Resume revision was compacted; re-listing and emitting the difference."
-                    );
+                Ok(gap) => {
+                    *next = gap.resume_revision(&self.stats);
                     match self.resync(client, prefix, *next, tx, shutdown).await {
                         Ok(n) => {
                             *next = n;
@@ -252,6 +273,7 @@ impl EtcdSource {
                     }
                 }
                 Err((n, e)) => {
+                    tracing::debug!(resume = n, error = %e, "The watch ended.");
                     *next = n;
                     e
                 }
@@ -448,6 +470,19 @@ impl EtcdSource {
         Ok(at + 1)
     }
 
+    /// Whether the watch may move past `next`: etcd still holds it, so no
+    /// compaction can have made the watch skip it (see `WatchEnd::Skipped`).
+    async fn still_in_history(
+        &self,
+        client: &mut Client,
+        prefix: &[u8],
+        next: i64,
+    ) -> Result<bool, (i64, etcd_client::Error)> {
+        in_history(client, prefix, next, self.config.connect_timeout)
+            .await
+            .map_err(|e| (next, e))
+    }
+
     /// Watches from `from` until the stream ends. Returns the revision to
     /// resume from with the error that ended it.
     async fn watch(
@@ -520,11 +555,18 @@ impl EtcdSource {
             };
             if resp.created() {
                 reconnect.up();
-                tracing::debug!(from, "Watch created.");
+                tracing::debug!(
+                    from,
+                    revision = resp.header().map(|h| h.revision()),
+                    "Watch created."
+                );
             }
             if resp.canceled() {
                 if resp.compact_revision() > 0 {
-                    return Ok(WatchEnd::Compacted(resp.compact_revision()));
+                    return Ok(WatchEnd::Compacted {
+                        resume: next,
+                        at: resp.compact_revision(),
+                    });
                 }
                 let reason = format!("etcd cancelled the watch: {}", resp.cancel_reason());
                 return Err((next, etcd_client::Error::WatchError(reason)));
@@ -536,6 +578,17 @@ impl EtcdSource {
                 if !resp.created() {
                     if let Some(rev) = resp.header().map(|h| h.revision()) {
                         if rev >= next {
+                            if !self.still_in_history(client, prefix, next).await? {
+                                return Ok(WatchEnd::Skipped {
+                                    resume: next,
+                                    to: rev + 1,
+                                });
+                            }
+                            tracing::debug!(
+                                from = next,
+                                to = rev + 1,
+                                "A progress notification moved the resume revision."
+                            );
                             next = rev + 1;
                             self.indexed_revision = rev;
                             if tx.send(SourceEvent::Checkpoint(rev)).await.is_err() {
@@ -546,12 +599,40 @@ impl EtcdSource {
                 }
                 continue;
             }
+            // Revisions between the resume revision and this response's
+            // first one may hold no key of the prefix, or may have been
+            // skipped by etcd (see `WatchEnd::Skipped`).
+            let first = events
+                .first()
+                .and_then(|e| e.kv())
+                .map_or(next, |kv| kv.mod_revision());
+            if first > next && !self.still_in_history(client, prefix, next).await? {
+                return Ok(WatchEnd::Skipped {
+                    resume: next,
+                    to: first,
+                });
+            }
             let mut last = next - 1;
             let only_own_keys = events.iter().all(|e| {
                 e.kv()
                     .is_some_and(|kv| self.own_prefixes.iter().any(|p| kv.key().starts_with(p)))
             });
             let fragment = resp.0.fragment;
+            tracing::trace!(
+                events = events.len(),
+                first = events
+                    .first()
+                    .and_then(|e| e.kv())
+                    .map(|kv| kv.mod_revision()),
+                last = events
+                    .last()
+                    .and_then(|e| e.kv())
+                    .map(|kv| kv.mod_revision()),
+                header = resp.header().map(|h| h.revision()),
+                fragment,
+                next,
+                "Watch response."
+            );
             // The response's events are taken, not copied: key and value
             // move into the change.
             for event in std::mem::take(&mut resp.0.events) {
@@ -619,7 +700,51 @@ pub(super) fn change_of(event: etcd_client::proto::PbEvent) -> Option<Change> {
 
 enum WatchEnd {
     Stopped,
-    Compacted(i64),
+    /// etcd cancelled the watch: `resume`, the first revision not read
+    /// yet, was compacted (at `at`).
+    Compacted {
+        resume: i64,
+        at: i64,
+    },
+    /// The watch moved on (to `to`) past `resume`, a revision no longer in
+    /// etcd's history. etcd before 3.4.31 / 3.5.13 (etcd-io/etcd#17529)
+    /// does this to a watcher that fell behind past a compaction while its
+    /// stream was full: instead of the compaction notice, it jumps to the
+    /// head and every change in between is lost without a word. Whether a
+    /// jump hid changes cannot be told from the stream, so a jump from a
+    /// compacted revision is handled as the notice would be: re-list and
+    /// emit the difference.
+    Skipped {
+        resume: i64,
+        to: i64,
+    },
+}
+
+impl WatchEnd {
+    /// For a watch that ended on a gap in history: logs it and returns the
+    /// first revision not read (where the re-list's window starts).
+    fn resume_revision(&self, stats: &Stats) -> i64 {
+        match *self {
+            WatchEnd::Stopped => 0, // not a gap: handled by the caller
+            WatchEnd::Compacted { resume, at } => {
+                tracing::warn!(
+                    resume_revision = resume,
+                    compact_revision = at,
+                    "Resume revision was compacted; re-listing and emitting the difference."
+                );
+                resume
+            }
+            WatchEnd::Skipped { resume, to } => {
+                stats.source_skips_caught.inc();
+                tracing::warn!(
+                    resume_revision = resume,
+                    moved_to = to,
+                    "etcd moved the watch past revisions it has compacted without saying so (etcd before 3.4.31 / 3.5.13, etcd-io/etcd#17529); re-listing and emitting the difference."
+                );
+                resume
+            }
+        }
+    }
 }
 
 enum StartError {
