@@ -719,6 +719,7 @@ async fn nemesis() {
         if verdict.lost > 0 || verdict.order > 0 || stale_rows > 0 {
             println!("{name}: first lost writes {:?}", verdict.examples);
             println!("{name}: delivered around the first: {:?}", verdict.context);
+            println!("{name}: the first's row: {:?}", verdict.row_context);
             failures.push(*name);
         }
     }
@@ -1353,6 +1354,8 @@ struct Verdict {
     /// deliveries just before and after it, syncs marked, so a failing
     /// seed says where the history broke.
     context: Vec<String>,
+    /// The first lost write's row: its writes, deliveries and windows near it.
+    row_context: Vec<String>,
 }
 
 impl Verdict {
@@ -1446,6 +1449,34 @@ impl Verdict {
                     self.examples.push(format!("{}@{}", w.key, w.revision));
                 }
                 if self.context.is_empty() {
+                    // The row's own story near it: what was written and
+                    // what the subscriber delivered (re-lists deliver rows
+                    // out of revision order, so the neighbours by revision
+                    // may say little), and the windows around it.
+                    let row = w.key.strip_prefix("/lport/").unwrap_or(&w.key);
+                    let near = |r: i64| (r - w.revision).abs() <= 3000;
+                    self.row_context = rows
+                        .writes
+                        .get(row)
+                        .into_iter()
+                        .flatten()
+                        .filter(|&&(r, _)| near(r))
+                        .map(|&(r, d)| format!("written @{r}{}", if d { " (delete)" } else { "" }))
+                        .chain(
+                            rows.delivered
+                                .get(row)
+                                .into_iter()
+                                .flatten()
+                                .filter(|u| u.revision.is_some_and(near))
+                                .map(|u| format!("delivered {:?} @{:?}", u.action, u.revision)),
+                        )
+                        .chain(
+                            windows
+                                .iter()
+                                .filter(|&&(f, t)| f <= w.revision + 3000 && t + 3000 >= w.revision)
+                                .map(|(f, t)| format!("re-list window {f}..={t}")),
+                        )
+                        .collect();
                     let shown = before.saturating_sub(5)..(after + 5).min(delivered.len());
                     self.context = shown
                         .map(|i| {
