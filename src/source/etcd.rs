@@ -59,18 +59,23 @@ struct Listed {
     version: i64,
 }
 
+/// What a list read: the keys, the revision they were read at, and etcd's
+/// head revision when the list began.
+type ListResult = (Vec<Listed>, i64, i64);
+
 /// Lists every key under `prefix` at `revision` (0: the current one), page
-/// by page; returns the keys and the revision they were read at.
+/// by page.
 async fn list(
     client: &mut Client,
     prefix: &[u8],
     revision: i64,
     page_timeout: Duration,
     values: bool,
-) -> Result<(Vec<Listed>, i64), etcd_client::Error> {
+) -> Result<ListResult, etcd_client::Error> {
     let end = prefix_end(prefix);
     let mut start = prefix.to_vec();
     let mut at = revision;
+    let mut head = 0;
     let mut out = Vec::new();
     let mut kv = kv_client(client);
     let mut limit = if values {
@@ -94,8 +99,11 @@ async fn list(
                     "list page timed out after {page_timeout:?}"
                 ))
             })??;
+        if head == 0 {
+            head = resp.header().map(|h| h.revision()).unwrap_or(0);
+        }
         if at == 0 {
-            at = resp.header().map(|h| h.revision()).unwrap_or(0);
+            at = head;
         }
         let more = resp.more();
         let kvs = resp.take_kvs();
@@ -118,7 +126,7 @@ async fn list(
             break;
         }
     }
-    Ok((out, at))
+    Ok((out, at, head))
 }
 
 fn is_compacted(e: &etcd_client::Error) -> bool {
@@ -162,6 +170,11 @@ pub struct EtcdSource {
     index_complete: bool,
     /// The revision `index` reflects.
     indexed_revision: i64,
+    /// After a resume from a checkpoint: etcd's head revision then. An
+    /// earlier run (or the HA member before this one) may have published
+    /// past the checkpoint, up to here, so subscribers may know rows the
+    /// index does not until this run has read that far.
+    resumed_head: i64,
     stats: Arc<Stats>,
     /// Prefixes of the bridge's own keys (checkpoint, pub/sub, election):
     /// a response holding only those is no reason for a new checkpoint,
@@ -184,6 +197,7 @@ impl EtcdSource {
             index: KeyIndex::default(),
             index_complete: true,
             indexed_revision: 0,
+            resumed_head: 0,
             stats,
             own_prefixes: Vec::new(),
         }
@@ -332,7 +346,8 @@ impl EtcdSource {
             )
             .await
             {
-                Ok((kvs, _)) => {
+                Ok((kvs, _, head)) => {
+                    self.resumed_head = head;
                     self.index = kvs
                         .into_iter()
                         .map(|kv| (kv.key, kv.mod_revision))
@@ -369,7 +384,7 @@ impl EtcdSource {
                 Err(e) => return Err(StartError::Etcd(e)),
             }
         }
-        let (kvs, at) = list(
+        let (kvs, at, _) = list(
             client,
             prefix,
             0,
@@ -414,14 +429,25 @@ impl EtcdSource {
         tx: &mpsc::Sender<SourceEvent>,
         shutdown: &CancellationToken,
     ) -> Result<i64, StartError> {
-        let (kvs, at) = list(client, prefix, 0, self.config.connect_timeout, true).await?;
-        if !self.index_complete {
-            emit(
-                tx,
-                shutdown,
-                SourceEvent::Sync(format!("etcd history before revision {at} was compacted")),
-            )
-            .await?;
+        let (kvs, at, _) = list(client, prefix, 0, self.config.connect_timeout, true).await?;
+        // The difference is taken against the index: it tells a subscriber
+        // of every row that changed, was created or was deleted, provided
+        // the subscriber knew no row the index does not. Not so when the
+        // index is incomplete, nor when the window reaches back into what
+        // an earlier run may have published past its checkpoint: a row
+        // it created there and that is gone now would get no delete.
+        let reason = if !self.index_complete {
+            Some(format!("etcd history before revision {at} was compacted"))
+        } else if unread <= self.resumed_head {
+            Some(format!(
+                "etcd history before revision {at} was compacted before this run had re-read what the run before it may have published (up to revision {})",
+                self.resumed_head
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            emit(tx, shutdown, SourceEvent::Sync(reason)).await?;
         }
         let mut seen = KeySet::with_capacity_and_hasher(kvs.len(), Default::default());
         let (mut created, mut set, mut deleted) = (0u64, 0u64, 0u64);
