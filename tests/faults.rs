@@ -28,6 +28,14 @@ async fn subscribe(redis: &RedisServer, etcd: &EtcdServer) -> Received {
 
 /// The same, with the flow probed through `kv` (any etcd, a cluster too).
 async fn subscribe_through(redis: &RedisServer, kv: &etcd_client::Client) -> Received {
+    subscriber_through(redis, kv).await.1
+}
+
+/// The same, with the subscriber's handle (for its positions).
+async fn subscriber_through(
+    redis: &RedisServer,
+    kv: &etcd_client::Client,
+) -> (std::sync::Arc<dyn feedbridge::pubsub::Subscriber>, Received) {
     let sub = redis_subscriber(&redis.url());
     let mut rx = sub.clone().updates(1024).0;
     await_etcd_flow(&mut rx, kv).await;
@@ -40,7 +48,7 @@ async fn subscribe_through(redis: &RedisServer, kv: &etcd_client::Client) -> Rec
             sink.0.lock().unwrap().push(u);
         }
     });
-    received
+    (sub, received)
 }
 
 fn config_text(etcd: &EtcdServer, redis: &RedisServer, checkpoint: &Path) -> String {
@@ -1041,16 +1049,7 @@ async fn a_re_list_before_the_resumed_run_re_read_its_predecessors_reach_says_sy
     .unwrap();
     let mut bridge = spawn_bridge(&cfg, &s.dir.path().join("bridge1.log"));
     let mut kv = s.etcd.client().await;
-    let sub = redis_subscriber(&s.redis.url());
-    let mut rx = sub.clone().updates(1024).0;
-    await_etcd_flow(&mut rx, &kv).await;
-    let received = Received::default();
-    let sink = received.clone();
-    tokio::spawn(async move {
-        while let Some(u) = rx.recv().await {
-            sink.0.lock().unwrap().push(u);
-        }
-    });
+    let (sub, received) = subscriber_through(&s.redis, &kv).await;
     // The checkpoint the next run resumes from: before the row existed.
     let before = kv
         .put("/lport/before", "0", None)

@@ -272,7 +272,7 @@ impl EtcdSource {
             }
             let error = match end {
                 Ok(WatchEnd::Stopped) => return,
-                Ok(gap) => {
+                Ok(WatchEnd::Gap(gap)) => {
                     *next = gap.resume_revision(&self.stats);
                     match self.resync(client, prefix, *next, tx, shutdown).await {
                         Ok(n) => {
@@ -497,7 +497,7 @@ impl EtcdSource {
     }
 
     /// Whether the watch may move past `next`: etcd still holds it, so no
-    /// compaction can have made the watch skip it (see `WatchEnd::Skipped`).
+    /// compaction can have made the watch skip it (see `Gap::Skipped`).
     async fn still_in_history(
         &self,
         client: &mut Client,
@@ -589,10 +589,10 @@ impl EtcdSource {
             }
             if resp.canceled() {
                 if resp.compact_revision() > 0 {
-                    return Ok(WatchEnd::Compacted {
+                    return Ok(WatchEnd::Gap(Gap::Compacted {
                         resume: next,
                         at: resp.compact_revision(),
-                    });
+                    }));
                 }
                 let reason = format!("etcd cancelled the watch: {}", resp.cancel_reason());
                 return Err((next, etcd_client::Error::WatchError(reason)));
@@ -605,10 +605,10 @@ impl EtcdSource {
                     if let Some(rev) = resp.header().map(|h| h.revision()) {
                         if rev >= next {
                             if !self.still_in_history(client, prefix, next).await? {
-                                return Ok(WatchEnd::Skipped {
+                                return Ok(WatchEnd::Gap(Gap::Skipped {
                                     resume: next,
                                     to: rev + 1,
-                                });
+                                }));
                             }
                             tracing::debug!(
                                 from = next,
@@ -627,16 +627,16 @@ impl EtcdSource {
             }
             // Revisions between the resume revision and this response's
             // first one may hold no key of the prefix, or may have been
-            // skipped by etcd (see `WatchEnd::Skipped`).
+            // skipped by etcd (see `Gap::Skipped`).
             let first = events
                 .first()
                 .and_then(|e| e.kv())
                 .map_or(next, |kv| kv.mod_revision());
             if first > next && !self.still_in_history(client, prefix, next).await? {
-                return Ok(WatchEnd::Skipped {
+                return Ok(WatchEnd::Gap(Gap::Skipped {
                     resume: next,
                     to: first,
-                });
+                }));
             }
             let mut last = next - 1;
             let only_own_keys = events.iter().all(|e| {
@@ -646,10 +646,7 @@ impl EtcdSource {
             let fragment = resp.0.fragment;
             tracing::trace!(
                 events = events.len(),
-                first = events
-                    .first()
-                    .and_then(|e| e.kv())
-                    .map(|kv| kv.mod_revision()),
+                first,
                 last = events
                     .last()
                     .and_then(|e| e.kv())
@@ -726,12 +723,15 @@ pub(super) fn change_of(event: etcd_client::proto::PbEvent) -> Option<Change> {
 
 enum WatchEnd {
     Stopped,
+    /// The watch cannot go on from where it was: re-list.
+    Gap(Gap),
+}
+
+/// Why a watch ended on a gap in etcd's history.
+enum Gap {
     /// etcd cancelled the watch: `resume`, the first revision not read
     /// yet, was compacted (at `at`).
-    Compacted {
-        resume: i64,
-        at: i64,
-    },
+    Compacted { resume: i64, at: i64 },
     /// The watch moved on (to `to`) past `resume`, a revision no longer in
     /// etcd's history. etcd before 3.4.31 / 3.5.13 (etcd-io/etcd#17529)
     /// does this to a watcher that fell behind past a compaction while its
@@ -740,19 +740,15 @@ enum WatchEnd {
     /// jump hid changes cannot be told from the stream, so a jump from a
     /// compacted revision is handled as the notice would be: re-list and
     /// emit the difference.
-    Skipped {
-        resume: i64,
-        to: i64,
-    },
+    Skipped { resume: i64, to: i64 },
 }
 
-impl WatchEnd {
-    /// For a watch that ended on a gap in history: logs it and returns the
-    /// first revision not read (where the re-list's window starts).
+impl Gap {
+    /// Logs the gap and returns the first revision not read (where the
+    /// re-list's window starts).
     fn resume_revision(&self, stats: &Stats) -> i64 {
         match *self {
-            WatchEnd::Stopped => 0, // not a gap: handled by the caller
-            WatchEnd::Compacted { resume, at } => {
+            Gap::Compacted { resume, at } => {
                 tracing::warn!(
                     resume_revision = resume,
                     compact_revision = at,
@@ -760,7 +756,7 @@ impl WatchEnd {
                 );
                 resume
             }
-            WatchEnd::Skipped { resume, to } => {
+            Gap::Skipped { resume, to } => {
                 stats.source_skips_caught.inc();
                 tracing::warn!(
                     resume_revision = resume,
