@@ -45,6 +45,8 @@ struct ConnectionLabels {
 #[derive(Clone, Debug, Default)]
 pub struct ConnState {
     up: Arc<AtomicBool>,
+    /// Up at least once in this process (any HA term).
+    reached: Arc<AtomicBool>,
     reconnects: Counter,
 }
 
@@ -55,6 +57,14 @@ impl ConnState {
             self.reconnects.inc();
         }
         self.up.store(up, Relaxed);
+        if up {
+            self.reached.store(true, Relaxed);
+        }
+    }
+
+    /// Whether the connection was up at least once in this process.
+    pub fn reached(&self) -> bool {
+        self.reached.load(Relaxed)
     }
 
     /// Whether the connection is up.
@@ -128,6 +138,7 @@ impl Default for Stats {
         let reconnects = Family::<ConnectionLabels, Counter>::default();
         let conn = |name: &str| ConnState {
             up: Arc::default(),
+            reached: Arc::default(),
             reconnects: reconnects
                 .get_or_create(&ConnectionLabels {
                     connection: name.into(),

@@ -90,6 +90,34 @@ fn spawn_bridge(cfg: &Path, log: &Path) -> KillOnDrop {
     )
 }
 
+/// A fault proxy in front of the set-up's etcd, and a config whose source
+/// reads through it.
+fn proxied(s: &Setup) -> (feedbridge::testing::FaultProxy, PathBuf) {
+    let proxy =
+        feedbridge::testing::FaultProxy::start(&format!("127.0.0.1:{}", s.etcd.client_port));
+    let cfg = s.dir.path().join("proxied.toml");
+    std::fs::write(
+        &cfg,
+        config_text(&s.etcd, &s.redis, &s.checkpoint).replace(
+            &format!("endpoints = [\"{}\"]", s.etcd.endpoint()),
+            &format!("endpoints = [\"http://{}\"]", proxy.addr()),
+        ),
+    )
+    .unwrap();
+    (proxy, cfg)
+}
+
+/// Waits until the bridge's log at `log` contains `text`.
+async fn logged(log: &Path, text: &str) {
+    eventually(text, WAIT, || {
+        let found = std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains(text);
+        async move { found.then_some(()) }
+    })
+    .await;
+}
+
 struct Setup {
     etcd: EtcdServer,
     redis: RedisServer,
@@ -1034,19 +1062,10 @@ async fn a_watch_etcd_moves_past_a_compaction_without_notice_is_re_listed() {
 /// the subscriber some other way).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_re_list_before_the_resumed_run_re_read_its_predecessors_reach_says_sync() {
-    use feedbridge::testing::{Fault, FaultProxy};
+    use feedbridge::testing::Fault;
 
     let s = setup().await;
-    let proxy = FaultProxy::start(&format!("127.0.0.1:{}", s.etcd.client_port));
-    let cfg = s.dir.path().join("proxied.toml");
-    std::fs::write(
-        &cfg,
-        config_text(&s.etcd, &s.redis, &s.checkpoint).replace(
-            &format!("endpoints = [\"{}\"]", s.etcd.endpoint()),
-            &format!("endpoints = [\"http://{}\"]", proxy.addr()),
-        ),
-    )
-    .unwrap();
+    let (proxy, cfg) = proxied(&s);
     let mut bridge = spawn_bridge(&cfg, &s.dir.path().join("bridge1.log"));
     let mut kv = s.etcd.client().await;
     let (sub, received) = subscriber_through(&s.redis, &kv).await;
@@ -1084,13 +1103,7 @@ async fn a_re_list_before_the_resumed_run_re_read_its_predecessors_reach_says_sy
     proxy.set(Fault::Latency(Duration::from_millis(500)));
     let log = s.dir.path().join("bridge2.log");
     let mut bridge = spawn_bridge(&cfg, &log);
-    eventually("the list at the checkpoint", WAIT, || {
-        let listed = std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("Resuming from checkpoint");
-        async move { listed.then_some(()) }
-    })
-    .await;
+    logged(&log, "Resuming from checkpoint").await;
     compact_all(&mut kv, "3").await;
     proxy.set(Fault::Pass);
     received
@@ -1111,5 +1124,44 @@ async fn a_re_list_before_the_resumed_run_re_read_its_predecessors_reach_says_sy
     assert!(
         text.contains("Re-list complete"),
         "the compaction did not reach the resumed watch (the test did not test): {text}"
+    );
+}
+
+/// Found by CI (`tests/ha.rs`, a restart of etcd right after an election):
+/// etcd going away between the source's connect and its first list made
+/// the bridge exit ("initial list failed"). Once connected, an outage
+/// during the list is retried like any later one: the list is held back
+/// by latency, the link reset under it, and the bridge must stay up and
+/// publish once the link is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_during_the_first_list_is_retried_not_fatal() {
+    use feedbridge::testing::Fault;
+
+    let s = setup().await;
+    let (proxy, cfg) = proxied(&s);
+    let mut kv = s.etcd.client().await;
+    kv.put("/lport/before", "0", None).await.unwrap();
+    proxy.set(Fault::Latency(Duration::from_millis(1500)));
+    let log = s.dir.path().join("bridge.log");
+    let mut bridge = spawn_bridge(&cfg, &log);
+    logged(&log, "Connected to etcd; listing the prefix.").await;
+    proxy.set(Fault::Reset);
+    logged(&log, "Connection lost; retrying").await;
+    proxy.set(Fault::Pass);
+    let (_sub, received) = subscriber_through(&s.redis, &kv).await;
+    kv.put("/lport/after", "1", None).await.unwrap();
+    received
+        .wait("the write after the outage", |g| {
+            view(&lport(g)).contains_key(&("lport".into(), "after".into()))
+        })
+        .await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        bridge.try_wait().unwrap().is_none(),
+        "the bridge exited; its log:\n{text}"
+    );
+    assert!(
+        text.contains("initial list failed"),
+        "the reset did not hit the list (the test did not test): {text}"
     );
 }

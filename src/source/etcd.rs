@@ -129,6 +129,15 @@ async fn list(
     Ok((out, at, head))
 }
 
+/// etcd refused the request itself (permissions, credentials, a bad
+/// argument): trying again cannot help.
+fn is_refusal(e: &etcd_client::Error) -> bool {
+    // gRPC status codes (tonic's `Code` as numbers: tonic is not a direct
+    // dependency): INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED.
+    const REFUSALS: [i32; 3] = [3, 7, 16];
+    matches!(e, etcd_client::Error::GRpcStatus(s) if REFUSALS.contains(&i32::from(s.code())))
+}
+
 fn is_compacted(e: &etcd_client::Error) -> bool {
     e.to_string().contains("compacted")
 }
@@ -204,7 +213,8 @@ impl EtcdSource {
     }
 
     /// Runs until `shutdown`; fails only when etcd cannot be reached at
-    /// start-up (later outages are retried with backoff).
+    /// the process's start, or refuses the list (later outages, and one
+    /// during the first list, are retried with backoff).
     pub async fn run(
         mut self,
         tx: mpsc::Sender<SourceEvent>,
@@ -217,29 +227,52 @@ impl EtcdSource {
                 "{message} (endpoints {endpoints}; is etcd running? check source.endpoints)"
             ),
         };
-        let mut client = tokio::time::timeout(
-            self.config.connect_timeout,
-            connect(
-                &self.config.endpoints,
-                self.config.connect_timeout,
-                &self.config.auth,
-            ),
-        )
-        .await
-        .map_err(|_| fail("connect timed out".into()))?
-        .map_err(|e| fail(format!("cannot connect: {e}")))?;
         let prefix = self.config.prefix.clone().into_bytes();
-        let mut next = match self.start(&mut client, &prefix, &tx, &shutdown).await {
-            Err(StartError::Etcd(e)) => return Err(fail(format!("initial list failed: {e}"))),
-            Err(StartError::Stopped) => {
-                self.index_complete = false; // stopped half-way: do not save it
-                self.save_index();
+        let mut reconnect = Reconnect::new("etcd source").with_state(self.stats.source.clone());
+        // Unreachable at the process's start: a clear error (a wrong
+        // endpoint, etcd not running). Once reached (connected in this run,
+        // or in an earlier HA term), an outage while connecting or listing
+        // (etcd restarting) is retried like any later one, never an exit;
+        // a refusal (permissions) stays an error.
+        let mut reached = self.stats.source.reached();
+        let (mut client, mut next) = loop {
+            let error = match tokio::time::timeout(
+                self.config.connect_timeout,
+                connect(
+                    &self.config.endpoints,
+                    self.config.connect_timeout,
+                    &self.config.auth,
+                ),
+            )
+            .await
+            {
+                Err(_) => "connect timed out".to_string(),
+                Ok(Err(e)) => format!("cannot connect: {e}"),
+                Ok(Ok(mut client)) => {
+                    reached = true;
+                    tracing::debug!("Connected to etcd; listing the prefix.");
+                    match self.start(&mut client, &prefix, &tx, &shutdown).await {
+                        Ok(next) => break (client, next),
+                        Err(StartError::Stopped) => {
+                            self.index_complete = false; // stopped half-way: do not save it
+                            self.save_index();
+                            return Ok(());
+                        }
+                        Err(StartError::Etcd(e)) if is_refusal(&e) => {
+                            return Err(fail(format!("initial list refused: {e}")))
+                        }
+                        Err(StartError::Etcd(e)) => format!("initial list failed: {e}"),
+                    }
+                }
+            };
+            if !reached {
+                return Err(fail(error));
+            }
+            if !reconnect.down(&error, &shutdown).await {
                 return Ok(());
             }
-            Ok(next) => next,
         };
-        self.stats.source.set_up(true, false);
-        let mut reconnect = Reconnect::new("etcd source").with_state(self.stats.source.clone());
+        reconnect.up();
         self.follow(
             &mut client,
             &prefix,
@@ -384,6 +417,7 @@ impl EtcdSource {
                 Err(e) => return Err(StartError::Etcd(e)),
             }
         }
+        self.index.clear(); // a list that failed half-way is listed again
         let (kvs, at, _) = list(
             client,
             prefix,
