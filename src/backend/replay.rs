@@ -14,7 +14,7 @@
 //! `{"gone": why}`, then one frame per update in the subscriber's codec.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -101,7 +101,7 @@ impl ReplayBuffer {
 
     /// Keeps `updates`, just published. A `sync` of everything cuts the
     /// history: nothing before it can be answered any more.
-    pub fn record(&mut self, updates: &[DbUpdate]) {
+    pub fn record(&mut self, updates: impl IntoIterator<Item = DbUpdate>) {
         for update in updates {
             if update.revision.is_none() {
                 if update.table.is_empty() {
@@ -113,8 +113,8 @@ impl ReplayBuffer {
                 continue;
             }
             self.last = update.revision;
-            self.bytes += size(update);
-            self.entries.push_back(update.clone());
+            self.bytes += size(&update);
+            self.entries.push_back(update);
         }
         while self.entries.len() > self.max_entries || self.bytes > MAX_BUFFER_BYTES {
             let Some(old) = self.entries.pop_front() else {
@@ -203,11 +203,20 @@ enum Status {
 /// The bridge's side: a ROUTER socket on a thread of its own, answering
 /// from the buffer, and from the source's [`History`] (on a worker thread)
 /// for positions older than the buffer. Stops when dropped.
-#[derive(Debug)]
 pub struct ReplayServer {
     endpoint: String,
-    stop: Arc<AtomicBool>,
+    /// A message on it ends the router's thread, which otherwise sleeps
+    /// until a request comes (no periodic wake-up of an idle bridge).
+    stop: Mutex<zmq::Socket>,
     threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ReplayServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayServer")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Requests waiting for a history read at most; one more is answered
@@ -235,7 +244,7 @@ struct Answerer {
     history: Option<std::sync::mpsc::SyncSender<HistoryJob>>,
 }
 
-/// Names the inproc pipes of history workers apart.
+/// Names the inproc pipes of replay servers apart.
 static WORKER_PIPES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl ReplayServer {
@@ -276,8 +285,7 @@ impl ReplayServer {
             codec,
             history: jobs,
         };
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
+        let (stopping, stop) = inproc_pair("replay-stop")?;
         threads.push(
             std::thread::Builder::new()
                 .name("replay".into())
@@ -287,7 +295,7 @@ impl ReplayServer {
         tracing::info!(%endpoint, "Answering subscribers' gaps from the replay buffer.");
         Ok(ReplayServer {
             endpoint,
-            stop,
+            stop: Mutex::new(stop),
             threads,
         })
     }
@@ -300,7 +308,9 @@ impl ReplayServer {
 
 impl Drop for ReplayServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        if let Ok(stop) = self.stop.lock() {
+            let _ = stop.send("", zmq::DONTWAIT);
+        }
         // The router's thread goes first; with it the job queue's sender,
         // which ends the worker after its current read.
         for t in self.threads.drain(..).rev() {
@@ -334,16 +344,7 @@ fn history_worker(
     ),
     String,
 > {
-    let name = format!(
-        "inproc://feedbridge-replay-{}",
-        WORKER_PIPES.fetch_add(1, Ordering::Relaxed)
-    );
-    let pipe = replay_socket(zmq::PAIR)?;
-    bind(&pipe, &name)?;
-    let worker = replay_socket(zmq::PAIR)?;
-    worker
-        .connect(&name)
-        .map_err(|e| format!("cannot connect the history worker: {e}"))?;
+    let (pipe, worker) = inproc_pair("replay-history")?;
     let (jobs, queue) = std::sync::mpsc::sync_channel(HISTORY_QUEUE);
     let thread = std::thread::Builder::new()
         .name("replay-history".into())
@@ -357,18 +358,49 @@ fn history_worker(
     Ok((pipe, jobs, thread))
 }
 
+/// Two inproc PAIR sockets connected to each other: (bound, connected).
+fn inproc_pair(what: &str) -> Result<(zmq::Socket, zmq::Socket), String> {
+    let name = format!(
+        "inproc://feedbridge-{what}-{}",
+        WORKER_PIPES.fetch_add(1, Ordering::Relaxed)
+    );
+    let bound = replay_socket(zmq::PAIR)?;
+    bind(&bound, &name)?;
+    let connected = replay_socket(zmq::PAIR)?;
+    connected
+        .connect(&name)
+        .map_err(|e| format!("cannot connect {name}: {e}"))?;
+    Ok((bound, connected))
+}
+
 /// The router's loop: requests in, answers out (its own, and the history
-/// worker's through `pipe`).
-fn serve(router: &zmq::Socket, pipe: Option<&zmq::Socket>, answerer: &Answerer, stop: &AtomicBool) {
-    while !stop.load(Ordering::Relaxed) {
-        let mut items = vec![router.as_poll_item(zmq::POLLIN)];
+/// worker's through `pipe`), until a message on `stop`.
+fn serve(
+    router: &zmq::Socket,
+    pipe: Option<&zmq::Socket>,
+    answerer: &Answerer,
+    stop: &zmq::Socket,
+) {
+    loop {
+        let mut items = vec![
+            router.as_poll_item(zmq::POLLIN),
+            stop.as_poll_item(zmq::POLLIN),
+        ];
         if let Some(pipe) = pipe {
             items.push(pipe.as_poll_item(zmq::POLLIN));
         }
-        if !matches!(zmq::poll(&mut items, 100), Ok(n) if n > 0) {
-            continue;
+        match zmq::poll(&mut items, -1) {
+            Ok(n) if n > 0 => {}
+            Ok(_) | Err(zmq::Error::EINTR) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "The replay server cannot wait for requests; it stops (subscribers' gaps become syncs).");
+                return;
+            }
         }
-        if items.get(1).is_some_and(|i| i.is_readable()) {
+        if items[1].is_readable() {
+            return;
+        }
+        if items.get(2).is_some_and(|i| i.is_readable()) {
             if let Some(Ok(reply)) = pipe.map(|p| p.recv_multipart(zmq::DONTWAIT)) {
                 let _ = router.send_multipart(reply, zmq::DONTWAIT);
             }
@@ -585,7 +617,7 @@ mod tests {
         let mut b = ReplayBuffer::new(3);
         assert!(b.after(0, |_| true).is_err(), "nothing yet");
         b.published(10);
-        b.record(&[at("a", "x", 11), at("b", "y", 12)]);
+        b.record([at("a", "x", 11), at("b", "y", 12)]);
         let got: Vec<i64> = b
             .after(10, |_| true)
             .unwrap()
@@ -595,10 +627,10 @@ mod tests {
         assert_eq!(got, vec![11, 12]);
         assert_eq!(b.after(11, |t| t == "y").unwrap().len(), 1);
         assert!(b.after(9, |_| true).is_err(), "from before the term");
-        b.record(&[at("c", "x", 13), at("d", "x", 14)]); // 11 evicted
+        b.record([at("c", "x", 13), at("d", "x", 14)]); // 11 evicted
         assert!(b.after(10, |_| true).is_err());
         assert_eq!(b.after(11, |_| true).unwrap().len(), 3);
-        b.record(&[DbUpdate::sync("compacted")]);
+        b.record([DbUpdate::sync("compacted")]);
         assert!(b.after(14, |_| true).is_err(), "a sync cuts the history");
         b.published(20);
         assert_eq!(b.after(20, |_| true).unwrap().len(), 0);
@@ -609,7 +641,7 @@ mod tests {
         let mut b = ReplayBuffer::new(2);
         b.published(10);
         assert!(b.older(5, |_| true).is_err(), "no event to end a read at");
-        b.record(&[at("a", "x", 11), at("b", "y", 12), at("c", "x", 13)]);
+        b.record([at("a", "x", 11), at("b", "y", 12), at("c", "x", 13)]);
         let older = b.older(5, |t| t == "x").unwrap();
         assert_eq!((older.until, older.inclusive), (12, false));
         assert_eq!(
@@ -618,7 +650,7 @@ mod tests {
         );
         let mut empty = ReplayBuffer::new(0);
         empty.published(10);
-        empty.record(&[at("a", "x", 11)]);
+        empty.record([at("a", "x", 11)]);
         let older = empty.older(5, |_| true).unwrap();
         assert_eq!(
             (older.until, older.inclusive),
@@ -637,7 +669,7 @@ mod tests {
         buffer
             .lock()
             .unwrap()
-            .record(&[at("a", "x", 6), at("b", "y", 7), at("c", "x", 8)]);
+            .record([at("a", "x", 6), at("b", "y", 7), at("c", "x", 8)]);
         positions.published(8);
         let server = ReplayServer::bind(
             "tcp://127.0.0.1:*",

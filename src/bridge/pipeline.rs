@@ -192,10 +192,15 @@ impl Pipeline {
                 Ok(()) => {
                     self.reconnect.up();
                     self.stats.published(batch);
-                    if let Some(replay) = &self.replay {
-                        replay.lock().expect("replay buffer lock").record(batch);
+                    // The buffer keeps the published updates themselves:
+                    // moved, not copied.
+                    match &self.replay {
+                        Some(replay) => replay
+                            .lock()
+                            .expect("replay buffer lock")
+                            .record(batch.drain(..)),
+                        None => batch.clear(),
                     }
-                    batch.clear();
                     return true;
                 }
                 Err(e) => {
