@@ -418,6 +418,12 @@ impl Stats {
         Ok("leader")
     }
 
+    /// Whether every database of the pipeline (the backend, and the
+    /// source if there is one) was reached at least once in this process.
+    pub fn databases_reached(&self) -> bool {
+        self.backend.reached() && (!self.has_source.load(Relaxed) || self.source.reached())
+    }
+
     /// The pipeline's loop went round (it does at least once a second,
     /// idle or not, and at every publish attempt).
     pub fn pipeline_beat(&self) {

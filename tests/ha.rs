@@ -550,6 +550,101 @@ async fn a_restart_of_etcd_does_not_end_either_member() {
     }
 }
 
+/// Probes (`{probe.}x` writes) until a publish reaches a fresh subscriber.
+async fn until_published(redis: &RedisServer) {
+    let (seen, _) = Seen::start(redis).await;
+    let conn = redis.connection().await;
+    eventually("a publish", Duration::from_secs(30), || {
+        let mut conn = conn.clone();
+        let seen = seen.clone();
+        async move {
+            redis::cmd("SET")
+                .arg("{probe.}x")
+                .arg(1)
+                .query_async::<()>(&mut conn)
+                .await
+                .ok()?;
+            seen.last_publisher()
+        }
+    })
+    .await;
+}
+
+/// Waits (30 s at most) for `done`, failing with the member's log if it exits.
+async fn while_alive(
+    member: &mut KillOnDrop,
+    log: &std::path::Path,
+    what: &str,
+    done: impl Fn() -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        if let Some(status) = member.try_wait().unwrap() {
+            panic!(
+                "the member exited ({status}) waiting for {what}; it said:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; the member said:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The Redis source's side of the test above: a member that reached Redis
+/// in one term and starts the next while Redis is down (the term ended
+/// with etcd, the election's store, out of reach) retries until Redis is
+/// back, then publishes. Before, the new term's source failed ("cannot
+/// connect") and the process exited for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_term_that_starts_while_the_redis_source_is_down_waits_for_it() {
+    let mut etcd = EtcdServer::start().await;
+    let mut redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "[source]\ntype = \"redis\"\nurl = \"{0}\"\n[backend]\ntype = \"redis\"\nurl = \"{0}\"\n[ha]\nservice = \"test\"\nendpoints = [\"{1}\"]\nlease_ttl = \"2s\"\ninstance = \"a\"\n",
+        redis.url(),
+        etcd.endpoint()
+    );
+    let mut a = spawn(dir.path(), "a", &cfg);
+    let log = dir.path().join("a.log");
+    let said = |texts: &[&str]| {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines()
+            .filter(|l| texts.iter().all(|t| l.contains(t)))
+            .count()
+    };
+    let source_down = ["Connection lost", "redis source"];
+    until_published(&redis).await;
+    redis.stop();
+    while_alive(&mut a, &log, "the source to notice", || {
+        said(&source_down) >= 1
+    })
+    .await;
+    etcd.stop();
+    while_alive(&mut a, &log, "the term to end", || {
+        said(&["Leadership lost"]) >= 1
+    })
+    .await;
+    etcd.restart().await;
+    // Elected again, it finds Redis down (the backend or the source, which
+    // ever it connects first) and stands by to try again.
+    while_alive(&mut a, &log, "a new term to find Redis down", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let mut terms = text.split("Elected leader");
+        terms.nth(2).is_some_and(|second| {
+            second.contains("Connection lost") && second.contains("127.0.0.1:")
+        })
+    })
+    .await;
+    redis.restart().await;
+    until_published(&redis).await;
+    while_alive(&mut a, &log, "nothing", || true).await;
+}
+
 /// An election that answers after the candidate's lease expired is void:
 /// etcd's `Campaign` returns once the keys before the candidate's are
 /// gone, without checking that the candidate's own key still exists. Here

@@ -150,6 +150,7 @@ pub async fn run(
         ))
     })?;
     let mut reconnect = Reconnect::new("leader election");
+    let mut term_start = Reconnect::new("a term's databases");
     loop {
         stats.leader.set(0);
         let lead = match crate::ha::campaign(&ha, &instance, &service, &shutdown).await {
@@ -184,18 +185,32 @@ pub async fn run(
         )
         .await;
         standing_down.abort();
-        if let (Err(BridgeError::Ha(e)), false) = (&result, shutdown.is_cancelled()) {
-            // The election's store answered the campaign, then failed the
-            // term's first call (the checkpoint: etcd restarting): an
-            // outage of the store like any other, so stand by and campaign
-            // again, never exit.
+        // An outage at a term's start is one like any other: stand by,
+        // give the election to a member that may reach the databases, and
+        // campaign again, never exit. Either the election's store answered
+        // the campaign, then failed the term's first call (the checkpoint:
+        // etcd restarting), or a database this process published through
+        // in an earlier term is out of reach now (the backend or the source
+        // restarting). In the process's first term such an error is the
+        // configuration's (a wrong address): the exit below says so.
+        let outage = match &result {
+            Err(BridgeError::Ha(_)) => true,
+            Err(_) => lead.is_valid() && stats.databases_reached(),
+            Ok(()) => false,
+        };
+        if let (Err(e), true, false) = (&result, outage, shutdown.is_cancelled()) {
             stats.leader.set(0);
             lead.release_quietly().await;
-            if !reconnect.down(e, &shutdown).await {
+            let retry = match e {
+                BridgeError::Ha(_) => &mut reconnect,
+                _ => &mut term_start,
+            };
+            if !retry.down(e, &shutdown).await {
                 return Ok(());
             }
             continue;
         }
+        term_start.up();
         if shutdown.is_cancelled() || (result.is_err() && lead.is_valid()) {
             lead.resign().await;
             return result;

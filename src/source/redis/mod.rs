@@ -187,9 +187,10 @@ impl RedisSource {
         self
     }
 
-    /// Runs until `shutdown`. Fails at start-up when Redis cannot be reached
-    /// or keyspace notifications cannot be enabled; later outages are
-    /// retried with backoff and reconciled.
+    /// Runs until `shutdown`. Fails when Redis cannot be reached at the
+    /// process's start or keyspace notifications cannot be enabled then;
+    /// later outages (and one at the start of a later HA term, once Redis
+    /// was reached) are retried with backoff and reconciled.
     pub async fn run(
         mut self,
         tx: mpsc::Sender<SourceEvent>,
@@ -201,28 +202,42 @@ impl RedisSource {
             message: format!("{message} (url {url}; check source.url)"),
         };
         let client = crate::db::redis::client(&self.config.url, &self.config.auth).map_err(fail)?;
-        let mut topo = self
-            .topology(&client)
-            .await
-            .map_err(|e| fail(format!("cannot connect: {e}")))?;
-        if topo.data.is_cluster() {
-            tracing::info!(
-                masters = topo.masters.len(),
-                nodes = topo.nodes.len(),
-                "Redis Cluster: following the keyspace notifications of every master."
-            );
-        }
-        self.ensure_all(&client, &mut topo)
-            .await
-            .map_err(|message| SourceError {
-                source_name: "redis",
-                message,
-            })?;
-        // The first session uses these connections: no second round of
-        // connecting to every master at start-up.
-        let mut connected = Some(topo);
         let mut reconnect =
             Reconnect::new(format!("redis source {url}")).with_state(self.stats.source.clone());
+        // The first session uses these connections: no second round of
+        // connecting to every master at start-up.
+        let start = async {
+            let mut topo = self
+                .topology(&client)
+                .await
+                .map_err(|e| fail(format!("cannot connect: {e}")))?;
+            if topo.data.is_cluster() {
+                tracing::info!(
+                    masters = topo.masters.len(),
+                    nodes = topo.nodes.len(),
+                    "Redis Cluster: following the keyspace notifications of every master."
+                );
+            }
+            self.ensure_all(&client, &mut topo)
+                .await
+                .map_err(|message| SourceError {
+                    source_name: "redis",
+                    message,
+                })?;
+            Ok::<_, SourceError>(topo)
+        };
+        let mut connected = match start.await {
+            Ok(topo) => Some(topo),
+            // Reached before (in an earlier HA term of this process): Redis
+            // restarting is an outage like any later one, never an exit.
+            Err(e) if self.stats.source.reached() => {
+                if !reconnect.down(&e.message, &shutdown).await {
+                    return Ok(());
+                }
+                None
+            }
+            Err(e) => return Err(e),
+        };
         let mut first = true;
         loop {
             match self
@@ -280,15 +295,16 @@ impl RedisSource {
         let result = async {
             let mut topo = match connected {
                 Some(topo) => topo,
-                None => self.topology(client).await.map_err(Ended::Lost)?,
+                None => {
+                    let mut topo = self.topology(client).await.map_err(Ended::Lost)?;
+                    // A restarted Redis forgot a CONFIG SET made at runtime,
+                    // and a promoted replica may never have had it.
+                    self.ensure_all(client, &mut topo)
+                        .await
+                        .map_err(Ended::Lost)?;
+                    topo
+                }
             };
-            if !first {
-                // A restarted Redis forgot a CONFIG SET made at runtime, and
-                // a promoted replica may never have had it.
-                self.ensure_all(client, &mut topo)
-                    .await
-                    .map_err(Ended::Lost)?;
-            }
             let prefix = glob_escape(
                 KeyLayout::parse(&self.config.layout)
                     .map(|l| l.prefix().to_owned())
