@@ -41,14 +41,7 @@ async fn subscriber_through(
     await_etcd_flow(&mut rx, kv).await;
     // A heartbeat gave it a position: a reconnect from now on is repaired.
     positioned(&sub).await;
-    let received = Received::default();
-    let sink = received.clone();
-    tokio::spawn(async move {
-        while let Some(u) = rx.recv().await {
-            sink.0.lock().unwrap().push(u);
-        }
-    });
-    (sub, received)
+    (sub, Received::collecting(rx).0)
 }
 
 fn config_text(etcd: &EtcdServer, redis: &RedisServer, checkpoint: &Path) -> String {

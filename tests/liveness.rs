@@ -473,17 +473,11 @@ async fn the_etcd_source_cut_off_reports_its_lag_unknown_and_resumes_losing_noth
         etcd_source(&format!("http://{}", proxy.addr())),
         redis.url()
     ));
-    let received = Received::default();
-    {
+    let received = {
         let mut rx = redis_updates(&redis.url());
         await_etcd_flow(&mut rx, &etcd.client().await).await;
-        let sink = received.clone();
-        tokio::spawn(async move {
-            while let Some(u) = rx.recv().await {
-                sink.0.lock().unwrap().push(u);
-            }
-        });
-    }
+        Received::collecting(rx).0
+    };
     let log: Log = Default::default();
     let writer = tokio::spawn(write_ops(etcd.endpoint(), 0, 600, log.clone()));
     eventually("writes under way", STREAM_WAIT, || {
@@ -538,18 +532,12 @@ async fn the_etcd_source_cut_off_across_a_compaction_publishes_each_rows_state_w
         etcd_source(&format!("http://{}", proxy.addr())),
         redis.url()
     ));
-    let received = Received::default();
     let mut kv = etcd.client().await;
-    {
+    let received = {
         let mut rx = redis_updates(&redis.url());
         await_etcd_flow(&mut rx, &kv).await;
-        let sink = received.clone();
-        tokio::spawn(async move {
-            while let Some(u) = rx.recv().await {
-                sink.0.lock().unwrap().push(u);
-            }
-        });
-    }
+        Received::collecting(rx).0
+    };
     for (k, v) in [("k1", "a"), ("k2", "b"), ("k4", "d")] {
         kv.put(format!("/lport/{k}"), v, None).await.unwrap();
     }

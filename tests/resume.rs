@@ -53,15 +53,8 @@ fn spawn_with(config: &Path, env: &[(&str, &str)], log: &Path) -> KillOnDrop {
 
 /// Collects what `sub` delivers, and fails the test on any `sync`.
 fn collect(sub: &Arc<dyn Subscriber>) -> (Received, tokio::task::JoinHandle<()>) {
-    let (mut rx, _pump) = sub.clone().updates(4096);
-    let received = Received::default();
-    let sink = received.clone();
-    let task = tokio::spawn(async move {
-        while let Some(u) = rx.recv().await {
-            sink.0.lock().unwrap().push(u);
-        }
-    });
-    (received, task)
+    let (rx, _pump) = sub.clone().updates(4096);
+    Received::collecting(rx)
 }
 
 fn syncs(received: &Received) -> Vec<DbUpdate> {

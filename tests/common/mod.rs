@@ -322,6 +322,19 @@ pub async fn write_padded_ops(
 pub struct Received(pub Arc<Mutex<Vec<DbUpdate>>>);
 
 impl Received {
+    /// Everything `rx` delivers from now on, collected by a task (its
+    /// handle, to stop it).
+    pub fn collecting(mut rx: mpsc::Receiver<DbUpdate>) -> (Received, JoinHandle<()>) {
+        let received = Received::default();
+        let sink = received.clone();
+        let task = tokio::spawn(async move {
+            while let Some(u) = rx.recv().await {
+                sink.0.lock().unwrap().push(u);
+            }
+        });
+        (received, task)
+    }
+
     pub fn all(&self) -> Vec<DbUpdate> {
         self.0.lock().unwrap().clone()
     }
