@@ -597,51 +597,85 @@ async fn while_alive(
 /// The Redis source's side of the test above: a member that reached Redis
 /// in one term and starts the next while Redis is down (the term ended
 /// with etcd, the election's store, out of reach) retries until Redis is
-/// back, then publishes. Before, the new term's source failed ("cannot
-/// connect") and the process exited for good.
+/// back, then publishes. Before, the new term failed ("cannot set up the
+/// redis publisher" / "cannot connect") and the process exited for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_term_that_starts_while_the_redis_source_is_down_waits_for_it() {
+    term_starts_while_redis_is_down(true).await;
+}
+
+/// The same over ZeroMQ: the term's publisher binds, so it is the source
+/// that finds Redis down, and it retries inside the term (the etcd
+/// source's way) rather than failing the term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_term_whose_redis_source_is_down_retries_it_inside_the_term() {
+    term_starts_while_redis_is_down(false).await;
+}
+
+async fn term_starts_while_redis_is_down(redis_backend: bool) {
     let mut etcd = EtcdServer::start().await;
     let mut redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
+    let backend = if redis_backend {
+        format!("type = \"redis\"\nurl = \"{}\"", redis.url())
+    } else {
+        format!("type = \"zmq\"\nbind = \"tcp://127.0.0.1:{}\"", free_port())
+    };
     let cfg = format!(
-        "[source]\ntype = \"redis\"\nurl = \"{0}\"\n[backend]\ntype = \"redis\"\nurl = \"{0}\"\n[ha]\nservice = \"test\"\nendpoints = [\"{1}\"]\nlease_ttl = \"2s\"\ninstance = \"a\"\n",
+        "[source]\ntype = \"redis\"\nurl = \"{}\"\n[backend]\n{backend}\n[ha]\nservice = \"test\"\nendpoints = [\"{}\"]\nlease_ttl = \"2s\"\ninstance = \"a\"\n",
         redis.url(),
         etcd.endpoint()
     );
     let mut a = spawn(dir.path(), "a", &cfg);
     let log = dir.path().join("a.log");
-    let said = |texts: &[&str]| {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        text.lines()
-            .filter(|l| texts.iter().all(|t| l.contains(t)))
-            .count()
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    // What the member said from its second election on.
+    let second_term = || {
+        let text = read();
+        let (at, _) = text.match_indices("Elected leader").nth(1)?;
+        Some(text[at..].to_owned())
     };
-    let source_down = ["Connection lost", "redis source"];
-    until_published(&redis).await;
+    let source_reconciled = || read().matches("Reconciled Redis keys").count();
+    while_alive(&mut a, &log, "the first reconciliation", || {
+        source_reconciled() >= 1
+    })
+    .await;
+    if redis_backend {
+        until_published(&redis).await;
+    }
     redis.stop();
     while_alive(&mut a, &log, "the source to notice", || {
-        said(&source_down) >= 1
+        read().contains("Connection lost; retrying with backoff. connection=redis source")
     })
     .await;
     etcd.stop();
     while_alive(&mut a, &log, "the term to end", || {
-        said(&["Leadership lost"]) >= 1
+        read().contains("Leadership lost")
     })
     .await;
     etcd.restart().await;
-    // Elected again, it finds Redis down (the backend or the source, which
-    // ever it connects first) and stands by to try again.
+    // Elected again, it finds Redis down (the backend or the source,
+    // whichever it connects first) and keeps trying.
     while_alive(&mut a, &log, "a new term to find Redis down", || {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let mut terms = text.split("Elected leader");
-        terms.nth(2).is_some_and(|second| {
-            second.contains("Connection lost") && second.contains("127.0.0.1:")
-        })
+        second_term().is_some_and(|t| t.contains("Connection lost") && t.contains("127.0.0.1:"))
     })
     .await;
+    if !redis_backend {
+        let term = second_term().unwrap();
+        assert!(
+            term.contains("connection=redis source") && !term.contains("a term's databases"),
+            "the source retries inside the term; the member said:\n{}",
+            read()
+        );
+    }
     redis.restart().await;
-    until_published(&redis).await;
+    while_alive(&mut a, &log, "the source to reconcile again", || {
+        second_term().is_some_and(|t| t.contains("Reconciled Redis keys"))
+    })
+    .await;
+    if redis_backend {
+        until_published(&redis).await;
+    }
     while_alive(&mut a, &log, "nothing", || true).await;
 }
 
