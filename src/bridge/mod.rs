@@ -193,22 +193,20 @@ pub async fn run(
         // in an earlier term is out of reach now (the backend or the source
         // restarting). In the process's first term such an error is the
         // configuration's (a wrong address): the exit below says so.
-        let outage = match &result {
-            Err(BridgeError::Ha(_)) => true,
-            Err(_) => lead.is_valid() && stats.databases_reached(),
-            Ok(()) => false,
-        };
-        if let (Err(e), true, false) = (&result, outage, shutdown.is_cancelled()) {
-            stats.leader.set(0);
-            lead.release_quietly().await;
-            let retry = match e {
-                BridgeError::Ha(_) => &mut reconnect,
-                _ => &mut term_start,
+        if let (Err(e), false) = (&result, shutdown.is_cancelled()) {
+            let outage = match e {
+                BridgeError::Ha(_) => Some(&mut reconnect),
+                _ if lead.is_valid() && stats.databases_reached() => Some(&mut term_start),
+                _ => None,
             };
-            if !retry.down(e, &shutdown).await {
-                return Ok(());
+            if let Some(retry) = outage {
+                stats.leader.set(0);
+                lead.release_quietly().await;
+                if !retry.down(e, &shutdown).await {
+                    return Ok(());
+                }
+                continue;
             }
-            continue;
         }
         term_start.up();
         if shutdown.is_cancelled() || (result.is_err() && lead.is_valid()) {
